@@ -1,0 +1,21 @@
+"""M-IDoL losses in plain PyTorch (no Lightning), testable on their own."""
+
+from midol.losses.dino import DINOLoss, dino_cross_entropy
+from midol.losses.infonce import expert_infonce_loss
+from midol.losses.routing import (
+    routing_consistency_loss,
+    routing_cross_entropy,
+    teacher_routing_log_probs,
+)
+from midol.losses.sinkhorn import log_sinkhorn_knopp, sinkhorn_knopp
+
+__all__ = [
+    "DINOLoss",
+    "dino_cross_entropy",
+    "expert_infonce_loss",
+    "log_sinkhorn_knopp",
+    "routing_consistency_loss",
+    "routing_cross_entropy",
+    "sinkhorn_knopp",
+    "teacher_routing_log_probs",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from midol.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""Read any common image file into an 8-bit RGB array.
+
+Conversion rules (one place, so every loader in midol treats pixels the same way):
+
+* ``1``, ``L``: grey value copied to the three channels.
+* ``LA``, ``RGBA``, ``PA``, ``P`` with transparency: the alpha channel is *dropped*, the colour
+  values are kept as stored (no compositing). Medical images that carry alpha are almost always
+  fully opaque; compositing on black would erase pixels whose alpha was written carelessly.
+* ``P`` (palette): expanded to its palette colours.
+* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB by Pillow.
+* ``I;16*`` (unsigned 16-bit): the full 16-bit range is mapped linearly onto 0-255
+  (``round(v / 257)``), so an 8-bit image stored as ``v * 257`` comes back exactly. Data that
+  only use 12 bits of a 16-bit container therefore look dark; that is deliberate (the mapping
+  is fixed, so intensities stay comparable across images).
+* ``I`` (32-bit signed): treated as 16-bit data when every value lies in 0-65535 (Pillow opens
+  some 16-bit files this way), otherwise min-max scaled over the image.
+* ``F`` (32-bit float): min-max scaled over the finite values (NaN/inf -> 0); a constant image -> 0.
+
+Multi-frame files (GIF, TIFF stacks) give their first frame.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".gif",
+    ".webp",
+)
+
+
+class UnreadableImageError(Exception):
+    """An image file that cannot be decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class UnreadableImageWarning(UserWarning):
+    """Warned when a pipeline skips an unreadable image (filter on this category)."""
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file name ends with one of ``IMAGE_EXTENSIONS`` (any case)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode ``path`` to a C-contiguous uint8 ``H x W x 3`` RGB array.
+
+    Raises:
+        UnreadableImageError: missing file, unknown format, truncated or corrupt data.
+    """
+    try:
+        with Image.open(Path(path)) as im:
+            im.load()  # decode now: truncated files must fail here, not later
+            rgb = _to_rgb_array(im)
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # Pillow raises many unrelated types for bad files
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise UnreadableImageError(path, f"unexpected decoded shape {rgb.shape}")
+    return np.ascontiguousarray(rgb)
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("1", "L"):
+        return _gray_to_rgb(np.asarray(im.convert("L"), dtype=np.uint8))
+    if mode == "LA":
+        return _gray_to_rgb(np.asarray(im, dtype=np.uint8)[..., 0])
+    if mode in ("P", "PA"):
+        return np.asarray(im.convert("RGBA"), dtype=np.uint8)[..., :3]
+    if mode.startswith("I;16"):
+        arr = np.asarray(im)
+        if arr.dtype.kind == "u":
+            return _gray_to_rgb(_scale_uint16(arr))
+        return _gray_to_rgb(_minmax(arr.astype(np.float64)))
+    if mode == "I":
+        arr = np.asarray(im).astype(np.int64)
+        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            return _gray_to_rgb(_scale_uint16(arr))
+        return _gray_to_rgb(_minmax(arr.astype(np.float64)))
+    if mode == "F":
+        return _gray_to_rgb(_minmax(np.asarray(im, dtype=np.float64)))
+    # RGBA/RGBa/RGBX drop the 4th channel, CMYK/YCbCr/LAB/HSV are colour-converted.
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _scale_uint16(arr: np.ndarray) -> np.ndarray:
+    # 65535 / 257 == 255 exactly, so v * 257 round-trips to v.
+    return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    out = np.zeros(arr.shape, dtype=np.float64)
+    if hi > lo:
+        out[finite] = (arr[finite] - lo) * (255.0 / (hi - lo))
+    return np.rint(out).astype(np.uint8)

@@ -1,0 +1,134 @@
+"""Multi-crop views (DINO augmentations) and the deterministic evaluation transform.
+
+Both return uint8 ``C x H x W`` tensors: normalisation (``IMAGENET_MEAN``/``IMAGENET_STD``)
+happens on the device, which keeps host-to-device copies 4x smaller.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) as explicit factor ranges: albumentations reads a
+# tuple as the range itself, so nothing depends on how a scalar would be expanded.
+_JITTER = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise ValueError(f"expected an H x W or H x W x 3 image, got shape {image.shape}")
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _view_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> A.Compose:
+    ops: list[A.BasicTransform] = [
+        A.RandomResizedCrop(
+            size=(size, size), scale=scale, interpolation=cv2.INTER_CUBIC, area_for_downscale="image"
+        ),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(**_JITTER, p=0.8),
+        A.ToGray(num_output_channels=3, p=0.2),
+        # blur_limit=0: kernel size follows sigma as in PIL's GaussianBlur (used by DINO).
+        A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=blur_p),
+    ]
+    if solarize_p > 0:
+        ops.append(A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p))  # invert >= 128, as PIL
+    return A.Compose(ops)
+
+
+class MultiCropTransform:
+    """DINO multi-crop: ``num_global`` global views then ``num_local`` local views.
+
+    Global view 1: blur p=1.0; global view 2: blur p=0.1 + solarize p=0.2; further global views
+    repeat view 2's recipe; local views: blur p=0.5. All views: bicubic random-resized crop,
+    horizontal flip p=0.5, colour jitter p=0.8, grayscale p=0.2.
+
+    Albumentations keeps its own random state (not ``np.random``), so every DataLoader worker
+    must call :meth:`set_seed` with a distinct seed, or all workers produce the same crops.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        num_global: int = 2,
+        num_local: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        seed: int | None = None,
+    ) -> None:
+        if num_global < 1:
+            raise ValueError(f"num_global must be >= 1, got {num_global}")
+        if num_local < 0:
+            raise ValueError(f"num_local must be >= 0, got {num_local}")
+        if num_global + num_local < 2:
+            raise ValueError(
+                f"need at least 2 views for cross-view losses, got {num_global}+{num_local}"
+            )
+        for name, size in (("global_size", global_size), ("local_size", local_size)):
+            if size < 8:
+                raise ValueError(f"{name} must be >= 8 pixels, got {size}")
+        for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
+            lo, hi = scale
+            if not (0 < lo <= hi <= 1):
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {tuple(scale)}")
+        self.global_size, self.local_size = global_size, local_size
+        self.num_global, self.num_local = num_global, num_local
+        self.global_scale = (float(global_scale[0]), float(global_scale[1]))
+        self.local_scale = (float(local_scale[0]), float(local_scale[1]))
+        self.global1 = _view_pipeline(global_size, self.global_scale, blur_p=1.0, solarize_p=0.0)
+        self.global2 = _view_pipeline(global_size, self.global_scale, blur_p=0.1, solarize_p=0.2)
+        self.local = _view_pipeline(local_size, self.local_scale, blur_p=0.5, solarize_p=0.0)
+        self.set_seed(seed)
+
+    @property
+    def num_views(self) -> int:
+        return self.num_global + self.num_local
+
+    def set_seed(self, seed: int | None) -> None:
+        """Reseed the three pipelines with independent streams (``None``: fresh entropy)."""
+        streams = np.random.SeedSequence(seed).spawn(3)
+        for pipe, ss in zip((self.global1, self.global2, self.local), streams):
+            pipe.set_random_seed(int(ss.generate_state(1)[0]))
+
+    def __call__(self, image: np.ndarray) -> list[torch.Tensor]:
+        image = _as_rgb(image)
+        views = [self.global1(image=image)["image"]]
+        views += [self.global2(image=image)["image"] for _ in range(self.num_global - 1)]
+        views += [self.local(image=image)["image"] for _ in range(self.num_local)]
+        return [_to_tensor(v) for v in views]
+
+
+class EvalTransform:
+    """Resize the shorter side to ``size`` (bicubic, area when shrinking), then centre-crop."""
+
+    def __init__(self, size: int) -> None:
+        if size < 8:
+            raise ValueError(f"size must be >= 8 pixels, got {size}")
+        self.size = size
+        self.pipeline = A.Compose(
+            [
+                A.SmallestMaxSize(
+                    max_size=size, interpolation=cv2.INTER_CUBIC, area_for_downscale="image"
+                ),
+                A.CenterCrop(height=size, width=size),
+            ]
+        )
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return _to_tensor(self.pipeline(image=_as_rgb(image))["image"])

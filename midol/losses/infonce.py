@@ -1,0 +1,92 @@
+"""Intra-modality contrastive loss L_cst: InfoNCE inside each expert's subspace
+(paper Eq. 19-20, spec §2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from midol.losses.routing import cross_view_mask
+from midol.utils.dist import all_reduce_sum, gather_no_grad, rank, world_size
+
+
+def _check_inputs(
+    student: torch.Tensor, teacher: torch.Tensor, assignment: torch.Tensor, num_experts: int
+) -> None:
+    if student.ndim != 3 or teacher.ndim != 3:
+        raise ValueError(
+            "expert_infonce_loss expects student Ms x B x D and teacher Mt x B x D, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[1:] != teacher.shape[1:]:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} disagree on B x D"
+        )
+    if assignment.shape != (student.shape[1],):
+        raise ValueError(
+            f"assignment must have shape ({student.shape[1]},), got {tuple(assignment.shape)}"
+        )
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if assignment.numel() and (assignment.min() < 0 or assignment.max() >= num_experts):
+        raise ValueError(f"assignment values must lie in [0, {num_experts}), got {assignment}")
+
+
+def expert_infonce_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    assignment: torch.Tensor,
+    num_experts: int,
+    temperature: float = 0.04,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """L_cst (paper Eq. 19-20) with ``s(u, v) = exp(cos(u, v) / temperature)``.
+
+    For view j of image b routed to expert i, the positives are the teacher views k != j of the
+    same image; the denominator runs over every image beta of B_i (views k != j). Each expert's
+    term is divided by |B_i| x Ms; the result is the mean over experts that received at least
+    one image (an empty expert adds nothing).
+
+    Args:
+        student: Ms x B x D student representations (gradient flows here).
+        teacher: Mt x B x D teacher representations (treated as constants).
+        assignment: length-B expert index of every image (the teacher's balanced routing).
+        num_experts: N.
+        temperature: tau of Eq. 19.
+        check_inputs: validate shapes and index range (the range check syncs with the device,
+            so the training step turns it off).
+
+    Under ``torch.distributed`` the teacher representations and assignments are gathered from
+    every rank and |B_i| is counted over the global batch; the local value is scaled so that
+    its mean over ranks (what DDP averages) equals the loss of one process on the global batch.
+    """
+    if check_inputs:
+        _check_inputs(student, teacher, assignment, num_experts)
+    num_student, batch, _ = student.shape
+    views = cross_view_mask(num_student, teacher.shape[0], student.device)
+    if not views.any(dim=1).all():
+        raise ValueError(
+            f"expert_infonce_loss: with {num_student} student and {teacher.shape[0]} teacher "
+            "view(s) some student view has no other teacher view to pair with"
+        )
+    x = F.normalize(student.float(), dim=-1)
+    y = F.normalize(teacher.detach().float(), dim=-1)
+    y_all = gather_no_grad(y.transpose(0, 1).contiguous()).transpose(0, 1)  # Mt x Bg x D
+    assignment_all = gather_no_grad(assignment)
+    not_same_view = ~views[:, None, :, None]  # Ms x 1 x Mt x 1
+
+    # Denominator of Eq. 19: every image of the same expert, teacher views k != j.
+    logits = torch.einsum("jbd,kcd->jbkc", x, y_all) / temperature  # Ms x B x Mt x Bg
+    other_expert = (assignment[:, None] != assignment_all[None, :])[None, :, None, :]
+    denominator = logits.masked_fill(not_same_view | other_expert, float("-inf"))
+    denominator = denominator.flatten(2).logsumexp(dim=2)  # Ms x B
+    # Numerator: the same image's teacher views k != j.
+    positives = torch.einsum("jbd,kbd->jbk", x, y) / temperature
+    numerator = positives.masked_fill(~views[:, None, :], float("-inf")).logsumexp(dim=2)
+
+    per_image = (numerator - denominator).sum(dim=0)  # sum over student views j
+    local_sums = per_image.new_zeros(num_experts).index_add_(0, assignment, per_image)
+    counts = all_reduce_sum(torch.bincount(assignment, minlength=num_experts).to(per_image))
+    nonempty = counts > 0
+    per_expert = -local_sums / (counts.clamp(min=1) * num_student)
+    return per_expert[nonempty].sum() / nonempty.sum() * world_size()

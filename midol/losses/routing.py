@@ -1,0 +1,86 @@
+"""Routing-consistency loss L_route (paper Eq. 15, spec §2)."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from midol.losses.sinkhorn import log_sinkhorn_knopp
+
+RouteForm = Literal["student_weighted", "teacher_target"]
+
+
+def cross_view_mask(num_student: int, num_teacher: int, device: torch.device | None = None) -> torch.Tensor:
+    """Ms x Mt boolean mask of the view pairs (j, g) with j != g (view k is the same crop
+    for student and teacher)."""
+    return ~torch.eye(num_student, num_teacher, dtype=torch.bool, device=device)
+
+
+def _check_views(name: str, views: Sequence[torch.Tensor]) -> None:
+    if len(views) == 0:
+        raise ValueError(f"{name}: got no views")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1 or views[0].ndim != 2:
+        raise ValueError(f"{name}: every view must be a B x N tensor of one shape, got {shapes}")
+
+
+def teacher_routing_log_probs(
+    teacher_logits: Sequence[torch.Tensor],
+    teacher_temp: float = 0.04,
+    eps: float = 0.05,
+    iters: int = 3,
+) -> torch.Tensor:
+    """log a_T for every teacher view: Sinkhorn-Knopp on ``logits / teacher_temp``, applied to
+    each view separately. Returns Mt x B x N (float32, no gradient)."""
+    _check_views("teacher_logits", teacher_logits)
+    return torch.stack([log_sinkhorn_knopp(t / teacher_temp, eps, iters) for t in teacher_logits])
+
+
+def routing_cross_entropy(
+    student_logits: Sequence[torch.Tensor],
+    teacher_log_probs: torch.Tensor,
+    student_temp: float = 0.1,
+    form: RouteForm = "student_weighted",
+) -> torch.Tensor:
+    """Eq. 15 given the teacher's balanced routing (log a_T, Mt x B x N).
+
+    ``student_weighted`` (default, the authors' code): ``-sum_i a_S log a_T``; the paper prints
+    Eq. 15 without the minus sign. ``teacher_target`` (SwAV style): ``-sum_i a_T log a_S``.
+    The mean runs over images and over view pairs (j, g), j != g.
+    """
+    _check_views("student_logits", student_logits)
+    if form not in ("student_weighted", "teacher_target"):
+        raise ValueError(f"unknown routing loss form {form!r}")
+    num_student, num_teacher = len(student_logits), teacher_log_probs.shape[0]
+    pairs = cross_view_mask(num_student, num_teacher, teacher_log_probs.device)
+    if not pairs.any():
+        raise ValueError(
+            f"routing loss needs a pair of different views; got {num_student} student and "
+            f"{num_teacher} teacher view(s)"
+        )
+    log_a_s = torch.stack([(s.float() / student_temp).log_softmax(dim=-1) for s in student_logits])
+    batch = log_a_s.shape[1]
+    if form == "student_weighted":
+        cross = -torch.einsum("jbn,gbn->jg", log_a_s.exp(), teacher_log_probs)
+    else:
+        cross = -torch.einsum("gbn,jbn->jg", teacher_log_probs.exp(), log_a_s)
+    return cross[pairs].sum() / (pairs.sum() * batch)
+
+
+def routing_consistency_loss(
+    student_logits: Sequence[torch.Tensor],
+    teacher_logits: Sequence[torch.Tensor],
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    eps: float = 0.05,
+    iters: int = 3,
+    form: RouteForm = "student_weighted",
+) -> torch.Tensor:
+    """L_route (paper Eq. 15) from per-view router logits.
+
+    a_S = softmax(student / student_temp); a_T = Sinkhorn-Knopp(teacher / teacher_temp) per
+    teacher view, without gradient. Student view k and teacher view k are the same crop.
+    """
+    log_a_t = teacher_routing_log_probs(teacher_logits, teacher_temp, eps, iters)
+    return routing_cross_entropy(student_logits, log_a_t, student_temp, form)

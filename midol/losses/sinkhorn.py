@@ -1,0 +1,55 @@
+"""Sinkhorn-Knopp balancing of teacher routing scores (spec §2, paper Eq. 15 text).
+
+The teacher's router logits are turned into a routing matrix in which every expert receives
+the same share of the (global) batch. Without this balance every image collapses onto one
+expert (paper Table 2, row "MoE only").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from midol.utils.dist import all_reduce_max, all_reduce_sum
+
+
+def _logsumexp_over_global_batch(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over dim 0 of ``x`` (B x N) across all data-parallel ranks -> 1 x N."""
+    peak = all_reduce_max(x.amax(dim=0, keepdim=True))
+    mass = all_reduce_sum(torch.exp(x - peak).sum(dim=0, keepdim=True))
+    return mass.log() + peak
+
+
+@torch.no_grad()
+def log_sinkhorn_knopp(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """Log of :func:`sinkhorn_knopp`, always finite.
+
+    SwAV's ``distributed_sinkhorn`` alternates two normalisations of ``Q = exp(logits/eps)``:
+    every expert's mass over the batch, then every image's mass over the experts. The constant
+    factors it also applies (1/N, 1/B, the initial 1/sum Q and the final xB) cancel between
+    these steps, so the same matrix is obtained by alternating a log-sum-exp over the global
+    batch and a log-softmax over experts. Working in log space keeps very sharp logits (the
+    default effective temperature is 0.04 x 0.05) from overflowing or dividing 0 by 0.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp expects B x N logits, got shape {tuple(logits.shape)}")
+    if iters < 1:
+        raise ValueError(f"sinkhorn_knopp needs iters >= 1, got {iters}")
+    if eps <= 0:
+        raise ValueError(f"sinkhorn_knopp needs eps > 0, got {eps}")
+    # float32 even under bf16 autocast: the exponent range of bf16 is fine but its 8-bit
+    # mantissa makes the balance visibly inexact.
+    x = logits.detach().float() / eps
+    for _ in range(iters):
+        x = x - _logsumexp_over_global_batch(x)
+        x = x.log_softmax(dim=1)
+    return x
+
+
+def sinkhorn_knopp(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """Balanced routing probabilities (B x N, float32, rows sum to 1) from router logits.
+
+    ``logits`` are already divided by the teacher temperature. Under ``torch.distributed``
+    the batch sums are all-reduced, so each rank's rows equal those of a single process run
+    on the concatenated global batch. No gradient flows through.
+    """
+    return log_sinkhorn_knopp(logits, eps=eps, iters=iters).exp()

@@ -1,0 +1,90 @@
+"""The MoE projector of M-IDoL (paper Eq. 9-11): router, N experts, shared projection."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from midol.models.heads import ExpertBank, NormedLinear, init_linear_
+
+Projection = Literal["weightnorm", "linear"]
+
+
+class MoEOutput(NamedTuple):
+    representation: torch.Tensor  # B x out_dim: x = l(e_i(h)), Eq. 11
+    router_logits: torch.Tensor | None  # B x N (None with a single expert)
+    expert_index: torch.Tensor  # B x top_k, the experts that produced each row
+
+
+class MoEProjector(nn.Module):
+    """Router (one linear layer d -> N), N expert FFNs, top-k routing, shared projection l.
+
+    ``projection="weightnorm"`` with ``l2_norm=True`` is the authors' DINO-like head
+    (expert FFN -> L2-normalise -> weight-normalised linear to ``out_dim``, norm frozen when
+    ``norm_last_layer``); ``projection="linear"`` is a plain linear ``l``. With
+    ``num_experts=1`` there is no router: the head of the no-MoE DINO baseline, built from the
+    same blocks so the comparison differs only by the MoE.
+
+    Top-1 output is ``e_i(h)`` itself (Eq. 11); ``gate_weighted_output`` multiplies it by its
+    routing probability (Switch Transformer), which lets the representation loss train the
+    router too. With ``top_k > 1`` the selected outputs are mixed with renormalised gates.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_experts: int = 5,
+        top_k: int = 1,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 1024,
+        out_dim: int = 65536,
+        num_layers: int = 2,
+        l2_norm: bool = True,
+        projection: Projection = "weightnorm",
+        norm_last_layer: bool = True,
+        gate_weighted_output: bool = False,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must lie in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.l2_norm = l2_norm
+        self.gate_weighted_output = gate_weighted_output
+        self.router = init_linear_(nn.Linear(in_dim, num_experts)) if num_experts > 1 else None
+        self.experts = ExpertBank(num_experts, in_dim, hidden_dim, bottleneck_dim, num_layers)
+        if projection == "weightnorm":
+            self.projection: nn.Module = NormedLinear(bottleneck_dim, out_dim, norm_last_layer)
+        elif projection == "linear":
+            self.projection = init_linear_(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        else:
+            raise ValueError(f"unknown projection {projection!r}")
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Router logits, top-k expert indices (B x k) and their output weights (B x k)."""
+        if self.router is None:
+            index = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+            return None, index, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
+        logits = self.router(x)
+        probs = logits.float().softmax(dim=-1)
+        gate, index = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        elif not self.gate_weighted_output:
+            gate = torch.ones_like(gate)
+        return logits, index, gate.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        logits, index, gate = self.route(x)
+        every_expert = self.experts(x)  # N x B x E
+        rows = torch.arange(x.shape[0], device=x.device)
+        chosen = every_expert[index.T, rows]  # k x B x E
+        h = (chosen * gate.T.unsqueeze(-1)).sum(dim=0)
+        if self.l2_norm:
+            h = F.normalize(h, dim=-1)
+        return MoEOutput(self.projection(h), logits, index)

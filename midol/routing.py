@@ -1,0 +1,39 @@
+"""Which expert the teacher routes each image to: counts per expert x modality, and a table."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def routing_counts(
+    module: Any,
+    batches: Iterable[dict[str, Any]],
+    num_modalities: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """N x K image counts: rows are experts, columns modalities, from ``module.route_images``
+    (the teacher router's top-1) over ``batches`` of ``{"image", "modality"}``."""
+    was_training = module.training
+    module.eval()
+    counts = torch.zeros(module.num_experts, num_modalities, dtype=torch.long)
+    for batch in tqdm(batches, desc="routing corpus", disable=not progress, leave=False):
+        images = batch["image"].to(module.device)
+        expert, _ = module.route_images(images)
+        flat = expert.cpu() * num_modalities + batch["modality"].cpu()
+        counts += torch.bincount(flat, minlength=counts.numel()).view_as(counts)
+    module.train(was_training)
+    return counts
+
+
+def format_routing_table(counts: torch.Tensor, modalities: list[str]) -> str:
+    """Markdown table, one row per expert, one column per modality, plus totals."""
+    header = ["expert", *modalities, "total"]
+    rows = [header, ["---"] * len(header)]
+    for i, row in enumerate(counts.tolist()):
+        rows.append([str(i), *map(str, row), str(sum(row))])
+    rows.append(["total", *map(str, counts.sum(dim=0).tolist()), str(int(counts.sum()))])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
