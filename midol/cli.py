@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
-from typing import Callable
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+# Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
+TOOLS: dict[str, str] = {"export": "midol.tools.export"}
 
 
 class MidolCLI(LightningCLI):
@@ -21,6 +23,7 @@ class MidolCLI(LightningCLI):
 
 
 def run_lightning(args: list[str] | None = None, run: bool = True) -> MidolCLI:
+    """``args=None`` reads ``sys.argv``; tests pass a list (and ``run=False`` to only build)."""
     return MidolCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -29,33 +32,15 @@ def run_lightning(args: list[str] | None = None, run: bool = True) -> MidolCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
-        parser_kwargs={"description": "midol: medical image foundation models on Lightning"},
+        parser_kwargs={"description": "midol: medical image foundation models on Lightning. "
+                       f"Other subcommands: {', '.join(sorted(TOOLS))} (midol <tool> --help)."},
     )
-
-
-def export_main(argv: list[str]) -> int:
-    from midol.export import export_checkpoint
-
-    parser = argparse.ArgumentParser(
-        prog="midol export",
-        description="Export the teacher backbone of a pre-training checkpoint as safetensors.",
-    )
-    parser.add_argument("checkpoint", help="a midol pre-training .ckpt")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--image-size", type=int, default=None, help="input size to record")
-    ns = parser.parse_args(argv)
-    path = export_checkpoint(ns.checkpoint, ns.out, ns.image_size)
-    print(f"wrote {path}")
-    return 0
-
-
-TOOLS: dict[str, Callable[[list[str]], int]] = {"export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOLS:
-        return TOOLS[argv[0]](argv[1:])
+    tokens = sys.argv[1:] if argv is None else argv
+    if tokens and tokens[0] in TOOLS:
+        return importlib.import_module(TOOLS[tokens[0]]).main(tokens[1:])
     run_lightning(argv)
     return 0
 

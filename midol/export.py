@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import midol
+from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BACKBONE_FILE = "teacher_backbone.safetensors"
 META_FILE = "teacher_backbone.json"
@@ -25,8 +26,6 @@ def export_backbone(
     """Write ``state_dict`` (a timm backbone's) to ``out_dir/teacher_backbone.safetensors`` and
     a JSON with what is needed to rebuild it: ``timm.create_model(model, num_classes=0,
     **overrides)`` then ``load_state_dict(..., strict=True)``."""
-    from midol.methods.pretrain import IMAGENET_MEAN, IMAGENET_STD
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

@@ -21,6 +21,8 @@ def routing_counts(
     module.eval()
     counts = torch.zeros(module.num_experts, num_modalities, dtype=torch.long)
     for batch in tqdm(batches, desc="routing corpus", disable=not progress, leave=False):
+        if batch["image"].shape[0] == 0:  # every file of this batch was unreadable
+            continue
         images = batch["image"].to(module.device)
         expert, _ = module.route_images(images)
         flat = expert.cpu() * num_modalities + batch["modality"].cpu()

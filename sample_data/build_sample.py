@@ -72,7 +72,9 @@ def build_pathology(shared: Path, out: Path) -> list[tuple[str, str, str]]:
             dst = out / "pathology" / label_dir.name / f"{src.stem}.jpg"
             dst.parent.mkdir(parents=True, exist_ok=True)
             with Image.open(src) as im:
-                rgb = im.convert("RGB").resize((PATHOLOGY_SIZE, PATHOLOGY_SIZE), Image.Resampling.LANCZOS)
+                rgb = im.convert("RGB").resize(
+                    (PATHOLOGY_SIZE, PATHOLOGY_SIZE), Image.Resampling.LANCZOS
+                )
             rgb.save(dst, quality=90)
             rows.append((dst.relative_to(out).as_posix(), "pathology", label_dir.name))
     return rows
@@ -114,8 +116,12 @@ def build_retina(shared: Path, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder"
+    )
     parser.add_argument("--out", type=Path, default=HERE, help="where to write the corpus")
     args = parser.parse_args()
     shared, out = args.shared.resolve(), args.out.resolve()
@@ -131,7 +137,9 @@ def main() -> None:
         writer.writerow(["path", "modality", "label"])
         writer.writerows(rows)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {len(rows)} image files + {RETINA_COUNT} npz images to {out} ({total / 1e6:.2f} MB)")
+    print(
+        f"wrote {len(rows)} image files + {RETINA_COUNT} npz images to {out} ({total / 1e6:.2f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,5 +23,7 @@ def sample_data() -> Path:
 def shared_data() -> Path:
     """``../shared/data`` next to the repository; skips the test when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder not found at {SHARED_DATA} (needs the project's real datasets)")
+        pytest.skip(
+            f"shared data folder not found at {SHARED_DATA} (needs the project's real datasets)"
+        )
     return SHARED_DATA

@@ -66,7 +66,9 @@ class Corpus:
                 return i
             except UnreadableImageError as err:
                 errors.append(f"{err.path}: {err.reason}")
-        shown = "; ".join(errors[:5]) + (f"; ... ({len(errors) - 5} more)" if len(errors) > 5 else "")
+        shown = "; ".join(errors[:5]) + (
+            f"; ... ({len(errors) - 5} more)" if len(errors) > 5 else ""
+        )
         raise ValueError(f"no readable image in the corpus ({len(errors)} files tried): {shown}")
 
 
@@ -105,11 +107,18 @@ class PretrainDataset(Dataset[dict[str, Any]]):
                 image = self.corpus.load(j)
             except UnreadableImageError as err:
                 msg = _skip_message(self.corpus, j, err)
-                warnings.warn(f"skipping unreadable image {msg}", UnreadableImageWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping unreadable image {msg}", UnreadableImageWarning, stacklevel=2
+                )
                 skipped.append(msg)
                 continue
             views = self.transform(image)
-            return {"views": views, "modality": self.corpus.modality(j), "index": j, "skipped": skipped}
+            return {
+                "views": views,
+                "modality": self.corpus.modality(j),
+                "index": j,
+                "skipped": skipped,
+            }
         raise RuntimeError(
             f"no readable image among {len(skipped)} consecutive items starting at index {i}: "
             + "; ".join(skipped[:5])
@@ -153,7 +162,7 @@ class RoutingDataset(Dataset[dict[str, Any]]):
 
 
 class RoutingCollate:
-    """Collate for :class:`RoutingDataset`: drops skip markers (a batch may be smaller, or empty)."""
+    """Collate for :class:`RoutingDataset`: drops skip markers (batches may shrink or be empty)."""
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -11,14 +11,19 @@ from torch.utils.data import Sampler
 class WeightedSourceSampler(Sampler[int]):
     """Draw ``num_samples`` dataset indices per epoch.
 
-    * All weights equal: a seeded random permutation of the items (no replacement; when
-      ``num_samples`` exceeds the dataset, further permutations are appended). Sources then
-      contribute in proportion to their size.
-    * Otherwise the weights are the sources' shares of the draws, whatever their sizes: source
-      ``s`` gets ``round(num_samples * w_s / sum(w))`` draws (largest remainder), each an item of
-      ``s`` picked uniformly with replacement; the draws are then shuffled together.
+    A source's weight is the relative sampling rate of each of its images: with weights
+    ``[1, 3]`` an image of the second source is drawn three times as often as one of the first,
+    so that source's share of the draws is ``3 n_2 / (n_1 + 3 n_2)``. To give two sources equal
+    shares, use weights inversely proportional to their sizes.
 
-    The order depends only on ``seed + epoch`` (:meth:`set_epoch`; Lightning calls it).
+    * All weights equal (the default): a seeded random permutation of the items (no
+      replacement; when ``num_samples`` exceeds the dataset, further permutations are
+      appended). Sources contribute in proportion to their size.
+    * Otherwise: ``num_samples`` draws with replacement, item ``i`` with probability
+      proportional to its source's weight.
+
+    The order depends only on ``seed + epoch`` (:meth:`set_epoch`; Lightning calls it, also
+    through its distributed wrapper).
     """
 
     def __init__(
@@ -32,22 +37,20 @@ class WeightedSourceSampler(Sampler[int]):
         if ids.numel() == 0:
             raise ValueError("WeightedSourceSampler needs at least one item")
         if ids.min() < 0 or ids.max() >= len(weights):
-            raise ValueError(f"source ids must lie in [0, {len(weights)}), got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"source ids must lie in [0, {len(weights)}), got {ids.min()}..{ids.max()}"
+            )
         w = torch.as_tensor(list(weights), dtype=torch.float64)
         if not bool((w > 0).all()):
             raise ValueError(f"source weights must be > 0, got {list(weights)}")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.source_ids = ids
-        self.weights = w
         self.num_samples = int(num_samples) if num_samples is not None else int(ids.numel())
         self.seed = seed
         self.epoch = 0
-        # Items of each source; a source with no item cannot receive draws.
-        self._members = [torch.nonzero(ids == s).flatten() for s in range(len(w))]
-        active = torch.tensor([len(m) > 0 for m in self._members])
-        self._uniform = bool(torch.all(w[active] == w[active][0]))
-        self._shares = torch.where(active, w, torch.zeros_like(w))
+        self._item_weights = w[ids]
+        self._uniform = bool(torch.all(self._item_weights == self._item_weights[0]))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order ``__iter__`` yields."""
@@ -56,16 +59,11 @@ class WeightedSourceSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def counts(self) -> list[int]:
-        """Draws per source in the weighted mode (largest-remainder rounding)."""
-        share = self._shares / self._shares.sum() * self.num_samples
-        counts = share.floor().long()
-        remainder = self.num_samples - int(counts.sum())
-        if remainder:
-            # Ties go to the lower source index (stable sort) so the result is deterministic.
-            order = torch.sort(share - counts, descending=True, stable=True).indices
-            counts[order[:remainder]] += 1
-        return counts.tolist()
+    def expected_shares(self) -> list[float]:
+        """Each source's expected fraction of the draws."""
+        totals = torch.zeros(int(self.source_ids.max()) + 1, dtype=torch.float64)
+        totals.index_add_(0, self.source_ids, self._item_weights)
+        return (totals / totals.sum()).tolist()
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator()
@@ -75,11 +73,5 @@ class WeightedSourceSampler(Sampler[int]):
             reps = -(-self.num_samples // n)
             idx = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[: self.num_samples]
         else:
-            parts = [
-                members[torch.randint(len(members), (count,), generator=g)]
-                for members, count in zip(self._members, self.counts())
-                if count > 0
-            ]
-            idx = torch.cat(parts)
-            idx = idx[torch.randperm(len(idx), generator=g)]
+            idx = torch.multinomial(self._item_weights, self.num_samples, replacement=True, generator=g)
         return iter(idx.tolist())

@@ -28,7 +28,8 @@ class DataSource:
         path: Folder, ``.csv`` file or ``.npz`` file.
         modality: Modality name (e.g. ``xray``); used for reporting only, never as a training label.
         kind: ``auto`` picks npz for ``*.npz``, csv for ``*.csv``, folder for a directory.
-        weight: Relative share of training draws (see ``WeightedSourceSampler``); must be > 0.
+        weight: Relative sampling rate of each image of this source (2.0 = drawn twice as
+            often as an image of a weight-1 source; see ``WeightedSourceSampler``); > 0.
         path_column: CSV column holding image paths.
         root: CSV only: base folder of relative paths (default: the CSV's folder).
         splits: NPZ only: which ``{split}_images`` arrays to use, in order.
@@ -155,7 +156,9 @@ def _scan_folder(source: DataSource) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         # Sorted walk keeps item order (and hence sampling) identical across machines;
         # dot-entries are skipped (macOS "._x.jpg" forks and the like are not images).
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if source.recursive else []
+        dirnames[:] = (
+            sorted(d for d in dirnames if not d.startswith(".")) if source.recursive else []
+        )
         paths.extend(
             os.path.join(dirpath, f)
             for f in sorted(filenames)
@@ -212,4 +215,3 @@ def _read_npz(source: DataSource) -> list[tuple[str, np.ndarray]]:
     if sum(len(a) for _, a in arrays) == 0:
         raise ValueError(f"{source.describe()}: the selected splits hold no image")
     return arrays
-

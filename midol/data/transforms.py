@@ -16,7 +16,12 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) as explicit factor ranges: albumentations reads a
 # tuple as the range itself, so nothing depends on how a scalar would be expanded.
-_JITTER = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+_JITTER = {
+    "brightness": (0.6, 1.4),
+    "contrast": (0.6, 1.4),
+    "saturation": (0.8, 1.2),
+    "hue": (-0.1, 0.1),
+}
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -35,10 +40,15 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def _view_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> A.Compose:
+def _view_pipeline(
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+) -> A.Compose:
     ops: list[A.BasicTransform] = [
         A.RandomResizedCrop(
-            size=(size, size), scale=scale, interpolation=cv2.INTER_CUBIC, area_for_downscale="image"
+            size=(size, size),
+            scale=scale,
+            interpolation=cv2.INTER_CUBIC,
+            area_for_downscale="image",
         ),
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(**_JITTER, p=0.8),
@@ -103,7 +113,7 @@ class MultiCropTransform:
     def set_seed(self, seed: int | None) -> None:
         """Reseed the three pipelines with independent streams (``None``: fresh entropy)."""
         streams = np.random.SeedSequence(seed).spawn(3)
-        for pipe, ss in zip((self.global1, self.global2, self.local), streams):
+        for pipe, ss in zip((self.global1, self.global2, self.local), streams, strict=True):
             pipe.set_random_seed(int(ss.generate_state(1)[0]))
 
     def __call__(self, image: np.ndarray) -> list[torch.Tensor]:

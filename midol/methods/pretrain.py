@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from midol.losses import (
     DINOLoss,
     expert_infonce_loss,
@@ -23,8 +24,6 @@ from midol.models.moe import Projection
 from midol.utils.dist import world_size
 from midol.utils.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Non-Lightning subcommands of ``midol`` (one module each, exposing ``main(argv) -> int``)."""
