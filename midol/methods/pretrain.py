@@ -7,6 +7,7 @@ import math
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
@@ -156,6 +157,7 @@ class PretrainModule(L.LightningModule):
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
         self.num_global_views = num_global_views
         self._last_ema_step = -1
+        self._skipped_this_epoch: list[str] = []
         self._steps_per_epoch = 1
         self._total_steps = 1
 
@@ -256,6 +258,7 @@ class PretrainModule(L.LightningModule):
                 param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._skipped_this_epoch.extend(batch.get("skipped", ()))
         # Guarded by "did global_step advance?" so gradient accumulation updates once per step.
         step = self.global_step
         if step > self._last_ema_step and step > 0:
@@ -263,6 +266,17 @@ class PretrainModule(L.LightningModule):
             ema_update(self.teacher, self.student, momentum)
             self._last_ema_step = step
             self.log("train/momentum", momentum, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        # The data workers warn per file as they meet it; this is the per-epoch count.
+        if self._skipped_this_epoch:
+            rank_zero_warn(
+                f"epoch {self.current_epoch}: {len(self._skipped_this_epoch)} unreadable image(s) "
+                "were skipped and replaced by the next readable one, e.g. "
+                + "; ".join(self._skipped_this_epoch[:5])
+            )
+        self.log("train/skipped_images", float(len(self._skipped_this_epoch)), on_epoch=True)
+        self._skipped_this_epoch = []
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
