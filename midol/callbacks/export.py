@@ -10,9 +10,10 @@ from midol.export import export_module
 
 class ExportTeacherBackbone(L.Callback):
     """After ``fit``, save ``dirpath/teacher_backbone.safetensors`` plus its JSON description
-    (the only part of a pre-training run that downstream tasks use)."""
+    (the only part of a pre-training run that downstream tasks use). ``dirpath`` defaults to
+    the trainer's ``default_root_dir``."""
 
-    def __init__(self, dirpath: str = "outputs"):
+    def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -20,5 +21,5 @@ class ExportTeacherBackbone(L.Callback):
             return
         datamodule = trainer.datamodule
         size = getattr(datamodule, "global_size", None)
-        path = export_module(pl_module, self.dirpath, image_size=size)
+        path = export_module(pl_module, self.dirpath or trainer.default_root_dir, image_size=size)
         rank_zero_info(f"teacher backbone exported to {path}")

@@ -14,10 +14,11 @@ from midol.routing import format_routing_table, routing_counts
 class PretrainSummary(L.Callback):
     """After ``fit``: route every image of the datamodule's corpus through the teacher and
     print/write the expert x modality table (``routing_table.md`` and ``summary.json`` in
-    ``output_dir``). Needs a datamodule with ``routing_dataloader()`` and ``modalities``."""
+    ``output_dir``, default the trainer's ``default_root_dir``). Needs a datamodule with
+    ``routing_dataloader()`` and ``modalities``."""
 
-    def __init__(self, output_dir: str = "outputs", progress: bool = True):
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str | None = None, progress: bool = True):
+        self.output_dir = output_dir
         self.progress = progress
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -39,9 +40,10 @@ class PretrainSummary(L.Callback):
             "routing_counts": counts.tolist(),
         }
         table = format_routing_table(counts, list(datamodule.modalities))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (self.output_dir / "routing_table.md").write_text(table + "\n")
+        out = Path(self.output_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "routing_table.md").write_text(table + "\n")
 
         def fmt(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.4f}"
@@ -52,5 +54,5 @@ class PretrainSummary(L.Callback):
             f"final L_route: {fmt(summary['final_l_route'])}   final L_cst: {fmt(summary['final_l_cst'])}\n"
             "teacher routing over the corpus (image counts, rows = experts):\n"
             f"{table}\n"
-            f"written to {self.output_dir}/"
+            f"written to {out}/"
         )

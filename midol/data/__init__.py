@@ -7,6 +7,7 @@ from midol.data.image_io import (
     is_image_file,
     load_image,
 )
+from midol.data.labelled import LabelledDataModule, LabelledSource
 from midol.data.pretrain import (
     Corpus,
     PretrainDataModule,
@@ -16,6 +17,7 @@ from midol.data.pretrain import (
     pretrain_collate,
 )
 from midol.data.sampler import WeightedSourceSampler
+from midol.data.segmentation import SegmentationDataModule, SegmentationSource
 from midol.data.sources import DataSource, ResolvedSource, resolve_source
 from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
 
@@ -24,6 +26,10 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "Corpus",
+    "LabelledDataModule",
+    "LabelledSource",
+    "SegmentationDataModule",
+    "SegmentationSource",
     "DataSource",
     "EvalTransform",
     "MultiCropTransform",

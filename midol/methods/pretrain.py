@@ -50,6 +50,8 @@ class PretrainModule(L.LightningModule):
         init_checkpoint: local weights to start the student (and teacher) from; the authors
             used ImageNet-22k Swin-B weights.
         grad_checkpointing: activation checkpointing in the backbone (memory for ~1/3 compute).
+        compile: ``torch.compile`` the student and teacher backbones (static shapes: one graph
+            per view resolution) when the Trainer sets the model up; checkpoint keys unchanged.
         use_moe: False gives the plain DINO baseline (paper Table 2 row 1): one FFN of the
             same shape instead of N routed experts, no router, no L_route.
         num_experts: N, one per latent modality (paper: 5).
@@ -91,6 +93,7 @@ class PretrainModule(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         init_checkpoint: str | None = None,
         grad_checkpointing: bool = False,
+        compile: bool = False,
         use_moe: bool = True,
         num_experts: int = 5,
         top_k: int = 1,
@@ -149,6 +152,7 @@ class PretrainModule(L.LightningModule):
         self.student = nn.ModuleDict({"backbone": student_backbone, "projector": projector})
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
+        self.teacher.eval()  # no drop-path in the teacher, also when used outside a Trainer
         self.dino_loss = (
             DINOLoss(out_dim, student_temp, center_momentum) if cst_loss == "dino_ce" else None
         )
@@ -236,6 +240,22 @@ class PretrainModule(L.LightningModule):
     def last_layer(self) -> nn.Module:
         return self.student["projector"].projection
 
+    def configure_model(self) -> None:
+        # Here, not in __init__: runs in every process after launch (a compiled module does not
+        # pickle for spawn) and leaves state_dict keys as they are (nn.Module.compile).
+        if self.hparams.compile:
+            for part in (self.student, self.teacher):
+                if getattr(part["backbone"], "_compiled_call_impl", None) is None:
+                    part["backbone"].compile(dynamic=False)
+
+    def _device_scalars(self, values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Python floats as device tensors for ``self.log``, copied without blocking: given a
+        float, ``self.log`` makes a blocking host-to-device copy (a host sync per step on CUDA)."""
+        host = torch.tensor(list(values.values()), dtype=torch.float32)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return dict(zip(values, host.to(self.device, non_blocking=True).unbind()))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         h = self.hparams
         fused = next(self.parameters()).is_cuda
@@ -250,7 +270,10 @@ class PretrainModule(L.LightningModule):
         wd = self.weight_decay_at(step)
         for optimizer in self.trainer.optimizers:
             set_lr_and_wd(optimizer, lr, wd)
-        self.log_dict({"train/lr": lr, "train/weight_decay": wd}, on_step=True, on_epoch=False)
+        self.log_dict(
+            self._device_scalars({"train/lr": lr, "train/weight_decay": wd}),
+            on_step=True, on_epoch=False,
+        )
 
     def on_after_backward(self) -> None:
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
@@ -265,7 +288,9 @@ class PretrainModule(L.LightningModule):
             momentum = self.momentum_at(step - 1)
             ema_update(self.teacher, self.student, momentum)
             self._last_ema_step = step
-            self.log("train/momentum", momentum, on_step=True, on_epoch=False)
+            self.log_dict(
+                self._device_scalars({"train/momentum": momentum}), on_step=True, on_epoch=False
+            )
 
     def on_train_epoch_end(self) -> None:
         # The data workers warn per file as they meet it; this is the per-epoch count.
@@ -294,7 +319,7 @@ class PretrainModule(L.LightningModule):
         s_rep = s_out.representation.view(num_views, batch_size, -1)
         t_rep = t_out.representation.view(num_teacher, batch_size, -1)
 
-        logs: dict[str, Any] = {"train/teacher_temp": teacher_temp}
+        logs: dict[str, Any] = self._device_scalars({"train/teacher_temp": teacher_temp})
         if s_out.router_logits is not None:
             n = self.num_experts
             log_a_t = teacher_routing_log_probs(
@@ -320,7 +345,10 @@ class PretrainModule(L.LightningModule):
                 s_rep, t_rep, assignment, self.num_experts, h.infonce_temp, check_inputs=False
             )
         loss = h.route_weight * l_route + h.cst_weight * l_cst
-        usage = torch.bincount(assignment, minlength=self.num_experts).float() / batch_size
+        # index_add_, not bincount: CUDA bincount reads the maximum back to the host.
+        usage = assignment.new_zeros(self.num_experts, dtype=torch.float32).index_add_(
+            0, assignment, assignment.new_ones(batch_size, dtype=torch.float32)
+        ) / batch_size
         logs.update({f"route/expert_{i}": usage[i] for i in range(self.num_experts)})
         logs.update({"train/loss": loss, "train/l_cst": l_cst})
         self.log_dict(logs, on_step=True, on_epoch=False)

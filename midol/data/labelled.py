@@ -1,0 +1,500 @@
+"""Labelled images for downstream classification: class-per-folder trees, CSV manifests (a path
+column and one or several label columns) and MedMNIST ``.npz`` files with their official splits.
+
+Every split (train/val/test) is a :class:`LabelledSource`; a split that is not given can be
+carved out of the training source with a seeded (stratified) split. Batches are
+``{"image": uint8 (B, 3, S, S), "target": (B,) int64 or (B, L) float32, "index": (B,)}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from midol.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
+from midol.data.splits import seeded_split
+from midol.data.task_transforms import ClassificationTrainTransform, EvalTransform
+
+Task = Literal["multiclass", "multilabel"]
+UncertainPolicy = Literal["error", "zero", "one"]
+
+
+@dataclass
+class LabelledSource:
+    """Where the labelled images of one split are.
+
+    Attributes:
+        path: A class-per-folder tree (``path/<class>/**/*.png``), a ``.csv`` manifest or a
+            MedMNIST-style ``.npz``.
+        kind: ``auto`` picks npz for ``*.npz``, csv for ``*.csv``, folder for a directory.
+        split: npz: which ``{split}_images``/``{split}_labels`` pair (``train``/``val``/``test``);
+            csv: keep only rows whose ``split_column`` equals this value (None keeps all rows).
+        split_column: CSV column naming each row's split.
+        path_column: CSV column with image paths (relative to ``root``).
+        label_columns: CSV label columns: one for multi-class (class names or integer ids),
+            several 0/1 columns for multi-label.
+        root: CSV only: base folder of relative paths (default: the CSV's folder).
+    """
+
+    path: str
+    kind: Literal["auto", "folder", "csv", "npz"] = "auto"
+    split: str | None = None
+    split_column: str = "split"
+    path_column: str = "path"
+    label_columns: list[str] = field(default_factory=lambda: ["label"])
+    root: str | None = None
+
+    def resolved_kind(self) -> Literal["folder", "csv", "npz"]:
+        path = os.path.expanduser(self.path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"labelled data not found: {self.path}")
+        if self.kind != "auto":
+            return self.kind
+        if path.lower().endswith(".npz"):
+            return "npz"
+        if path.lower().endswith(".csv"):
+            return "csv"
+        if os.path.isdir(path):
+            return "folder"
+        raise ValueError(f"{self.path}: kind 'auto' needs a folder, a .csv or a .npz; set kind")
+
+
+class ImageTable:
+    """The images of one split: file paths (decoded on access) or rows of a uint8 array."""
+
+    def __init__(self, origin: str, paths: Sequence[str] | None = None, array: np.ndarray | None = None):
+        if (paths is None) == (array is None):
+            raise ValueError("ImageTable needs exactly one of paths and array")
+        self.origin = origin
+        self.paths = list(paths) if paths is not None else None
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else len(self.array)
+
+    def load(self, i: int) -> np.ndarray:
+        """Item ``i`` as uint8 ``H x W x 3``."""
+        if self.paths is not None:
+            return load_image(self.paths[i])
+        img = self.array[i]
+        if img.ndim == 2:
+            img = img[..., None]
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
+
+    def describe(self, i: int) -> str:
+        return self.paths[i] if self.paths is not None else f"{self.origin}[{i}]"
+
+    def subset(self, idx: np.ndarray) -> ImageTable:
+        if self.paths is not None:
+            return ImageTable(self.origin, paths=[self.paths[i] for i in idx])
+        return ImageTable(self.origin, array=self.array[idx])
+
+    def check_files(self) -> None:
+        """``FileNotFoundError`` naming the first missing files."""
+        if self.paths is None:
+            return
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.origin}: {len(missing)} listed image file(s) do not exist, e.g. "
+                + ", ".join(missing[:3])
+            )
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, sorted, dot-entries skipped)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and is_image_file(f)]
+    return found
+
+
+def read_folder(src: LabelledSource) -> tuple[ImageTable, list[str]]:
+    """Class-per-folder tree -> image paths and their class-folder names."""
+    if src.split is not None:
+        raise ValueError(f"{src.path}: 'split' applies to csv/npz; point path at the split's folder")
+    root = os.path.expanduser(src.path)
+    classes = sorted(d for d in os.listdir(root)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"{src.path}: empty folder (expected one sub-folder of images per class)")
+    paths: list[str] = []
+    names: list[str] = []
+    for name in classes:
+        files = list_images(os.path.join(root, name))
+        if not files:
+            raise ValueError(
+                f"{os.path.join(src.path, name)}: empty class folder (no file with extension "
+                f"{', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths += files
+        names += [name] * len(files)
+    return ImageTable(src.path, paths=paths), names
+
+
+def read_csv_rows(path: str, required: Sequence[str], split_column: str, split: str | None) -> list[dict[str, str]]:
+    """Rows of a CSV manifest (only ``split`` rows when given); checks the columns exist."""
+    with open(os.path.expanduser(path), newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        needed = list(required) + ([split_column] if split is not None else [])
+        absent = [c for c in needed if c not in columns]
+        if absent:
+            raise ValueError(f"{path}: no column(s) {absent} (columns: {', '.join(columns) or 'none'})")
+        rows = [r for r in reader if split is None or (r[split_column] or "").strip() == split]
+    if not rows:
+        where = f" with {split_column} == {split!r}" if split is not None else ""
+        raise ValueError(f"{path}: no row{where}")
+    return rows
+
+
+def read_csv(src: LabelledSource) -> tuple[ImageTable, list[list[str]]]:
+    rows = read_csv_rows(src.path, [src.path_column, *src.label_columns], src.split_column, src.split)
+    base = os.path.expanduser(src.root) if src.root else os.path.dirname(os.path.expanduser(src.path))
+    paths, labels = [], []
+    for n, row in enumerate(rows):
+        cell = (row[src.path_column] or "").strip()
+        if not cell:
+            raise ValueError(f"{src.path}: row {n + 2} has an empty {src.path_column!r}")
+        paths.append(os.path.join(base, os.path.expanduser(cell)))
+        labels.append([(row[c] or "").strip() for c in src.label_columns])
+    return ImageTable(src.path, paths=paths), labels
+
+
+def read_npz(src: LabelledSource) -> tuple[ImageTable, np.ndarray]:
+    split = src.split or "train"
+    with np.load(os.path.expanduser(src.path)) as npz:
+        keys = (f"{split}_images", f"{split}_labels")
+        absent = [k for k in keys if k not in npz.files]
+        if absent:
+            raise ValueError(f"{src.path}: no array {absent} (arrays: {', '.join(npz.files)})")
+        images, labels = npz[keys[0]], npz[keys[1]]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"{src.path}: {keys[0]} must be uint8 N x H x W [x C], got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"{src.path}: {len(images)} images but {len(labels)} labels in split {split!r}")
+    if len(images) == 0:
+        raise ValueError(f"{src.path}: split {split!r} is empty")
+    return ImageTable(f"{src.path}#{split}", array=images), labels.reshape(len(labels), -1)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class LabelledSplit:
+    """One split: images and their targets (int64 class ids, or float32 0/1 label rows)."""
+
+    images: ImageTable
+    targets: np.ndarray
+
+    def subset(self, idx: np.ndarray) -> LabelledSplit:
+        return LabelledSplit(self.images.subset(idx), self.targets[idx])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _multiclass_ids(raw: Sequence[str] | np.ndarray, classes: list[str] | None, table: ImageTable) -> np.ndarray:
+    if isinstance(raw, np.ndarray):
+        if raw.shape[1] != 1:
+            raise ValueError(f"{table.origin}: labels have {raw.shape[1]} columns; use task: multilabel")
+        return raw[:, 0].astype(np.int64)
+    if classes is not None and not all(_is_int(r) for r in raw):
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [(i, r) for i, r in enumerate(raw) if r not in index]
+        if unknown:
+            i, r = unknown[0]
+            raise ValueError(f"{table.describe(i)}: label {r!r} is not one of the classes {classes}")
+        return np.array([index[r] for r in raw], dtype=np.int64)
+    return np.array([int(r) for r in raw], dtype=np.int64)
+
+
+def _multilabel_rows(raw: list[list[str]] | np.ndarray, table: ImageTable, uncertain: UncertainPolicy) -> np.ndarray:
+    values = {"0": 0.0, "0.0": 0.0, "1": 1.0, "1.0": 1.0}
+    if uncertain != "error":
+        fill = 0.0 if uncertain == "zero" else 1.0
+        values.update({"-1": fill, "-1.0": fill, "": fill})
+    if isinstance(raw, np.ndarray):
+        raw = [[str(int(v)) for v in row] for row in raw]
+    out = np.zeros((len(raw), len(raw[0]) if raw else 0), dtype=np.float32)
+    for i, row in enumerate(raw):
+        for j, cell in enumerate(row):
+            if cell not in values:
+                hint = " (uncertain label: set uncertain_label to zero or one)" if cell in ("-1", "-1.0", "") else ""
+                raise ValueError(f"{table.describe(i)}: multi-label value {cell!r} is not 0 or 1{hint}")
+            out[i, j] = values[cell]
+    return out
+
+
+def check_class_range(split: LabelledSplit, num_classes: int) -> None:
+    """``ValueError`` naming the first item whose class id lies outside ``[0, num_classes)``."""
+    bad = np.flatnonzero((split.targets < 0) | (split.targets >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{split.images.describe(i)}: label {int(split.targets[i])} outside the class range "
+            f"[0, {num_classes}) ({bad.size} such item(s))"
+        )
+
+
+class LabelledDataset(Dataset[dict[str, Any]]):
+    def __init__(self, split: LabelledSplit, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "image": self.transform(self.split.images.load(i)),
+            "target": torch.as_tensor(self.split.targets[i]),
+            "index": i,
+        }
+
+
+def _init_worker(worker_id: int) -> None:
+    cv2.setNumThreads(0)  # the workers are the parallelism
+    info = get_worker_info()
+    reseed = getattr(getattr(info.dataset, "transform", None), "set_seed", None) if info else None
+    if callable(reseed):
+        reseed(info.seed % 2**32)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Loader settings and split handling shared by the labelled datamodules."""
+
+    def __init__(
+        self,
+        val_fraction: float = 0.0,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        drop_last: bool = True,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
+                "and sum to < 1"
+            )
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def carve(self, train: Any, strata: np.ndarray | None, have_val: bool, have_test: bool) -> dict[str, Any]:
+        """Split ``train`` (anything with ``subset``) into the stages not given as sources."""
+        fractions = {"val": 0.0 if have_val else self.val_fraction,
+                     "test": 0.0 if have_test else self.test_fraction}
+        if have_val and self.val_fraction:
+            raise ValueError("set either a val source or val_fraction, not both")
+        if have_test and self.test_fraction:
+            raise ValueError("set either a test source or test_fraction, not both")
+        rest, val_idx, test_idx = seeded_split(len(train), [fractions["val"], fractions["test"]],
+                                               self.split_seed, strata)
+        out = {"train": train.subset(rest)}
+        if fractions["val"]:
+            out["val"] = train.subset(val_idx)
+        if fractions["test"]:
+            out["test"] = train.subset(test_idx)
+        return out
+
+    def _loader(self, stage: str, train: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup("fit")
+        dataset = self.datasets.get(stage)
+        if dataset is None:
+            return []  # type: ignore[return-value]  # Lightning skips a stage without batches
+        if train and self.drop_last and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(dataset)} images, fewer than batch_size="
+                f"{self.batch_size} with drop_last: lower batch_size or set drop_last: false"
+            )
+        if train:
+            reseed = getattr(getattr(dataset, "transform", None), "set_seed", None)
+            if callable(reseed):  # main-process loading: follow seed_everything
+                reseed(torch.initial_seed() % 2**32)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=_init_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.datasets.items()}
+
+
+class LabelledDataModule(TaskDataModule):
+    """Multi-class or multi-label images from folders, CSV manifests or MedMNIST ``.npz``.
+
+    Args:
+        train: The training source.
+        val / test: Their sources; when absent, ``val_fraction``/``test_fraction`` of ``train``
+            are split off with ``split_seed`` (stratified by class for multi-class).
+        task: ``multiclass`` (one class id per image) or ``multilabel`` (0/1 per label column).
+        classes: Class names in id order (multi-class; default: sorted class-folder names or
+            label values of ``train``; integer labels are used as ids). For multi-label: names
+            of the label columns (default: ``label_columns``).
+        num_classes: Number of classes (default: from ``classes`` or the largest train id + 1);
+            a label outside ``[0, num_classes)`` is an error naming the file.
+        image_size: Side of the square network input.
+        crop_scale / hflip / vflip / color_jitter: training augmentation (random-resized crop
+            area range, flip probabilities, colour jitter strength).
+        train_augment: False trains on the evaluation transform (resize + centre crop).
+        uncertain_label: multi-label cells ``-1`` or empty (CheXpert's uncertain): ``error``,
+            ``zero`` (U-Zeros) or ``one`` (U-Ones).
+        val_fraction / test_fraction / split_seed / batch_size / eval_batch_size / num_workers /
+        drop_last / pin_memory / persistent_workers: splitting and loading.
+    """
+
+    def __init__(
+        self,
+        train: LabelledSource,
+        val: LabelledSource | None = None,
+        test: LabelledSource | None = None,
+        task: Task = "multiclass",
+        classes: list[str] | None = None,
+        num_classes: int | None = None,
+        image_size: int = 224,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        color_jitter: float = 0.0,
+        train_augment: bool = True,
+        uncertain_label: UncertainPolicy = "error",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if task not in ("multiclass", "multilabel"):
+            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        self.sources = {"train": train, "val": val, "test": test}
+        self.task = task
+        self.classes = list(classes) if classes is not None else None
+        self._num_classes = num_classes
+        self.image_size = image_size
+        self.uncertain_label = uncertain_label
+        self.train_transform = (
+            ClassificationTrainTransform(image_size, crop_scale, hflip, vflip, color_jitter)
+            if train_augment else EvalTransform(image_size)
+        )
+        self.eval_transform = EvalTransform(image_size)
+        self.splits: dict[str, LabelledSplit] = {}
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, src: LabelledSource) -> tuple[ImageTable, Any]:
+        kind = src.resolved_kind()
+        if kind == "folder":
+            return read_folder(src)
+        if kind == "csv":
+            table, rows = read_csv(src)
+            if self.task == "multiclass":
+                if len(src.label_columns) != 1:
+                    raise ValueError(f"{src.path}: multi-class needs one label column, got {src.label_columns}")
+                return table, [r[0] for r in rows]
+            return table, rows
+        return read_npz(src)
+
+    def _targets(self, table: ImageTable, raw: Any) -> np.ndarray:
+        if self.task == "multilabel":
+            if not isinstance(raw, np.ndarray) and raw and not isinstance(raw[0], list):
+                raise ValueError(f"{table.origin}: a class-per-folder tree cannot hold multi-label targets")
+            return _multilabel_rows(raw, table, self.uncertain_label)
+        return _multiclass_ids(raw, self.classes, table)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        raw = {k: self._read(s) for k, s in self.sources.items() if s is not None}
+        if self.task == "multiclass" and self.classes is None:
+            train_raw = raw["train"][1]
+            if not isinstance(train_raw, np.ndarray) and not all(_is_int(r) for r in train_raw):
+                self.classes = sorted(set(train_raw))
+        splits = {k: LabelledSplit(t, self._targets(t, r)) for k, (t, r) in raw.items()}
+        for split in splits.values():
+            split.images.check_files()
+        self._finalise_classes(splits)
+        strata = splits["train"].targets if self.task == "multiclass" else None
+        splits = {**splits, **self.carve(splits["train"], strata, "val" in splits, "test" in splits)}
+        for k, split in splits.items():
+            if len(split) == 0:
+                raise ValueError(f"the {k} split is empty (source {self.sources['train'].path})")
+        self.splits = splits
+        self.datasets = {
+            k: LabelledDataset(s, self.train_transform if k == "train" else self.eval_transform)
+            for k, s in splits.items()
+        }
+
+    def _finalise_classes(self, splits: dict[str, LabelledSplit]) -> None:
+        if self.task == "multilabel":
+            widths = {s.targets.shape[1] for s in splits.values()}
+            if len(widths) != 1:
+                raise ValueError(f"splits have different numbers of labels: {sorted(widths)}")
+            width = widths.pop()
+            if self._num_classes is not None and self._num_classes != width:
+                raise ValueError(f"num_classes={self._num_classes} but the data have {width} labels")
+            self._num_classes = width
+            if self.classes is None:
+                src = self.sources["train"]
+                self.classes = list(src.label_columns) if len(src.label_columns) == width else [
+                    str(i) for i in range(width)]
+            return
+        if self._num_classes is None:
+            self._num_classes = len(self.classes) if self.classes else int(splits["train"].targets.max()) + 1
+        for split in splits.values():
+            check_class_range(split, self._num_classes)
+        if self.classes is None:
+            self.classes = [str(i) for i in range(self._num_classes)]
+        elif len(self.classes) != self._num_classes:
+            raise ValueError(f"{len(self.classes)} class names given for num_classes={self._num_classes}")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (multi-class) or labels (multi-label); known after setup unless set."""
+        if self._num_classes is None:
+            self.setup("fit")
+        assert self._num_classes is not None
+        return self._num_classes

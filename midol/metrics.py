@@ -1,0 +1,119 @@
+"""Downstream metrics on torchmetrics, with undefined cases kept out of the averages.
+
+torchmetrics scores a class that has no positive (or no negative) target as AUC 0 and then
+averages it in; here such a class is NaN and left out of the macro average (with a warning),
+so a tiny validation split without one class does not drag the macro AUC down.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MultilabelAUROC,
+)
+from torchmetrics.utilities.data import dim_zero_cat
+
+
+class OneVsRestAUROC(MulticlassAUROC):
+    """Per-class one-vs-rest AUC of softmax scores; NaN for a class absent from the targets."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(num_classes=num_classes, average=None, thresholds=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target)
+        present = torch.bincount(target.long().flatten(), minlength=self.num_classes) > 0
+        # With a single class present no one-vs-rest AUC is defined.
+        if present.sum() < 2:
+            return torch.full((self.num_classes,), float("nan"), device=target.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(positive|negative) samples.*")
+            per_class = super().compute()
+        return torch.where(present, per_class, torch.full_like(per_class, float("nan")))
+
+
+class PerLabelAUROC(MultilabelAUROC):
+    """Per-label AUC; NaN for a label whose targets are all 0 or all 1."""
+
+    def __init__(self, num_labels: int, **kwargs):
+        super().__init__(num_labels=num_labels, average=None, thresholds=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target)
+        defined = (target == 1).any(dim=0) & (target == 0).any(dim=0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(positive|negative) samples.*")
+            per_label = super().compute()
+        return torch.where(defined, per_label, torch.full_like(per_label, float("nan")))
+
+
+class DicePerClass(MulticlassF1Score):
+    """Per-class Dice over all pixels seen (global); NaN for a class absent from both
+    predictions and targets."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, **kwargs):
+        super().__init__(
+            num_classes=num_classes, average="none", multidim_average="global",
+            ignore_index=ignore_index, **kwargs,
+        )
+
+    def compute(self) -> torch.Tensor:
+        dice = super().compute()
+        seen = (self.tp + self.fp + self.fn) > 0
+        return torch.where(seen, dice, torch.full_like(dice, float("nan")))
+
+
+class IoUPerClass(MulticlassJaccardIndex):
+    """Per-class IoU over all pixels seen (global); NaN for a class absent from both."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, **kwargs):
+        super().__init__(num_classes=num_classes, average="none", ignore_index=ignore_index, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        iou = super().compute()
+        union = self.confmat.sum(0) + self.confmat.sum(1) - self.confmat.diag()
+        return torch.where(union > 0, iou, torch.full_like(iou, float("nan")))
+
+
+def macro(values: torch.Tensor, what: str = "metric") -> torch.Tensor:
+    """Mean over the finite entries; warns naming how many were undefined."""
+    finite = torch.isfinite(values)
+    if not finite.all():
+        warnings.warn(
+            f"{what}: {int((~finite).sum())} of {values.numel()} classes/labels are undefined "
+            "(no positive or no negative example) and left out of the macro average",
+            stacklevel=2,
+        )
+    if not finite.any():
+        return values.new_tensor(float("nan"))
+    return values[finite].mean()
+
+
+def classification_metrics(num_classes: int) -> dict[str, Metric]:
+    """ACC (top-1 over all images) and per-class one-vs-rest AUC (macro-averaged when logged)."""
+    return {
+        "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "auc": OneVsRestAUROC(num_classes),
+    }
+
+
+def multilabel_metrics(num_labels: int) -> dict[str, Metric]:
+    """Per-label AUC (logged per label and as the macro mean)."""
+    return {"auc": PerLabelAUROC(num_labels)}
+
+
+def segmentation_metrics(num_classes: int, ignore_index: int | None = 255) -> dict[str, Metric]:
+    """Per-class Dice (= F1) and IoU (= Jaccard), accumulated over every pixel of the stage
+    (dataset-level, as mmsegmentation computes mDice/mIoU); pixels equal to ``ignore_index``
+    are not counted. Logged as the mean over the foreground classes 1..C-1."""
+    return {
+        "dice": DicePerClass(num_classes, ignore_index),
+        "iou": IoUPerClass(num_classes, ignore_index),
+    }
