@@ -37,6 +37,7 @@ def _ref_infonce(
     assignment: torch.Tensor,
     num_experts: int,
     temperature: float,
+    expert_mean: str = "nonempty",
 ) -> torch.Tensor:
     ms, B, _ = student.shape
     mt = teacher.shape[0]
@@ -63,7 +64,8 @@ def _ref_infonce(
                 denominator = sum(s(xn[j][b], yn[k][beta]) for beta in members for k in ks)
                 total = total + torch.log(numerator / denominator)
         per_expert.append(-total / (len(members) * ms))
-    return sum(per_expert) / len(per_expert)
+    # Eq. 20 prints 1/N; "nonempty" averages over the experts that received images.
+    return sum(per_expert) / (len(per_expert) if expert_mean == "nonempty" else num_experts)
 
 
 def _make(ms: int, mt: int, B: int, D: int, E: int, seed: int):
@@ -130,6 +132,9 @@ def test_infonce_all_temperatures_with_empty_expert(tau: float) -> None:
     # Mean over the 3 non-empty experts, not over all 5 (the two would differ here).
     assert float(ref) > 1e-3
     assert abs(float(out) - float(ref * 3 / 5)) > 0.1 * float(ref)
+    # Eq. 20 as printed: divide by N = 5.
+    eq20 = expert_infonce_loss(student, teacher, assignment, 5, temperature=tau, expert_mean="all")
+    assert_close(eq20.double(), _ref_infonce(student, teacher, assignment, 5, tau, "all"), rtol=1e-4, atol=1e-5)
 
 
 def test_infonce_default_temperature_is_0_04() -> None:

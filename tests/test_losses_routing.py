@@ -238,3 +238,26 @@ def test_routing_loss_teacher_not_differentiated_even_if_perturbed() -> None:
     teacher2 = [t + torch.randn_like(t) for t in teacher]
     b = routing_consistency_loss(student, teacher2)
     assert abs(float(a) - float(b)) > 1e-4
+
+
+def test_switch_load_balance_loss_matches_definition() -> None:
+    """N * sum_i f_i P_i: 1 for uniform routing, N when one expert takes every row."""
+    from midol.losses import switch_load_balance_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 4, generator=g, requires_grad=True)
+    index = logits.argmax(-1)
+    out = switch_load_balance_loss(logits, index)
+    probs = logits.detach().double().softmax(-1)
+    expected = 0.0
+    for i in range(4):
+        f = sum(1.0 for t in range(12) if int(index[t]) == i) / 12
+        p = sum(float(probs[t, i]) for t in range(12)) / 12
+        expected += f * p
+    assert abs(float(out) - 4 * expected) < 1e-6
+    out.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    flat = torch.zeros(8, 4)
+    assert float(switch_load_balance_loss(flat, torch.arange(8) % 4)) == pytest.approx(1.0)
+    peaked = torch.tensor([[50.0, 0, 0, 0]] * 8)
+    assert float(switch_load_balance_loss(peaked, torch.zeros(8, dtype=torch.long))) == pytest.approx(4.0)

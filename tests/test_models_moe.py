@@ -103,3 +103,19 @@ def test_normed_linear_rows_have_unit_norm_when_frozen():
     assert [n for n, _ in layer.named_parameters()] == ["weight_v"]
     free = NormedLinear(6, 9, norm_frozen=False)
     assert {n for n, _ in free.named_parameters()} == {"weight_v", "weight_g"}
+
+
+def test_router_noise_only_in_training_mode():
+    torch.manual_seed(5)
+    proj = MoEProjector(8, num_experts=4, hidden_dim=16, bottleneck_dim=6, out_dim=10, router_noise=1.0)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        clean = proj.router(x)
+        proj.train()
+        noisy = proj(x).router_logits
+    assert float((noisy - clean).std()) == pytest.approx(1.0, abs=0.15)
+    proj.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x).router_logits, clean)
+    with pytest.raises(ValueError):
+        MoEProjector(8, router_noise=-1.0)

@@ -242,3 +242,12 @@ def test_assignment_is_teacher_balanced_routing_and_route_images_matches_router(
     expert, conf = module.route_images(batch["views"][0])
     assert torch.equal(expert, logits[0].argmax(-1))
     torch.testing.assert_close(conf, logits[0].softmax(-1).max(-1).values)
+
+
+def test_load_balance_term_is_added_to_the_loss():
+    module = tiny_module(load_balance_weight=0.5, router_noise=0.1)
+    rec = MetricsRecorder()
+    trainer(max_steps=1, callbacks=[rec]).fit(module, tiny_datamodule())
+    row = rec.rows[-1]
+    assert 1.0 <= row["train/l_balance"] <= 3.0
+    assert row["train/loss"] == pytest.approx(row["train/l_route"] + row["train/l_cst"] + 0.5 * row["train/l_balance"], rel=1e-5)

@@ -417,6 +417,7 @@ class LabelledDataModule(TaskDataModule):
         self._num_classes = num_classes
         self.image_size = image_size
         self.uncertain_label = uncertain_label
+        self.train_augment = train_augment
         self.train_transform = (
             ClassificationTrainTransform(image_size, crop_scale, hflip, vflip, color_jitter)
             if train_augment else EvalTransform(image_size)

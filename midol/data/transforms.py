@@ -6,6 +6,9 @@ happens on the device, which keeps host-to-device copies 4x smaller.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -61,6 +64,18 @@ def _view_pipeline(
     return A.Compose(ops)
 
 
+def _share_random_state(
+    pipes: A.Compose | Sequence[A.Compose], seed: np.random.SeedSequence
+) -> None:
+    # One numpy and one Python generator shared by every transform of the pipelines.
+    # Compose.set_random_seed would give each transform its own generator with the *same* seed,
+    # so their first draws coincide: flip, jitter, grayscale and blur decisions become correlated.
+    state = seed.generate_state(2, dtype=np.uint64)
+    rng, py_rng = np.random.default_rng(int(state[0])), random.Random(int(state[1]))
+    for pipe in [pipes] if isinstance(pipes, A.Compose) else pipes:
+        pipe.set_random_state(rng, py_rng)
+
+
 class MultiCropTransform:
     """DINO multi-crop: ``num_global`` global views then ``num_local`` local views.
 
@@ -69,7 +84,8 @@ class MultiCropTransform:
     horizontal flip p=0.5, colour jitter p=0.8, grayscale p=0.2.
 
     Albumentations keeps its own random state (not ``np.random``), so every DataLoader worker
-    must call :meth:`set_seed` with a distinct seed, or all workers produce the same crops.
+    must call :meth:`set_seed` with a distinct seed, or all workers produce the same crops;
+    or, as :class:`~midol.data.PretrainDataset` does, :meth:`reseed` each sample from its draw.
     """
 
     def __init__(
@@ -104,17 +120,33 @@ class MultiCropTransform:
         self.global1 = _view_pipeline(global_size, self.global_scale, blur_p=1.0, solarize_p=0.0)
         self.global2 = _view_pipeline(global_size, self.global_scale, blur_p=0.1, solarize_p=0.2)
         self.local = _view_pipeline(local_size, self.local_scale, blur_p=0.5, solarize_p=0.0)
-        self.set_seed(seed)
+        # Base of reseed(); None draws fresh entropy once, so keyed views stay consistent.
+        self.seed = int(np.random.SeedSequence(seed).entropy)  # type: ignore[arg-type]
+        self.set_seed(self.seed)
 
     @property
     def num_views(self) -> int:
         return self.num_global + self.num_local
 
     def set_seed(self, seed: int | None) -> None:
-        """Reseed the three pipelines with independent streams (``None``: fresh entropy)."""
+        """Reseed the three pipelines with independent streams (``None``: fresh entropy).
+
+        Leaves :attr:`seed`, the base of :meth:`reseed`, unchanged."""
         streams = np.random.SeedSequence(seed).spawn(3)
         for pipe, ss in zip((self.global1, self.global2, self.local), streams, strict=True):
-            pipe.set_random_seed(int(ss.generate_state(1)[0]))
+            _share_random_state(pipe, ss)
+
+    def reseed(self, key: Sequence[int]) -> None:
+        """Make the next call's views a pure function of (seed, key, image).
+
+        :class:`~midol.data.PretrainDataset` calls this with (epoch, draw position) so the
+        augmentations do not depend on which worker produced a sample, and a resumed run
+        draws the same crops as an uninterrupted one. Costs ~30 us per call.
+        """
+        _share_random_state(
+            (self.global1, self.global2, self.local),
+            np.random.SeedSequence(self.seed, spawn_key=tuple(int(k) for k in key)),
+        )
 
     def __call__(self, image: np.ndarray) -> list[torch.Tensor]:
         image = _as_rgb(image)

@@ -2,6 +2,7 @@
 
 from midol.losses.dino import DINOLoss, dino_cross_entropy
 from midol.losses.infonce import expert_infonce_loss
+from midol.losses.load_balance import switch_load_balance_loss
 from midol.losses.routing import (
     routing_consistency_loss,
     routing_cross_entropy,
@@ -17,5 +18,6 @@ __all__ = [
     "routing_consistency_loss",
     "routing_cross_entropy",
     "sinkhorn_knopp",
+    "switch_load_balance_loss",
     "teacher_routing_log_probs",
 ]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -39,13 +41,15 @@ def expert_infonce_loss(
     num_experts: int,
     temperature: float = 0.04,
     check_inputs: bool = True,
+    expert_mean: Literal["nonempty", "all"] = "nonempty",
 ) -> torch.Tensor:
     """L_cst (paper Eq. 19-20) with ``s(u, v) = exp(cos(u, v) / temperature)``.
 
     For view j of image b routed to expert i, the positives are the teacher views k != j of the
     same image; the denominator runs over every image beta of B_i (views k != j). Each expert's
-    term is divided by |B_i| x Ms; the result is the mean over experts that received at least
-    one image (an empty expert adds nothing).
+    term is divided by |B_i| x Ms. ``expert_mean="nonempty"`` (default) averages over the
+    experts that received at least one image; ``"all"`` divides the sum by N as Eq. 20 prints
+    it (an empty expert then adds 0). An empty expert never produces NaN.
 
     Args:
         student: Ms x B x D student representations (gradient flows here).
@@ -55,11 +59,14 @@ def expert_infonce_loss(
         temperature: tau of Eq. 19.
         check_inputs: validate shapes and index range (the range check syncs with the device,
             so the training step turns it off).
+        expert_mean: how Eq. 20 averages the per-expert terms (see above).
 
     Under ``torch.distributed`` the teacher representations and assignments are gathered from
     every rank and |B_i| is counted over the global batch; the local value is scaled so that
     its mean over ranks (what DDP averages) equals the loss of one process on the global batch.
     """
+    if expert_mean not in ("nonempty", "all"):
+        raise ValueError(f"expert_mean must be 'nonempty' or 'all', got {expert_mean!r}")
     if check_inputs:
         _check_inputs(student, teacher, assignment, num_experts)
     num_student, batch, _ = student.shape
@@ -89,4 +96,5 @@ def expert_infonce_loss(
     counts = all_reduce_sum(torch.bincount(assignment, minlength=num_experts).to(per_image))
     nonempty = counts > 0
     per_expert = -local_sums / (counts.clamp(min=1) * num_student)
-    return per_expert[nonempty].sum() / nonempty.sum() * world_size()
+    experts = nonempty.sum() if expert_mean == "nonempty" else num_experts
+    return per_expert[nonempty].sum() / experts * world_size()

@@ -81,6 +81,8 @@ class ClassificationModule(FinetuneModule):
                 switch_prob=mix_switch_prob, label_smoothing=label_smoothing,
                 num_classes=num_classes,
             )
+        if self.mixup is not None and self.hparams.cache_features:
+            raise ValueError("Mixup/CutMix mixes images before the backbone: turn off cache_features")
         self.init_metrics(lambda: classification_metrics(num_classes))
 
     def heads(self) -> list[nn.Module]:

@@ -65,6 +65,9 @@ class FinetuneModule(L.LightningModule):
         schedule: ``cosine`` (classification) or ``poly`` (segmentation), after warm-up.
         warmup_epochs / warmup_steps: linear warm-up length (``warmup_steps`` wins when set).
         poly_power: exponent of the poly schedule.
+        cache_features: linear probing only: keep each image's backbone features after their
+            first computation and reuse them in later epochs (exact when the training
+            transform is deterministic, which is checked: set ``data.train_augment: false``).
     """
 
     monitor: str = "val/loss"
@@ -91,6 +94,7 @@ class FinetuneModule(L.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_steps: int | None = None,
         poly_power: float = 1.0,
+        cache_features: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +110,7 @@ class FinetuneModule(L.LightningModule):
         self._steps_per_epoch = 1
         self._total_steps = 1
         self._peak_lr = lr
+        self._feature_cache: dict[str, dict[int, Any]] = {}
 
     def _validate_common(self) -> None:
         h = self.hparams
@@ -119,6 +124,8 @@ class FinetuneModule(L.LightningModule):
             raise ValueError(f"layer_decay must lie in (0, 1], got {h.layer_decay}")
         if h.warmup_epochs < 0 or (h.warmup_steps is not None and h.warmup_steps < 0):
             raise ValueError("warm-up length must be >= 0")
+        if h.cache_features and not h.linear_probe:
+            raise ValueError("cache_features needs linear_probe: true (a trained backbone changes its features)")
 
     # ------------------------------------------------------------------ subclass API
     def heads(self) -> list[nn.Module]:
@@ -164,6 +171,20 @@ class FinetuneModule(L.LightningModule):
                 features = self.encode(x)
         else:
             features = self.encode(x)
+        return self.decode(features, x)
+
+    def _batch_logits(self, stage: str, x: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of a batch of normalised images, through the feature cache when it is on."""
+        if not self.hparams.cache_features:
+            return self.forward_normalized(x)
+        store = self._feature_cache.setdefault(stage, {})
+        keys = batch["index"].tolist()
+        if all(k in store for k in keys):
+            features = torch.stack([store[k] for k in keys])
+        else:
+            with torch.no_grad():
+                features = self.encode(x)
+            store.update(zip(keys, features.detach()))
         return self.decode(features, x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,6 +245,11 @@ class FinetuneModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         self.check_datamodule(datamodule)
+        if self.hparams.cache_features and getattr(datamodule, "train_augment", False):
+            raise ValueError(
+                "cache_features reuses the first epoch's features, which is only exact without "
+                "random training augmentation: set data.train_augment: false"
+            )
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Subclasses compare their settings with the datamodule's (clear error on mismatch)."""
@@ -234,7 +260,7 @@ class FinetuneModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x = self.normalizer(batch["image"])
         x, target, mixed = self.augment(x, batch["target"])
-        logits = self.forward_normalized(x)
+        logits = self._batch_logits("train", x, batch)
         loss = self.loss(logits, target, train=True)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
@@ -244,7 +270,7 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self._batch_logits(stage, self.normalizer(batch["image"]), batch)
         loss = self.loss(logits, batch["target"], train=False)
         self.update_metrics(self._metrics(stage), logits, batch["target"])
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val",

@@ -16,6 +16,7 @@ from midol.losses import (
     DINOLoss,
     expert_infonce_loss,
     routing_cross_entropy,
+    switch_load_balance_loss,
     teacher_routing_log_probs,
 )
 from midol.losses.routing import RouteForm
@@ -62,9 +63,12 @@ class PretrainModule(L.LightningModule):
         l2_norm / projection / norm_last_layer: the authors' head (L2-normalise, weight-normed
             linear with frozen norm) or a plain linear l.
         gate_weighted_output: multiply the top-1 expert output by its routing probability.
+        router_noise: std of Gaussian noise on the student's router logits (0 = off).
         cst_loss: ``infonce`` (paper Eq. 19-20, default) or ``dino_ce`` (authors' code).
         route_weight / cst_weight: L = route_weight L_route + cst_weight L_cst (Eq. 21).
             L_route is computed and logged even with weight 0 (so routing stays visible).
+        load_balance_weight: weight of a Switch-style load-balance term on the student router
+            (0 = off, the paper has none).
         route_form: ``student_weighted`` (-sum a_S log a_T, authors' code, default) or
             ``teacher_target`` (-sum a_T log a_S, SwAV style).
         student_temp: tau_s for routing and for the DINO cross-entropy (0.1).
@@ -72,6 +76,8 @@ class PretrainModule(L.LightningModule):
         warmup_teacher_temp / warmup_teacher_temp_epochs: optional linear warm-up of tau_t.
         sinkhorn_eps / sinkhorn_iters: Sinkhorn-Knopp epsilon (0.05) and iterations (3).
         infonce_temp: tau of Eq. 19 (0.04).
+        infonce_expert_mean: average L_cst^i over the experts that received images
+            (``nonempty``, default) or divide by N as Eq. 20 prints it (``all``).
         center_momentum: centre momentum of the DINO cross-entropy (0.9).
         teacher_views: the teacher sees the ``global`` views (authors' code) or ``all`` views
             (the paper's equations).
@@ -105,9 +111,11 @@ class PretrainModule(L.LightningModule):
         projection: Projection = "weightnorm",
         norm_last_layer: bool = True,
         gate_weighted_output: bool = False,
+        router_noise: float = 0.0,
         cst_loss: Literal["infonce", "dino_ce"] = "infonce",
         route_weight: float = 1.0,
         cst_weight: float = 1.0,
+        load_balance_weight: float = 0.0,
         route_form: RouteForm = "student_weighted",
         student_temp: float = 0.1,
         teacher_temp: float = 0.04,
@@ -116,6 +124,7 @@ class PretrainModule(L.LightningModule):
         sinkhorn_eps: float = 0.05,
         sinkhorn_iters: int = 3,
         infonce_temp: float = 0.04,
+        infonce_expert_mean: Literal["nonempty", "all"] = "nonempty",
         center_momentum: float = 0.9,
         teacher_views: Literal["global", "all"] = "global",
         num_global_views: int | None = None,
@@ -148,6 +157,7 @@ class PretrainModule(L.LightningModule):
             projection=projection,
             norm_last_layer=norm_last_layer,
             gate_weighted_output=gate_weighted_output,
+            router_noise=router_noise,
         )
         self.student = nn.ModuleDict({"backbone": student_backbone, "projector": projector})
         self.teacher = copy.deepcopy(self.student)
@@ -175,8 +185,12 @@ class PretrainModule(L.LightningModule):
             raise ValueError(
                 "use_moe=False (the DINO baseline) has no router: set route_weight: 0"
             )
+        if h.load_balance_weight < 0:
+            raise ValueError(f"load_balance_weight must be >= 0, got {h.load_balance_weight}")
         if h.cst_loss not in ("infonce", "dino_ce"):
             raise ValueError(f"cst_loss must be 'infonce' or 'dino_ce', got {h.cst_loss!r}")
+        if h.infonce_expert_mean not in ("nonempty", "all"):
+            raise ValueError(f"infonce_expert_mean must be 'nonempty' or 'all', got {h.infonce_expert_mean!r}")
         if h.teacher_views not in ("global", "all"):
             raise ValueError(f"teacher_views must be 'global' or 'all', got {h.teacher_views!r}")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "infonce_temp",
@@ -320,6 +334,7 @@ class PretrainModule(L.LightningModule):
         t_rep = t_out.representation.view(num_teacher, batch_size, -1)
 
         logs: dict[str, Any] = self._device_scalars({"train/teacher_temp": teacher_temp})
+        l_route = l_balance = s_rep.new_zeros(())
         if s_out.router_logits is not None:
             n = self.num_experts
             log_a_t = teacher_routing_log_probs(
@@ -334,17 +349,20 @@ class PretrainModule(L.LightningModule):
             student_top1 = s_out.expert_index[:, 0].view(num_views, batch_size)[:num_teacher]
             logs["route/student_teacher_agreement"] = (student_top1 == assignment).float().mean()
             logs["train/l_route"] = l_route
+            if h.load_balance_weight > 0:
+                l_balance = switch_load_balance_loss(s_out.router_logits, s_out.expert_index[:, 0])
+                logs["train/l_balance"] = l_balance
         else:
             assignment = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-            l_route = s_rep.new_zeros(())
 
         if self.dino_loss is not None:
             l_cst = self.dino_loss(s_rep, t_rep, teacher_temp)
         else:
             l_cst = expert_infonce_loss(
-                s_rep, t_rep, assignment, self.num_experts, h.infonce_temp, check_inputs=False
+                s_rep, t_rep, assignment, self.num_experts, h.infonce_temp,
+                check_inputs=False, expert_mean=h.infonce_expert_mean,
             )
-        loss = h.route_weight * l_route + h.cst_weight * l_cst
+        loss = h.route_weight * l_route + h.cst_weight * l_cst + h.load_balance_weight * l_balance
         # index_add_, not bincount: CUDA bincount reads the maximum back to the host.
         usage = assignment.new_zeros(self.num_experts, dtype=torch.float32).index_add_(
             0, assignment, assignment.new_ones(batch_size, dtype=torch.float32)

@@ -61,6 +61,8 @@ class SegmentationModule(FinetuneModule):
         super().__init__(**kwargs)
         if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
             raise ValueError("ce_weight and dice_weight must be >= 0, not both 0")
+        if self.hparams.cache_features:
+            raise ValueError("cache_features is for pooled features (classification), not stage maps")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.stage_ids = stage_indices(self.backbone, num_levels)

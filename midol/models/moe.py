@@ -31,6 +31,8 @@ class MoEProjector(nn.Module):
     Top-1 output is ``e_i(h)`` itself (Eq. 11); ``gate_weighted_output`` multiplies it by its
     routing probability (Switch Transformer), which lets the representation loss train the
     router too. With ``top_k > 1`` the selected outputs are mixed with renormalised gates.
+    ``router_noise`` adds Gaussian noise of that standard deviation to the router logits in
+    training mode (noisy top-k gating), an optional counter to expert collapse.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class MoEProjector(nn.Module):
         projection: Projection = "weightnorm",
         norm_last_layer: bool = True,
         gate_weighted_output: bool = False,
+        router_noise: float = 0.0,
     ):
         super().__init__()
         if num_experts < 1:
@@ -56,6 +59,9 @@ class MoEProjector(nn.Module):
         self.top_k = top_k
         self.l2_norm = l2_norm
         self.gate_weighted_output = gate_weighted_output
+        if router_noise < 0:
+            raise ValueError(f"router_noise must be >= 0, got {router_noise}")
+        self.router_noise = router_noise
         self.router = init_linear_(nn.Linear(in_dim, num_experts)) if num_experts > 1 else None
         self.experts = ExpertBank(num_experts, in_dim, hidden_dim, bottleneck_dim, num_layers)
         if projection == "weightnorm":
@@ -71,6 +77,8 @@ class MoEProjector(nn.Module):
             index = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
             return None, index, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
         logits = self.router(x)
+        if self.training and self.router_noise > 0:
+            logits = logits + self.router_noise * torch.randn_like(logits)
         probs = logits.float().softmax(dim=-1)
         gate, index = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
