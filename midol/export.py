@@ -56,9 +56,7 @@ def export_module(module: Any, out_dir: str | Path, image_size: int | None = Non
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, image_size: int | None = None) -> Path:
     """Export the teacher backbone from a pre-training checkpoint (loaded with weights_only=True)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    prefix = "teacher.backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{ckpt_path} holds no teacher backbone (keys '{prefix}*')")
-    return export_backbone(state, ckpt["hyper_parameters"], out_dir, image_size, source=str(ckpt_path))
+    from midol.models.pretrained import read_pretrain_checkpoint
+
+    state, hparams = read_pretrain_checkpoint(ckpt_path)
+    return export_backbone(state, hparams, out_dir, image_size, source=str(ckpt_path))

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from midol.data.image_io import UnreadableImageError, UnreadableImageWarning
-from midol.data.sampler import WeightedSourceSampler
+from midol.data.sampler import Draw, ResumableDataLoader, WeightedSourceSampler
 from midol.data.sources import DataSource, ResolvedSource, resolve_source
 from midol.data.transforms import EvalTransform, MultiCropTransform
 
@@ -82,7 +82,8 @@ class PretrainDataset(Dataset[dict[str, Any]]):
     An unreadable item is replaced by the next readable one (``i+1, i+2, ...`` modulo the length,
     at most ``max_tries`` items) so batches keep their size; each replaced file is warned about
     (:class:`UnreadableImageWarning`) and listed in ``"skipped"`` as ``"path: reason"``.
-    ``"index"`` is the item actually returned.
+    ``"index"`` is the item actually returned. Items may be plain indices or
+    :class:`~midol.data.sampler.Draw` keys, which also seed the transform (``reseed``).
     """
 
     def __init__(
@@ -98,7 +99,14 @@ class PretrainDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.corpus)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | Draw) -> dict[str, Any]:
+        # A Draw (from ResumableDataLoader) seeds this sample's augmentation from its epoch and
+        # draw position: the same crops whichever worker runs it, and after a resume.
+        reseed = getattr(self.transform, "reseed", None)
+        if isinstance(i, Draw):
+            if callable(reseed):
+                reseed((i.epoch, i.position))
+            i = i.index
         n = len(self.corpus)
         skipped: list[str] = []
         for k in range(min(self.max_tries, n)):
@@ -312,7 +320,7 @@ class PretrainDataModule(L.LightningDataModule):
                 f"an epoch has {len(sampler)} samples, fewer than batch_size={self.batch_size} "
                 "(batches are dropped when incomplete); lower batch_size or raise samples_per_epoch"
             )
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -322,7 +330,18 @@ class PretrainDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=_init_worker,
+            # Its own generator: worker seeds then never consume the global torch RNG.
+            generator=torch.Generator().manual_seed(self.seed),
+            batches_done=self._batches_trained,
         )
+
+    def _batches_trained(self) -> int:
+        """Batches of the current epoch whose training step has finished (Lightning's count;
+        checkpoints store it so a resumed run skips them). 0 outside a Trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[dict[str, Any]]:
         """Every item once, in corpus order, as ``eval_size`` centre crops.

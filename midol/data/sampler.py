@@ -1,11 +1,15 @@
-"""Epoch-seeded sampling over a mix of sources with per-source weights."""
+"""Epoch-seeded sampling over a mix of sources, and a DataLoader that can resume mid-epoch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from midol.utils.dist import rank, world_size
 
 
 class WeightedSourceSampler(Sampler[int]):
@@ -75,3 +79,104 @@ class WeightedSourceSampler(Sampler[int]):
         else:
             idx = torch.multinomial(self._item_weights, self.num_samples, replacement=True, generator=g)
         return iter(idx.tolist())
+
+
+class Draw(NamedTuple):
+    """One sample of an epoch as :class:`ResumableDataLoader` hands it to the dataset.
+
+    ``position`` numbers the draws of an epoch over all ranks (0, 1, ...); datasets seed the
+    sample's augmentation from ``(epoch, position)`` so it does not depend on the worker."""
+
+    index: int
+    epoch: int
+    position: int
+
+
+def _sampler_epoch(batch_sampler: Any) -> int:
+    return int(getattr(getattr(batch_sampler, "sampler", None), "epoch", 0))
+
+
+class _DrawBatches:
+    """The index sampler of :class:`ResumableDataLoader`: batches of :class:`Draw`, and a
+    one-shot ``skip`` of leading batches (index bookkeeping only: skipped images are never
+    loaded)."""
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[Draw]]:
+        skip, self.skip = self.skip, 0
+        epoch, r, w = _sampler_epoch(self.batch_sampler), rank(), world_size()
+        for b, batch in enumerate(self.batch_sampler):
+            if b < skip:
+                continue
+            # Batch b of rank r is global batch b * w + r (DistributedSampler interleaves ranks).
+            start = (b * w + r) * len(batch)
+            yield [Draw(int(i), epoch, start + j) for j, i in enumerate(batch)]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that resumes in the middle of an epoch and yields :class:`Draw` keys.
+
+    Lightning stores :meth:`state_dict` in every checkpoint and hands it back to
+    :meth:`load_state_dict` before the first batch of a resumed ``fit``; the loader then restarts
+    the saved epoch's order at the first batch not yet trained (the skipped batches cost index
+    arithmetic, no image decoding). Without this, Lightning restarts a resumed epoch from its
+    first batch, so the run sees those images twice and diverges from an uninterrupted one.
+
+    The dataset receives :class:`Draw` items instead of plain indices.
+
+    Args:
+        *args, **kwargs: as for ``DataLoader``; needs ``batch_size`` (not ``batch_sampler``).
+        batches_done: returns how many batches of the current epoch training has finished.
+            The loader cannot count this itself: workers and Lightning prefetch ahead of
+            training. :class:`~midol.data.PretrainDataModule` passes Lightning's own counter.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.batch_sampler is None:
+            raise ValueError("ResumableDataLoader needs batch_size (batches are skipped whole)")
+        self.batches_done = batches_done
+        self._draws = _DrawBatches(self.batch_sampler)
+
+    @property
+    def _index_sampler(self) -> _DrawBatches:  # type: ignore[override]
+        # torch's iterators read their indices from here; one object, so a skip set by
+        # load_state_dict reaches persistent workers' iterators too.
+        return self._draws
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch, batches already trained in it, and the layout they were counted in."""
+        return {
+            "epoch": _sampler_epoch(self.batch_sampler),
+            "batches_done": int(self.batches_done()),
+            "num_batches": len(self),
+            "batch_size": int(self.batch_size or 0),
+            "world_size": world_size(),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next iteration where the saved run stopped (see :meth:`state_dict`)."""
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        saved = (state.get("num_batches"), state.get("batch_size"), state.get("world_size"))
+        now = (len(self), self.batch_size, world_size())
+        if saved != now:
+            # Same images, counted in the new layout: the order continues, not exactly.
+            done = done * int(saved[1] or 1) * int(saved[2] or 1) // (int(now[1] or 1) * now[2])
+            warnings.warn(
+                f"resuming with (batches per epoch, batch size, world size) = {now}, but the "
+                f"checkpoint was written with {saved}: the data order continues approximately "
+                "(not exactly) from where the saved run stopped",
+                stacklevel=2,
+            )
+        if done >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        set_epoch = getattr(getattr(self.batch_sampler, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self._draws.skip = done
