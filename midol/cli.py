@@ -14,7 +14,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
-TOOLS: dict[str, str] = {"export": "midol.tools.export"}
+TOOLS: dict[str, str] = {"export": "midol.tools.export", "route": "midol.tools.route",
+                         "analyze": "midol.tools.analyze"}
 
 
 class MidolCLI(LightningCLI):

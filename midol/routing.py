@@ -31,6 +31,24 @@ def routing_counts(
     return counts
 
 
+@torch.no_grad()
+def route_features(
+    module: Any, features: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 expert and its probability under ``softmax(g_T(f) / temperature)`` for pooled
+    teacher features ``f`` (B x d); with ``temperature=1`` this is ``module.route_images`` on
+    the images the features came from. No router (the no-MoE baseline): expert 0, probability 1."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    router = module.teacher["projector"].router
+    if router is None:
+        return (torch.zeros(features.shape[0], dtype=torch.long, device=features.device),
+                torch.ones(features.shape[0], device=features.device))
+    probs = (router(features).float() / temperature).softmax(dim=-1)
+    confidence, expert = probs.max(dim=-1)
+    return expert, confidence
+
+
 def format_routing_table(counts: torch.Tensor, modalities: list[str]) -> str:
     """Markdown table, one row per expert, one column per modality, plus totals."""
     header = ["expert", *modalities, "total"]

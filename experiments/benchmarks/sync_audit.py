@@ -10,13 +10,19 @@ those are left to the GPU check (``bench_step.py --sync-debug``).
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import midol
+
+_MIDOL_ROOT = os.path.dirname(os.path.abspath(midol.__file__)) + os.sep
 
 aten = torch.ops.aten
 
@@ -44,36 +50,48 @@ def _has_bool_index(args: tuple[Any, ...]) -> bool:
 
 @dataclass
 class SyncReport:
-    """Counts per op and, for each op, the innermost frames of midol code that issued it."""
+    """How often each op was issued from each call site (``op @ site``)."""
 
     counts: Counter = field(default_factory=Counter)
-    sites: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def in_midol(self) -> Counter:
+        """The counts whose call site is midol code (sites of other libraries are in [...])."""
+        return Counter({k: n for k, n in self.counts.items() if not k[1].startswith("[")})
+
     def lines(self) -> list[str]:
-        return [
-            f"{op}: {n} ({'; '.join(sorted(self.sites.get(op, ()))) or 'outside midol'})"
-            for op, n in self.counts.most_common()
-        ]
+        return [f"{n:5d}  {op:<22s} {site}" for (op, site), n in self.counts.most_common()]
 
 
-def _site(code_roots: tuple[str, ...]) -> str | None:
-    for frame in reversed(traceback.extract_stack()[:-3]):
-        if any(root in frame.filename for root in code_roots):
-            return f"{frame.filename.split('/midol/')[-1]}:{frame.lineno} {frame.name}"
-    return None
+_INTERNAL = ("/torch/utils/_python_dispatch.py", "/torch/_tensor.py", "/torch/_ops.py",
+             "/torch/overrides.py", "sync_audit.py", "/torch/utils/_device.py",
+             "/torch/_compile.py", "/torch/_dynamo/eval_frame.py")
+
+
+def _site(code_roots: tuple[str, ...]) -> str:
+    """``file:line function`` of the innermost frame under one of ``code_roots``; else of the
+    innermost frame outside torch's dispatch machinery, in brackets (another library)."""
+    stack = traceback.extract_stack()[:-3]
+    for frame in reversed(stack):
+        root = next((r for r in code_roots if frame.filename.startswith(r)), None)
+        if root is not None:
+            return f"{frame.filename[len(root):]}:{frame.lineno} {frame.name}"
+    for frame in reversed(stack):
+        if not frame.filename.endswith(_INTERNAL):
+            short = frame.filename.split("site-packages/")[-1]
+            return f"[{short}:{frame.lineno} {frame.name}]"
+    return "[unknown]"
 
 
 class SyncAudit(TorchDispatchMode):
     """``with SyncAudit() as audit: step()`` then ``audit.report``.
 
-    ``code_roots`` are path fragments of the code whose call sites are reported
-    (default: the midol package)."""
+    ``code_roots`` are folders whose call sites are reported (default: the midol package)."""
 
-    def __init__(self, code_roots: tuple[str, ...] = ("/midol/",)) -> None:
+    def __init__(self, code_roots: tuple[str, ...] = (_MIDOL_ROOT,)) -> None:
         super().__init__()
         self.code_roots = code_roots
         self.report = SyncReport()
@@ -83,8 +101,33 @@ class SyncAudit(TorchDispatchMode):
             name = str(func.overloadpacket.__name__)
             if func in _BOOL_INDEX:
                 name += "[bool mask]"
-            self.report.counts[name] += 1
-            site = _site(self.code_roots)
-            if site is not None:
-                self.report.sites.setdefault(name, set()).add(site)
+            self.report.counts[(name, _site(self.code_roots))] += 1
         return func(*args, **(kwargs or {}))
+
+
+class SyncAuditCallback(L.Callback):
+    """Audits a Lightning fit from the start of step ``first_step`` to the end of training
+    (the module's own batch hooks included). ``report`` then holds the counts of
+    ``steps`` steps; set-up and the first steps, which read values back once, stay out."""
+
+    def __init__(self, first_step: int = 1) -> None:
+        self.first_step = first_step
+        self.audit = SyncAudit()
+        self.steps = 0
+        self._active = False
+
+    @property
+    def report(self) -> SyncReport:
+        return self.audit.report
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.first_step:
+            if not self._active:
+                self.audit.__enter__()
+                self._active = True
+            self.steps += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._active:
+            self.audit.__exit__(None, None, None)
+            self._active = False

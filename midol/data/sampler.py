@@ -84,8 +84,8 @@ class WeightedSourceSampler(Sampler[int]):
 class Draw(NamedTuple):
     """One sample of an epoch as :class:`ResumableDataLoader` hands it to the dataset.
 
-    ``position`` numbers the draws of an epoch over all ranks (0, 1, ...); datasets seed the
-    sample's augmentation from ``(epoch, position)`` so it does not depend on the worker."""
+    ``position`` is the draw's place in the epoch's full order (over all ranks); datasets seed
+    the sample's augmentation from ``(epoch, position)``, so it does not depend on the worker."""
 
     index: int
     epoch: int
@@ -94,6 +94,15 @@ class Draw(NamedTuple):
 
 def _sampler_epoch(batch_sampler: Any) -> int:
     return int(getattr(getattr(batch_sampler, "sampler", None), "epoch", 0))
+
+
+def _shard(batch_sampler: Any) -> tuple[int, int]:
+    """(rank, world size) of the sharding: a DistributedSampler's own, else the process group's."""
+    sampler = getattr(batch_sampler, "sampler", None)
+    replicas = getattr(sampler, "num_replicas", None)
+    if isinstance(replicas, int) and replicas >= 1:
+        return int(getattr(sampler, "rank", 0)), replicas
+    return rank(), world_size()
 
 
 class _DrawBatches:
@@ -109,14 +118,18 @@ class _DrawBatches:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[Draw]]:
+        # A generator: the skip is taken by the iteration that actually starts (torch's
+        # multi-worker iterator calls iter() twice on creation and only advances the second).
         skip, self.skip = self.skip, 0
-        epoch, r, w = _sampler_epoch(self.batch_sampler), rank(), world_size()
+        epoch, (r, w) = _sampler_epoch(self.batch_sampler), _shard(self.batch_sampler)
+        size = int(getattr(self.batch_sampler, "batch_size", 0) or 0)
         for b, batch in enumerate(self.batch_sampler):
             if b < skip:
                 continue
-            # Batch b of rank r is global batch b * w + r (DistributedSampler interleaves ranks).
-            start = (b * w + r) * len(batch)
-            yield [Draw(int(i), epoch, start + j) for j, i in enumerate(batch)]
+            # Sample k of rank r is entry k * w + r of the full epoch order (DistributedSampler
+            # deals the entries out to the ranks in turn).
+            first = b * (size or len(batch))
+            yield [Draw(int(i), epoch, (first + j) * w + r) for j, i in enumerate(batch)]
 
 
 class ResumableDataLoader(DataLoader):
@@ -157,14 +170,14 @@ class ResumableDataLoader(DataLoader):
             "batches_done": int(self.batches_done()),
             "num_batches": len(self),
             "batch_size": int(self.batch_size or 0),
-            "world_size": world_size(),
+            "world_size": _shard(self.batch_sampler)[1],
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Start the next iteration where the saved run stopped (see :meth:`state_dict`)."""
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         saved = (state.get("num_batches"), state.get("batch_size"), state.get("world_size"))
-        now = (len(self), self.batch_size, world_size())
+        now = (len(self), self.batch_size, _shard(self.batch_sampler)[1])
         if saved != now:
             # Same images, counted in the new layout: the order continues, not exactly.
             done = done * int(saved[1] or 1) * int(saved[2] or 1) // (int(now[1] or 1) * now[2])

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +24,7 @@ from midol.losses.routing import RouteForm
 from midol.methods.optim import decay_groups, set_lr_and_wd
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone, ema_update, momentum_at
 from midol.models.moe import Projection
-from midol.utils.dist import world_size
+from midol.utils.dist import all_reduce_max, rank, world_size
 from midol.utils.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
 
 
@@ -91,6 +92,12 @@ class PretrainModule(L.LightningModule):
         betas: AdamW betas (0.9, 0.95).
         momentum_start / momentum_end: teacher EMA momentum, cosine over training.
         freeze_last_layer_epochs: epochs during which the shared projection l gets no update.
+        nonfinite: what a NaN/inf loss does: ``raise`` (default) stops with a
+            ``FloatingPointError`` naming the loss term(s) and the global step; ``skip`` warns
+            and skips that optimiser step (no parameter, optimiser-moment or DINO-centre update;
+            the step still counts for the schedules). The check reads one bool per step back to
+            the host (one sync).
+        max_nonfinite_skips: with ``skip``, stop anyway after this many consecutive skipped steps.
     """
 
     def __init__(
@@ -137,6 +144,8 @@ class PretrainModule(L.LightningModule):
         momentum_start: float = 0.996,
         momentum_end: float = 1.0,
         freeze_last_layer_epochs: int = 1,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        max_nonfinite_skips: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -171,6 +180,9 @@ class PretrainModule(L.LightningModule):
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long))
         self.num_global_views = num_global_views
         self._last_ema_step = -1
+        self._nonfinite_streak = 0
+        # Base of the per-batch seed of the global RNG (seed_everything sets it).
+        self._rng_base = torch.initial_seed()
         self._skipped_this_epoch: list[str] = []
         self._steps_per_epoch = 1
         self._total_steps = 1
@@ -187,6 +199,10 @@ class PretrainModule(L.LightningModule):
             )
         if h.load_balance_weight < 0:
             raise ValueError(f"load_balance_weight must be >= 0, got {h.load_balance_weight}")
+        if h.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {h.nonfinite!r}")
+        if h.max_nonfinite_skips < 0:
+            raise ValueError(f"max_nonfinite_skips must be >= 0, got {h.max_nonfinite_skips}")
         if h.cst_loss not in ("infonce", "dino_ce"):
             raise ValueError(f"cst_loss must be 'infonce' or 'dino_ce', got {h.cst_loss!r}")
         if h.infonce_expert_mean not in ("nonempty", "all"):
@@ -280,6 +296,14 @@ class PretrainModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         step = self.global_step
+        if 0 < step and self._last_ema_step < step:
+            # Resumed from a checkpoint written by a callback's on_train_batch_end, i.e. before
+            # this module's EMA update of that step: apply it now, as the uninterrupted run did.
+            ema_update(self.teacher, self.student, self.momentum_at(step - 1))
+            self._last_ema_step = step
+        # Stochastic depth and router noise draw from the global RNG; seeding it per batch from
+        # (seed, epoch, batch, rank) gives a resumed run the same draws as an uninterrupted one.
+        torch.manual_seed(self._batch_seed(self.current_epoch, batch_idx))
         lr = self.lr_at(step, batch["views"][0].shape[0])
         wd = self.weight_decay_at(step)
         for optimizer in self.trainer.optimizers:
@@ -288,6 +312,17 @@ class PretrainModule(L.LightningModule):
             self._device_scalars({"train/lr": lr, "train/weight_decay": wd}),
             on_step=True, on_epoch=False,
         )
+
+    def _batch_seed(self, epoch: int, batch_idx: int) -> int:
+        words = np.random.SeedSequence([self._rng_base, epoch, batch_idx, rank()]).generate_state(2)
+        return int(words[0]) << 32 | int(words[1])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["midol_last_ema_step"] = self._last_ema_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # -1 for checkpoints written before this key existed: one EMA catch-up step.
+        self._last_ema_step = int(checkpoint.get("midol_last_ema_step", -1))
 
     def on_after_backward(self) -> None:
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
@@ -318,7 +353,40 @@ class PretrainModule(L.LightningModule):
         self._skipped_this_epoch = []
 
     # ------------------------------------------------------------------ step
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def _check_finite(self, terms: dict[str, torch.Tensor], batch_idx: int) -> bool:
+        """False when the step must be skipped; raises in ``nonfinite="raise"`` mode.
+
+        One host sync per step (the bool). Ranks agree (max over ranks), so under DDP all of
+        them skip or stop together instead of hanging in the gradient all-reduce."""
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        bad = all_reduce_max((~torch.isfinite(values)).float())
+        if not bool(bad.any()):
+            self._nonfinite_streak = 0
+            return True
+        names = [name for name, b in zip(terms, bad.tolist()) if b]
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, values.tolist()))
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        message = f"non-finite loss {', '.join(names)} at {where}: {shown}"
+        if world_size() > 1:
+            message += f" (values on rank {rank()}; non-finite on at least one rank)"
+        hint = (
+            ". Usual causes: too high a learning rate, fp16 overflow (use precision: bf16-mixed), "
+            "or temperatures too low. See the Troubleshooting section of the README."
+        )
+        if self.hparams.nonfinite == "raise":
+            raise FloatingPointError(
+                message + hint + " To skip such steps instead, set model.init_args.nonfinite: skip"
+            )
+        self._nonfinite_streak += 1
+        if self._nonfinite_streak > self.hparams.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{message}: {self._nonfinite_streak} consecutive non-finite steps, more than "
+                f"max_nonfinite_skips={self.hparams.max_nonfinite_skips}" + hint
+            )
+        rank_zero_warn(f"{message}; skipping this optimiser step (nonfinite: skip)")
+        return False
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
         h = self.hparams
         views = [self.normalize(v) for v in batch["views"]]
         num_views, batch_size = len(views), views[0].shape[0]
@@ -355,6 +423,9 @@ class PretrainModule(L.LightningModule):
         else:
             assignment = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
+        # The DINO centre update inside the loss must be undone if this step is skipped.
+        undo_center = self.dino_loss is not None and h.nonfinite == "skip"
+        center = self.dino_loss.center.clone() if undo_center else None
         if self.dino_loss is not None:
             l_cst = self.dino_loss(s_rep, t_rep, teacher_temp)
         else:
@@ -363,6 +434,11 @@ class PretrainModule(L.LightningModule):
                 check_inputs=False, expert_mean=h.infonce_expert_mean,
             )
         loss = h.route_weight * l_route + h.cst_weight * l_cst + h.load_balance_weight * l_balance
+        terms = {"l_route": l_route, "l_cst": l_cst, "l_balance": l_balance, "total": loss}
+        if not self._check_finite(terms, batch_idx):
+            if self.dino_loss is not None and center is not None:
+                self.dino_loss.center.copy_(center)
+            return None  # Lightning skips backward and the optimiser step
         # index_add_, not bincount: CUDA bincount reads the maximum back to the host.
         usage = assignment.new_zeros(self.num_experts, dtype=torch.float32).index_add_(
             0, assignment, assignment.new_ones(batch_size, dtype=torch.float32)
@@ -370,7 +446,10 @@ class PretrainModule(L.LightningModule):
         logs.update({f"route/expert_{i}": usage[i] for i in range(self.num_experts)})
         logs.update({"train/loss": loss, "train/l_cst": l_cst})
         self.log_dict(logs, on_step=True, on_epoch=False)
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            # Progress-bar values are read back to the host at the end of every step that
+            # logs one (a sync): show the loss at the logger's pace instead.
+            self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.images_seen += batch_size * world_size()
         return {"loss": loss, "assignment": assignment.detach()}
 

@@ -1,0 +1,172 @@
+"""Data-pipeline throughput per CPU core (issue 6, item 1c): source images/s of the multi-crop
+augmentation, for midol's ``MultiCropTransform`` (albumentations/OpenCV, uint8 out, normalised
+on the device), DINO's PIL/torchvision pipeline restated (``dino_torchvision.py``) and
+lightly's ``DINOTransform`` (PIL/torchvision, float out).
+
+    taskset -c 1 python experiments/benchmarks/bench_pipeline.py \\
+        --out experiments/results/bench_pipeline_cpu.md
+
+Real images from ``../shared/data`` (fundus 512 px and 565x584, dermoscopy 763x553, OCT
+1101x408, chest X-ray and pathology 224 px; ``--per-set`` files of each), or the bundled
+``sample_data/`` when that folder is absent. One process, one thread (torch and OpenCV), pinned
+to ``--cpu``. ``transform``: the augmentation of already decoded images; ``decode+transform``:
+file to views, what a DataLoader worker does per item. Every figure is the median of
+``--repeats`` passes over all images (range in brackets), after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_spread, header, markdown_table, median_spread, python_command  # noqa: E402
+from dino_torchvision import DINOTorchvisionTransform, pil_loader  # noqa: E402
+
+from midol.data.image_io import load_image  # noqa: E402
+from midol.data.transforms import MultiCropTransform  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
+# (folder under ../shared/data, file pattern): realistic medical sources from 224 to 1101 px.
+SHARED_SETS = [
+    ("fundus/odir_disease_eye", "*.jpg"),
+    ("fundus/drive_vessel_seg/training/images", "*.tif"),
+    ("dermoscopy/ph2_lesion/images", "*.jpg"),
+    ("oct/octdl_amd_vid_samples", "*.jpg"),
+    ("chest_xray/kermany_pneumonia_testsplit_224", "*.jpeg"),
+    ("histopathology/crc_he_tissue_9class", "*.tif"),
+]
+PIPELINES = ("ours", "torchvision", "lightly")
+VIEW_SETTINGS = {"dino": (224, 96), "authors": (224, 224)}
+
+
+def image_paths(per_set: int, data_root: Path | None) -> tuple[list[Path], str]:
+    root = data_root or SHARED
+    if root.is_dir():
+        paths = []
+        for folder, pattern in SHARED_SETS:
+            found = sorted((root / folder).rglob(pattern))[:per_set]
+            if not found:
+                raise FileNotFoundError(f"no {pattern} under {root / folder}")
+            paths += found
+        return paths, f"{root} ({len(SHARED_SETS)} sets x {per_set})"
+    sample = REPO / "sample_data"
+    paths = sorted(p for p in sample.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return paths, f"{sample} (../shared/data absent: small images, not representative)"
+
+
+def build(pipeline: str, views: str, seed: int) -> tuple[Callable[[Any], Any], Callable[[Path], Any]]:
+    """(transform, decoder) of a pipeline; the decoder makes what the transform takes."""
+    g, l = VIEW_SETTINGS[views]
+    if pipeline == "ours":
+        return MultiCropTransform(global_size=g, local_size=l, seed=seed), load_image
+    if pipeline == "torchvision":
+        return DINOTorchvisionTransform(global_size=g, local_size=l), lambda p: pil_loader(str(p))
+    if pipeline == "lightly":
+        from lightly.transforms import DINOTransform
+
+        return DINOTransform(global_crop_size=g, local_crop_size=l), lambda p: pil_loader(str(p))
+    raise ValueError(f"unknown pipeline {pipeline!r}")
+
+
+def passes(fn: Callable[[Any], Any], items: list[Any], repeats: int) -> list[float]:
+    """Images/s of ``repeats`` timed passes over ``items`` after one warm-up pass."""
+    for item in items:
+        fn(item)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        rates.append(len(items) / (time.perf_counter() - t0))
+    return rates
+
+
+def check_views(views: list[torch.Tensor], setting: str) -> str:
+    g, l = VIEW_SETTINGS[setting]
+    sizes = [tuple(v.shape[-2:]) for v in views]
+    expected = [(g, g)] * 2 + [(l, l)] * 6
+    if sizes != expected:
+        raise AssertionError(f"{setting}: got view sizes {sizes}, expected {expected}")
+    return str(views[0].dtype).replace("torch.", "")
+
+
+def run(args: argparse.Namespace) -> tuple[list[list[object]], str]:
+    paths, where = image_paths(args.per_set, args.data_root)
+    rows = []
+    for views in args.views:
+        for pipeline in args.pipelines:
+            transform, decode = build(pipeline, views, args.seed)
+            decoded = [decode(p) for p in paths]
+            dtype = check_views(transform(decoded[0]), views)
+            for mode in args.modes:
+                if mode == "transform":
+                    rates = passes(transform, decoded, args.repeats)
+                else:
+                    rates = passes(lambda p: transform(decode(p)), paths, args.repeats)
+                med = median_spread(rates)[0]
+                rows.append([pipeline, views, mode, fmt_spread(rates, 1), f"{1e3 / med:.2f}", dtype])
+                print(f"{pipeline:12s} {views:8s} {mode:17s} {fmt_spread(rates, 1)} img/s", flush=True)
+    return rows, where
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
+    p.add_argument("--views", nargs="+", choices=sorted(VIEW_SETTINGS), default=["dino", "authors"])
+    p.add_argument("--modes", nargs="+", choices=("transform", "decode+transform"),
+                   default=["transform", "decode+transform"])
+    p.add_argument("--per-set", type=int, default=10, help="images per shared-data set")
+    p.add_argument("--data-root", type=Path, default=None, help="default: ../shared/data")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--cpu", type=int, default=None, help="pin the process to this core")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if "lightly" in args.pipelines:
+        try:
+            import lightly  # noqa: F401
+        except ImportError:
+            p.error("--pipelines lightly needs lightly: pip install -e '.[bench]'")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)  # as in midol's DataLoader workers: no OpenCV thread pool
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    head = header("Data-pipeline throughput per CPU core", torch.device("cpu"), python_command())
+    rows, where = run(args)
+    lines = head + [
+        f"* images: {where}",
+        f"* one process, 1 torch thread, cv2.setNumThreads(0), {args.repeats} timed passes "
+        "after one warm-up pass; median (range)",
+        "",
+    ]
+    lines += markdown_table(
+        ["pipeline", "views", "mode", "source img/s per core", "ms/img", "output dtype"], rows
+    )
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

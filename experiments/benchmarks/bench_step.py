@@ -1,0 +1,313 @@
+"""Pre-training step benchmark (issue 6, items 1a and 1b): source images/s, achieved TFLOP/s,
+MFU and peak memory of one optimiser step, for midol, a restatement of the authors' loop and
+lightly's DINO components, on the same backbone and synthetic uint8 views.
+
+    # the GPU table (Swin-B, both view settings, batch 32 and 64, compile and checkpointing)
+    python experiments/benchmarks/bench_step.py --device cuda --model swin_base \\
+        --out experiments/results/bench_step_h100.md
+    # CPU smoke run (a tiny Swin, seconds)
+    python experiments/benchmarks/bench_step.py --device cpu --model micro --batch 4 \\
+        --impl midol authors lightly --compile off --ckpt off --warmup 1 --iters 2 --repeats 1
+
+FLOPs are the model FLOPs of one step (forward + backward of every matmul, convolution and
+attention; ``torch.utils.flop_counter``), counted once per (implementation, views, batch)
+without compile or checkpointing, so checkpointing's recomputation is not counted as useful
+work. MFU = achieved FLOP/s / the device's dense peak (datasheet bf16 on GPUs; on a CPU, the
+measured float32 matmul rate of the threads in use, since a CPU has no useful datasheet figure).
+Timing: ``--warmup`` steps (compilation included), then ``--repeats`` blocks of ``--iters``
+steps, each block timed between two device synchronisations; the table gives the median block
+and the range. The data pipeline is not part of the step (see ``bench_pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    datasheet_tflops,
+    fmt_spread,
+    header,
+    markdown_table,
+    matmul_peak_tflops,
+    median_spread,
+    python_command,
+    synchronize,
+)
+from step_impls import IMPLS, PRESETS, VIEW_SETTINGS, Case, make_batches, run_case  # noqa: E402
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str = "ok"
+    step_s: list[float] = field(default_factory=list)  # per block: seconds per step
+    flops_per_step: float | None = None
+    peak_mem_gib: float | None = None
+    syncs_per_step: float | None = None
+    sync_sites: list[str] = field(default_factory=list)
+
+    def images_per_s(self) -> list[float]:
+        return [self.case.batch / s for s in self.step_s]
+
+
+def cases_from_args(args: argparse.Namespace) -> list[Case]:
+    cases = []
+    for impl, views, batch in itertools.product(args.impl, args.views, args.batch):
+        if impl == "authors" and views != "authors":
+            continue  # the restatement is defined with every view at the global size
+        if impl.startswith("midol"):
+            for comp, ckpt in itertools.product(args.compile, args.ckpt):
+                cases.append(Case(impl, views, batch, comp == "on", ckpt == "on"))
+        else:
+            cases.append(Case(impl, views, batch))
+    return cases
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_flops(case: Case, args: argparse.Namespace, device: torch.device) -> float:
+    plain = Case(case.impl, case.views, case.batch)
+    batches = make_batches(PRESETS[args.model], case.views, case.batch, device, count=1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_case(plain, PRESETS[args.model], batches, 1, lambda i: None, device)
+    return float(counter.get_total_flops())
+
+
+def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> Result:
+    result = Result(case)
+    preset = PRESETS[args.model]
+    batches = make_batches(preset, case.views, case.batch, device)
+    marks: dict[int, float] = {}
+    ends = {args.warmup - 1 + k * args.iters for k in range(args.repeats + 1)}
+
+    def on_step_end(i: int) -> None:
+        if i in ends:
+            synchronize(device)
+            marks[i] = time.perf_counter()
+
+    steps = args.warmup + args.repeats * args.iters
+    run_case(case, preset, batches, steps, on_step_end, device)
+    stamps = [marks[i] for i in sorted(marks)]
+    result.step_s = [(b - a) / args.iters for a, b in zip(stamps, stamps[1:])]
+    if device.type == "cuda":
+        result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def audit_syncs(case: Case, args: argparse.Namespace, device: torch.device) -> tuple[float, list[str]]:
+    """Host synchronisations per steady-state step of a midol case: CUDA's sync debug mode
+    on a GPU, the dispatch-level audit (``sync_audit.py``) on a CPU."""
+    from step_impls import run_midol
+    from sync_audit import SyncAuditCallback
+
+    preset = PRESETS[args.model]
+    batches = make_batches(preset, case.views, case.batch, device)
+    steps = 4
+    if device.type == "cuda":
+        marks: list[int] = []
+
+        def hook(i: int) -> None:
+            if i == 1:
+                torch.cuda.set_sync_debug_mode("warn")
+                marks.append(i)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                run_midol(case, preset, batches, steps, hook, device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        return len(msgs) / (steps - 2), sorted(set(msgs))
+    callback = SyncAuditCallback(first_step=2)
+    run_midol(case, preset, batches, steps, lambda i: None, device, callbacks=[callback])
+    report = callback.report
+    return report.total / max(callback.steps, 1), report.lines()
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float, str, float]:
+    """(peak used for MFU, where it comes from, measured matmul rate)."""
+    if device.type == "cuda":
+        measured = matmul_peak_tflops(device, torch.bfloat16, 8192, 20)
+        name = torch.cuda.get_device_name(device)
+        sheet = datasheet_tflops(name)
+        if args.peak_tflops:
+            return args.peak_tflops, "--peak-tflops", measured
+        if sheet is not None:
+            return sheet, f"datasheet dense bf16 of {name}", measured
+        return measured, "measured bf16 matmul (no datasheet value known)", measured
+    measured = matmul_peak_tflops(device, torch.float32, 1024, 10)
+    return (args.peak_tflops or measured), "measured float32 matmul on the same threads", measured
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    results, flops_cache = [], {}
+    for case in cases_from_args(args):
+        _free(device)
+        key = (case.impl, case.views, case.batch)
+        try:
+            if key not in flops_cache:
+                flops_cache[key] = count_flops(case, args, device)
+                _free(device)
+            result = time_case(case, args, device)
+            result.flops_per_step = flops_cache[key]
+            if args.sync_audit and case.impl.startswith("midol"):
+                _free(device)
+                result.syncs_per_step, result.sync_sites = audit_syncs(case, args, device)
+        except torch.OutOfMemoryError:
+            result = Result(case, status="OOM")
+        except Exception as err:  # noqa: BLE001 - one failing case must not lose the table
+            result = Result(case, status=f"error: {type(err).__name__}: {str(err)[:200]}")
+        results.append(result)
+        print(f"{case.label} {case.views} b{case.batch}: {result.status} "
+              f"{[round(x, 1) for x in result.images_per_s()]} img/s", flush=True)
+    return results
+
+
+def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, str, float]) -> str:
+    device = torch.device(args.device)
+    peak_used, source, measured = peak
+    lines = header("Pre-training step benchmark", device, python_command())
+    lines += [
+        f"* model preset: `{args.model}` ({PRESETS[args.model].backbone}, views "
+        f"{PRESETS[args.model].global_size}/{PRESETS[args.model].local_size} px), "
+        f"warm-up {args.warmup} steps, {args.repeats} x {args.iters} timed steps",
+        f"* MFU peak: {peak_used:.3g} TFLOP/s ({source}); measured large-matmul rate "
+        f"{measured:.3g} TFLOP/s",
+        "* views: `dino` = 2 global + 6 local at the local size; `authors` = all 8 at the "
+        "global size; the teacher sees the 2 global views in both",
+        "",
+    ]
+    rows = []
+    for r in results:
+        c = r.case
+        if r.status != "ok":
+            rows.append([c.impl, c.views, c.batch, "on" if c.compile else "off",
+                         "on" if c.ckpt else "off", r.status, "", "", "", "", ""])
+            continue
+        step_med = median_spread(r.step_s)[0]
+        tflops = [r.flops_per_step / s / 1e12 for s in r.step_s]
+        rows.append([
+            c.impl, c.views, c.batch, "on" if c.compile else "off", "on" if c.ckpt else "off",
+            fmt_spread(r.images_per_s(), 1),
+            f"{step_med * 1e3:.1f}",
+            f"{r.flops_per_step / c.batch / 1e9:.3g}",
+            fmt_spread(tflops, 3 if max(tflops) < 10 else 1),
+            f"{100 * median_spread(tflops)[0] / peak_used:.1f} %",
+            f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "n/a (CPU)",
+        ])
+    lines += markdown_table(
+        ["impl", "views", "batch", "compile", "ckpt", "source img/s (median, range)",
+         "ms/step", "GFLOP/img", "TFLOP/s", "MFU", "peak mem GiB"],
+        rows,
+    )
+    audited = [r for r in results if r.syncs_per_step is not None]
+    if audited:
+        lines += ["", "## Host synchronisations per steady-state step", ""]
+        for r in audited:
+            lines += [f"* {r.case.label} {r.case.views} b{r.case.batch}: "
+                      f"{r.syncs_per_step:.1f} per step", "", "```"]
+            lines += r.sync_sites or ["(none)"]
+            lines += ["```", ""]
+    lines += ["", "Ratios (same views and batch; median images/s):", ""]
+    lines += ratio_lines(results)
+    return "\n".join(lines) + "\n"
+
+
+def ratio_lines(results: list[Result]) -> list[str]:
+    ok = {(r.case, ): r for r in results if r.status == "ok"}
+    best: dict[tuple[str, str, int], tuple[float, Case]] = {}
+    for (case,), r in ok.items():
+        ips = median_spread(r.images_per_s())[0]
+        key = (case.impl, case.views, case.batch)
+        if key not in best or ips > best[key][0]:
+            best[key] = (ips, case)
+    out = []
+    for (impl, views, batch), (ips, case) in sorted(best.items()):
+        if not impl.startswith("midol"):
+            continue
+        for other in ("authors", "lightly"):
+            ref = best.get((other, views, batch))
+            if ref is not None:
+                out.append(f"* {case.label} / {other} ({views}, batch {batch}): "
+                           f"{ips / ref[0]:.2f}x")
+        if views == "dino":
+            ref = best.get(("authors", "authors", batch))
+            if ref is not None:
+                out.append(f"* {case.label} in the dino setting / authors' step in theirs "
+                           f"(batch {batch}): {ips / ref[0]:.2f}x")
+    return out or ["* (no pair to compare)"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=sorted(PRESETS), default="swin_base")
+    p.add_argument("--batch", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--views", choices=VIEW_SETTINGS, nargs="+", default=list(VIEW_SETTINGS))
+    p.add_argument("--impl", choices=IMPLS, nargs="+", default=list(IMPLS))
+    p.add_argument("--compile", choices=("off", "on"), nargs="+", default=["off", "on"])
+    p.add_argument("--ckpt", choices=("off", "on"), nargs="+", default=["off", "on"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU peak")
+    p.add_argument("--sync-audit", action="store_true",
+                   help="also count host synchronisations per step of the midol cases")
+    p.add_argument("--out", type=Path, default=None, help="markdown report path")
+    p.add_argument("--json", type=Path, default=None, help="raw results as JSON")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.iters < 1 or args.repeats < 1:
+        p.error("--warmup, --iters and --repeats must be >= 1")
+    if "lightly" in args.impl:
+        try:
+            import lightly  # noqa: F401
+        except ImportError:
+            p.error("--impl lightly needs lightly: pip install -e '.[bench]'")
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    peak = peak_tflops(args, device)
+    results = run(args)
+    text = report(results, args, peak)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

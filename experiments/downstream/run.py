@@ -1,0 +1,262 @@
+"""Run downstream configs over N seeds for several backbones; write a markdown table of
+mean ± std per metric with the two-sided t-test p-value between the best two (paper Table 3).
+
+    python experiments/downstream/run.py experiments/downstream/demo_medmnist_linear.yaml
+    python experiments/downstream/run.py SPEC.yaml --seeds 0 1 --out /tmp/table.md
+
+A spec (YAML) names the seeds, optional pre-training runs made first, the downstream tasks
+(a ``configs/finetune`` file plus dotted overrides) and the backbones (dotted overrides that
+pick the weights). Every run writes ``result.json`` under ``workdir``; runs whose result exists
+are not repeated, so an interrupted experiment resumes where it stopped. See docs/downstream.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import markdown_table, per_seed_table  # noqa: E402
+
+
+# ---------------------------------------------------------------------- config editing
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """``cfg["a"]["b"]["c"] = value`` for ``key="a.b.c"`` (creating dicts on the way)."""
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def relocate(cfg: dict[str, Any], new_root: Path) -> dict[str, Any]:
+    """Point every output path of a config (strings starting with ``trainer.default_root_dir``:
+    logger, checkpoint and export folders) into ``new_root``."""
+    old = str(cfg.get("trainer", {}).get("default_root_dir") or "").rstrip("/")
+    if not old:
+        raise ValueError("the config has no trainer.default_root_dir to relocate")
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, str) and (node == old or node.startswith(old + "/")):
+            return str(new_root) + node[len(old):]
+        return node
+
+    return walk(cfg)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any], out_dir: Path, seed: int | None) -> dict[str, Any]:
+    cfg = yaml.safe_load(Path(path).read_text())
+    cfg = relocate(cfg, out_dir)
+    for key, value in overrides.items():
+        set_dotted(cfg, key, value)
+    if seed is not None:
+        cfg["seed_everything"] = seed
+    cfg.pop("weights_only", None)  # a `fit` subcommand option, not part of run=False parsing
+    return cfg
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def expand(value: Any, workdir: Path) -> Any:
+    if isinstance(value, str):
+        return value.replace("{workdir}", str(workdir))
+    if isinstance(value, dict):
+        return {k: expand(v, workdir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, workdir) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- machine facts
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU only: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---------------------------------------------------------------------- runs
+def fit_and_test(cfg: dict[str, Any], test: bool) -> dict[str, Any]:
+    """Instantiate through LightningCLI (the same parser as ``midol fit``), fit, and test the
+    checkpoint with the best monitored validation metric."""
+    from midol.cli import run_lightning
+
+    cli = run_lightning(cfg, run=False)
+    trainer = cli.trainer
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    out: dict[str, Any] = {"global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch)}
+    if not test:
+        return out
+    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    if ckpt is None:
+        raise RuntimeError("no best checkpoint: the config needs a ModelCheckpoint with a monitor")
+    results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)[0]
+    out.update(metrics={k: float(v) for k, v in results.items()}, best_checkpoint=ckpt,
+               best_val=None if score is None else float(score),
+               monitor=trainer.checkpoint_callback.monitor)
+    return out
+
+
+def run_once(kind: str, cfg: dict[str, Any], result_path: Path, test: bool) -> dict[str, Any]:
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    (result_path.parent / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    load_before, start = load_average(), time.time()
+    out = fit_and_test(cfg, test)
+    out.update(kind=kind, wall_s=round(time.time() - start, 1), load_before=load_before,
+               load_after=load_average(), finished=dt.datetime.now().isoformat(timespec="seconds"))
+    result_path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def missing_weights(backbone: dict[str, Any]) -> str | None:
+    path = backbone.get("model.init_args.checkpoint")
+    if path and not Path(path).exists():
+        return f"weights file not found: {path}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="experiment spec (YAML)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the spec's seeds")
+    parser.add_argument("--out", help="markdown output (default: the spec's `out`)")
+    parser.add_argument("--workdir", help="run folder (default: the spec's `workdir`)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="skip (and list in the table) backbones whose weights file is missing")
+    ns = parser.parse_args(argv)
+    os.chdir(REPO)  # configs name paths relative to the repository root
+    spec = yaml.safe_load(Path(ns.spec).read_text())
+    workdir = Path(ns.workdir or spec["workdir"])
+    seeds = ns.seeds or spec.get("seeds", [0, 1, 2])
+    metrics = spec.get("metrics", ["test/acc", "test/auc"])
+    common = spec.get("overrides", {})
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO)), *(argv or sys.argv[1:])])
+    started, t0 = dt.datetime.now(), time.time()
+    print(f"[runner] {spec['name']}: seeds {seeds}, workdir {workdir}, load {load_average()}", flush=True)
+
+    pretrain_info: dict[str, dict[str, Any]] = {}
+    for key, entry in (spec.get("pretrain") or {}).items():
+        out_dir = workdir / "pretrain" / slug(key)
+        cfg = load_config(entry["config"], expand(entry.get("overrides", {}), workdir), out_dir, entry.get("seed"))
+        print(f"[runner] pre-training {key} -> {out_dir}", flush=True)
+        pretrain_info[key] = run_once("pretrain", cfg, out_dir / "result.json", test=False) | {"config": entry["config"]}
+
+    backbones = {name: expand(b, workdir) for name, b in spec["backbones"].items()}
+    skipped: dict[str, str] = {}
+    for name, b in list(backbones.items()):
+        reason = b.pop("skip_reason", None) or missing_weights(b)
+        if reason:
+            if not ns.allow_missing and "skip_reason" not in spec["backbones"][name]:
+                raise FileNotFoundError(f"backbone {name!r}: {reason} (or pass --allow-missing)")
+            skipped[name] = reason
+            del backbones[name]
+
+    sections = []
+    for task, entry in spec["tasks"].items():
+        results: dict[str, dict[int, dict[str, float]]] = {}
+        runs = []
+        for name, backbone in backbones.items():
+            results[name] = {}
+            for seed in seeds:
+                run_dir = workdir / slug(task) / slug(name) / f"seed{seed}"
+                overrides = {**common, **expand(entry.get("overrides", {}), workdir), **backbone}
+                cfg = load_config(entry["config"], overrides, run_dir, seed)
+                print(f"[runner] {task} | {name} | seed {seed}", flush=True)
+                out = run_once("downstream", cfg, run_dir / "result.json", test=True)
+                results[name][seed] = out["metrics"]
+                runs.append(out)
+                shown = ", ".join(f"{m}={out['metrics'].get(m, float('nan')):.4f}" for m in metrics)
+                print(f"[runner]   {shown} ({out['wall_s']} s, load {out['load_before']})", flush=True)
+        wall = sum(r["wall_s"] for r in runs)
+        sections.append(
+            f"## {task}\n\nConfig: `{entry['config']}`"
+            + (f" with overrides `{json.dumps(entry.get('overrides', {}))}`" if entry.get("overrides") else "")
+            + f"; {len(seeds)} seeds {seeds}; model selection: best `{runs[0].get('monitor')}` on the "
+            "validation split, evaluated once on the test split.\n\n"
+            + markdown_table(results, metrics, skipped)
+            + f"\nMean ± sample std (ddof = 1) over seeds, in %. Fit + test wall time of the "
+            f"{len(runs)} runs: {wall / 60:.1f} min.\n\n<details><summary>Per-seed values</summary>\n\n"
+            + per_seed_table(results, metrics) + "\n</details>\n"
+        )
+
+    lines = [
+        f"# Downstream results: {spec['name']}\n",
+        spec.get("description", "").strip() + "\n" if spec.get("description") else "",
+        f"* Command: `{command}` (spec: `{ns.spec}`)",
+        f"* Date: {started.date().isoformat()} (started {started.isoformat(timespec='seconds')}, "
+        f"total wall time {(time.time() - t0) / 60:.1f} min including runs reused from earlier invocations: "
+        "see each run's result.json)",
+        f"* Device: {device_description()}; load average (1/5/15 min) at the end: {load_average()}",
+        f"* Software: {software_versions()}",
+        f"* Common overrides: `{json.dumps(common)}`",
+        "* Backbones: " + "; ".join(f"**{n}**: `{json.dumps(b)}`" for n, b in backbones.items()),
+    ]
+    for key, info in pretrain_info.items():
+        lines.append(f"* Pre-training `{key}`: `midol fit --config {info['config']}` (outputs relocated to "
+                     f"`{workdir}/pretrain/{slug(key)}`), {info['global_step']} steps, {info['wall_s']} s, "
+                     f"load {info['load_before']} before")
+    if spec.get("notes"):
+        lines.append("\n" + spec["notes"].strip())
+    text = "\n".join(lines) + "\n\n" + "\n".join(sections)
+    out_path = Path(ns.out or spec["out"])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text)
+    print(f"[runner] wrote {out_path}", flush=True)
+    return 0
+
+
+def software_versions() -> str:
+    import lightning
+    import timm
+    import torch
+
+    import midol
+
+    return (f"midol {midol.__version__}, torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"timm {timm.__version__}, python {platform.python_version()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

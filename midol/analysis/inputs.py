@@ -1,0 +1,61 @@
+"""Inputs shared by ``midol analyze`` and ``midol route``: data sources from a config file,
+the image size and the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from midol.data.sources import DataSource
+
+
+def sources_from_config(path: str | Path) -> tuple[list[DataSource], int | None]:
+    """The ``DataSource`` list and evaluation image size of a data config: a ``midol fit``
+    config (``data.init_args.sources``), a ``data:`` block, or a top-level ``sources:`` list.
+    Relative paths are relative to the working directory, as in ``midol fit``. The size is
+    ``eval_size`` or ``global_size`` when the config sets one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data config not found: {path}")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a YAML mapping")
+    block: Any = config.get("data", config)
+    if isinstance(block, dict) and "init_args" in block:
+        block = block["init_args"]
+    entries = block.get("sources") if isinstance(block, dict) else None
+    if not entries or not isinstance(entries, list):
+        raise ValueError(
+            f"{path}: no data sources found (expected data.init_args.sources, data.sources or "
+            "sources: a list of {path, modality, ...})"
+        )
+    sources = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: sources[{i}] must be a mapping with path and modality")
+        try:
+            sources.append(DataSource(**entry))
+        except TypeError as err:
+            raise ValueError(f"{path}: sources[{i}]: {err}") from err
+    size = block.get("eval_size") or block.get("global_size")
+    return sources, int(size) if size else None
+
+
+def module_image_size(module: Any) -> int:
+    """The pre-training image size recorded in the module (``backbone_kwargs.img_size``; 224
+    otherwise, timm's Swin default)."""
+    kwargs = dict(module.hparams.get("backbone_kwargs") or {})
+    return int(kwargs.get("img_size", 224))
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
