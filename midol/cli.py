@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
 TOOLS: dict[str, str] = {"export": "midol.tools.export", "route": "midol.tools.route",
-                         "analyze": "midol.tools.analyze"}
+                         "analyze": "midol.tools.analyze", "shard": "midol.tools.shard"}
 
 
 class MidolCLI(LightningCLI):

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from _tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from _tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 from midol.data import DataSource
 
 _RUN: dict[str, Path] = {}

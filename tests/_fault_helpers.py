@@ -38,12 +38,13 @@ def tiny_config(
     out: Path,
     *,
     max_epochs: int = 3,
-    every_n_train_steps: int = 4,
+    every_n_train_steps: int = 3,
     num_workers: int = 2,
     pause: tuple[int, Path] | None = None,
+    deterministic: bool = True,
 ) -> Path:
     """A demo-like config (tiny Swin with drop-path, router noise, DINO-CE with its centre,
-    teacher-temperature warm-up, 2 workers) on real sample images; 6 steps per epoch."""
+    teacher-temperature warm-up) on real sample images; 4 steps per epoch."""
     callbacks: list[dict[str, Any]] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "save_top_k": 0,
@@ -53,6 +54,7 @@ def tiny_config(
                        "every_n_train_steps": every_n_train_steps,
                        "enable_version_counter": False}},
         {"class_path": "midol.callbacks.PreemptionCheckpoint"},
+        {"class_path": "midol.callbacks.ExportTeacherBackbone", "init_args": {"dirpath": str(out)}},
     ]
     if pause is not None:
         callbacks.append({"class_path": "_fault_helpers.PauseAtStep",
@@ -63,7 +65,7 @@ def tiny_config(
             "accelerator": "cpu", "devices": 1, "precision": "32-true",
             "max_epochs": max_epochs, "log_every_n_steps": 1, "gradient_clip_val": 3.0,
             "default_root_dir": str(out), "enable_progress_bar": False,
-            "enable_model_summary": False, "deterministic": True,
+            "enable_model_summary": False, "deterministic": deterministic,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(out), "name": "logs"}},
             "callbacks": callbacks,
@@ -85,7 +87,7 @@ def tiny_config(
             "class_path": "midol.data.PretrainDataModule",
             "init_args": {
                 "batch_size": 8, "num_workers": num_workers, "global_size": 32,
-                "local_size": 16, "num_global": 2, "num_local": 2, "samples_per_epoch": 48,
+                "local_size": 16, "num_global": 2, "num_local": 2, "samples_per_epoch": 32,
                 "sources": [{"path": str(REPO / "sample_data/xray"), "modality": "xray"},
                             {"path": str(REPO / "sample_data/pathology"),
                              "modality": "pathology"}],

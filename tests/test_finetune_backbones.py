@@ -30,7 +30,7 @@ def test_midol_checkpoint_and_export_give_the_teachers_features(ckpt, tmp_path):
     exported = export_checkpoint(ckpt, tmp_path)
     assert detect_format(ckpt) == "midol" and detect_format(exported) == "exported"
     for source in (ckpt, exported):
-        module = ClassificationModule(num_classes=2, checkpoint=str(source)).eval()
+        module = ClassificationModule(num_classes=2, init_checkpoint=str(source)).eval()
         assert module.backbone_info.model == SWIN
         assert module.backbone_info.overrides["embed_dim"] == TINY_SWIN["embed_dim"]
         torch.testing.assert_close(module.features(images), expected, rtol=1e-4, atol=1e-5)

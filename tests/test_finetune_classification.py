@@ -34,7 +34,7 @@ def predictions(module: ClassificationModule, dm: LabelledDataModule, stage: str
 
 def test_finetune_step_on_real_xrays_and_metrics_match_predictions(sample_data, tmp_path_factory, tmp_path):
     ckpt = pretrain_checkpoint(tmp_path_factory)
-    module = ClassificationModule(num_classes=2, checkpoint=str(ckpt), layer_decay=0.75, lr=1e-3, warmup_steps=1)
+    module = ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), layer_decay=0.75, lr=1e-3, warmup_steps=1)
     dm = xray_data(sample_data)
     trainer = quick_trainer(tmp_path, max_steps=2, limit_val_batches=None)
     trainer.fit(module, dm)
@@ -50,7 +50,7 @@ def test_finetune_step_on_real_xrays_and_metrics_match_predictions(sample_data, 
 
 def test_linear_probe_leaves_the_backbone_unchanged(sample_data, tmp_path_factory, tmp_path):
     ckpt = pretrain_checkpoint(tmp_path_factory)
-    probe = ClassificationModule(num_classes=2, checkpoint=str(ckpt), linear_probe=True, lr=0.1, weight_decay=0.05)
+    probe = ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), linear_probe=True, lr=0.1, weight_decay=0.05)
     before = {k: v.clone() for k, v in probe.state_dict().items()}
     quick_trainer(tmp_path, max_steps=2).fit(probe, xray_data(sample_data))
     after = probe.state_dict()
@@ -61,7 +61,7 @@ def test_linear_probe_leaves_the_backbone_unchanged(sample_data, tmp_path_factor
     probe.train()
     assert not probe.backbone.training and probe.head.training
 
-    full = ClassificationModule(num_classes=2, checkpoint=str(ckpt), lr=1e-2)
+    full = ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), lr=1e-2)
     before = {k: v.clone() for k, v in full.backbone.state_dict().items()}
     quick_trainer(tmp_path, max_steps=1).fit(full, xray_data(sample_data))
     assert any(not torch.equal(v, full.backbone.state_dict()[k]) for k, v in before.items())
@@ -105,16 +105,16 @@ def test_cached_features_give_the_same_logits_and_need_a_fixed_transform(sample_
     results = []
     for cache in (False, True):
         torch.manual_seed(0)
-        module = ClassificationModule(num_classes=2, checkpoint=str(ckpt), linear_probe=True, cache_features=cache)
+        module = ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), linear_probe=True, cache_features=cache)
         trainer = quick_trainer(tmp_path, max_epochs=2, max_steps=-1, limit_val_batches=None)
         trainer.fit(module, xray_data(sample_data, train_augment=False))
         results.append(trainer.validate(module, xray_data(sample_data, train_augment=False), verbose=False)[0])
     assert results[0] == pytest.approx(results[1], rel=1e-5)
-    module = ClassificationModule(num_classes=2, checkpoint=str(ckpt), linear_probe=True, cache_features=True)
+    module = ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), linear_probe=True, cache_features=True)
     with pytest.raises(ValueError, match="train_augment: false"):
         quick_trainer(tmp_path).fit(module, xray_data(sample_data))
     with pytest.raises(ValueError, match="needs linear_probe"):
-        ClassificationModule(num_classes=2, checkpoint=str(ckpt), cache_features=True)
+        ClassificationModule(num_classes=2, init_checkpoint=str(ckpt), cache_features=True)
 
 
 def test_class_count_mismatch_is_a_clear_error(sample_data, tmp_path):
@@ -137,7 +137,7 @@ def test_one_step_and_test_metrics_on_shared_data(task, shared_data, tmp_path_fa
                                 test=LabelledSource(npz, split="test"), image_size=SIZE, batch_size=16,
                                 eval_batch_size=104, num_workers=0)
         num_classes = 2
-    module = ClassificationModule(num_classes=num_classes, checkpoint=str(ckpt), linear_probe=True, lr=1e-2)
+    module = ClassificationModule(num_classes=num_classes, init_checkpoint=str(ckpt), linear_probe=True, lr=1e-2)
     trainer = quick_trainer(tmp_path, max_steps=1, limit_test_batches=1 if task == "pneumoniamnist" else None)
     trainer.fit(module, dm)
     test = trainer.test(module, dm, verbose=False)[0]

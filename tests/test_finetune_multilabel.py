@@ -34,7 +34,7 @@ def test_multilabel_step_and_per_label_auc(sample_data, tmp_path_factory, tmp_pa
         train=LabelledSource(str(manifest(sample_data, tmp_path)), label_columns=LABELS),
         task="multilabel", val_fraction=0.3, split_seed=0, image_size=SIZE, batch_size=16, num_workers=0,
     )
-    module = MultiLabelModule(num_labels=3, checkpoint=str(ckpt), optimizer="sgd", lr=0.05, warmup_steps=1)
+    module = MultiLabelModule(num_labels=3, init_checkpoint=str(ckpt), optimizer="sgd", lr=0.05, warmup_steps=1)
     trainer = quick_trainer(tmp_path, max_steps=2, limit_val_batches=None)
     trainer.fit(module, dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

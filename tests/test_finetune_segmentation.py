@@ -37,7 +37,7 @@ def test_segmentation_step_on_real_tiles_and_metrics_match_predictions(sample_da
     root = _pathology_pairs(sample_data, tmp_path / "seg", n=10)
     dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"), val_fraction=0.3,
                                 image_size=SIZE, batch_size=4, num_workers=0)
-    module = SegmentationModule(num_classes=2, checkpoint=str(ckpt), decoder_dim=16, layer_decay=0.65,
+    module = SegmentationModule(num_classes=2, init_checkpoint=str(ckpt), decoder_dim=16, layer_decay=0.65,
                                 schedule="poly", warmup_steps=1, lr=1e-3)
     trainer = quick_trainer(tmp_path, max_steps=2, limit_val_batches=None)
     trainer.fit(module, dm)
@@ -60,7 +60,7 @@ def test_linear_probe_segmentation_trains_the_decoder_only(sample_data, tmp_path
     root = _pathology_pairs(sample_data, tmp_path / "seg", n=4)
     dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"),
                                 image_size=SIZE, batch_size=4, num_workers=0)
-    module = SegmentationModule(checkpoint=str(ckpt), linear_probe=True, decoder_dim=16, lr=1e-2)
+    module = SegmentationModule(init_checkpoint=str(ckpt), linear_probe=True, decoder_dim=16, lr=1e-2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     quick_trainer(tmp_path, max_steps=1).fit(module, dm)
     after = module.state_dict()
@@ -81,7 +81,7 @@ def test_one_step_on_shared_segmentation_sets(dataset, shared_data, tmp_path_fac
         dm = SegmentationDataModule(
             train=SegmentationSource(str(shared_data / "dermoscopy/ph2_lesion"), mask_suffix="_lesion"),
             val_fraction=0.2, test_fraction=0.2, image_size=64, batch_size=2, num_workers=0)
-    module = SegmentationModule(checkpoint=str(ckpt), decoder_dim=16)
+    module = SegmentationModule(init_checkpoint=str(ckpt), decoder_dim=16)
     trainer = quick_trainer(tmp_path, max_steps=1, limit_test_batches=2)
     trainer.fit(module, dm)
     test = trainer.test(module, dm, verbose=False)[0]

@@ -15,7 +15,7 @@ from _fault_helpers import finish, start_fit, step_metrics, tiny_config, wait_fo
 from _tiny import tiny_datamodule
 from midol.data.sampler import Draw, ResumableDataLoader
 
-STEPS = 18  # 3 epochs x 6 batches in tiny_config
+STEPS = 12  # 3 epochs x 4 batches in tiny_config
 
 
 def _indices(batches: list[dict]) -> list[list[int]]:
@@ -91,39 +91,57 @@ def test_resume_draw_keys_reach_the_dataset() -> None:
 
 
 # ---------------------------------------------------------------- real processes
-class _Reference:
-    """The uninterrupted run, started once per module and awaited when first needed."""
+class _Runs:
+    """Three `midol fit` processes started together (the machine has 2 cores and each run is
+    single-threaded): the uninterrupted reference (2 data workers), one paused at step 7 (to be
+    SIGKILLed) and one paused at step 10 (to receive SIGTERM), both loading in the main process:
+    the data order and the augmentations do not depend on the workers."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.log = out / "fit.log"
-        self.proc = start_fit(tiny_config(out), "--weights_only", "true", log=self.log)
-        self._rc: int | None = None
+    def __init__(self, root: Path) -> None:
+        self.ref = root / "uninterrupted"
+        self.killed, self.terminated = root / "killed", root / "terminated"
+        self.procs = {
+            "ref": start_fit(tiny_config(self.ref), "--weights_only", "true",
+                             log=root / "ref.log"),
+            "killed": start_fit(
+                tiny_config(self.killed, num_workers=0, pause=(7, root / "paused7")),
+                log=root / "killed.log"),
+            "terminated": start_fit(
+                tiny_config(self.terminated, num_workers=0, pause=(10, root / "paused10")),
+                log=root / "terminated.log"),
+        }
+        self.root = root
+        self._ref_rc: int | None = None
 
-    def result(self) -> Path:
-        if self._rc is None:
-            self._rc = finish(self.proc, self.log)
-        assert self._rc == 0, self.log.read_text()[-3000:]
-        return self.out
+    def reference(self) -> Path:
+        if self._ref_rc is None:
+            self._ref_rc = finish(self.procs["ref"], self.root / "ref.log")
+        assert self._ref_rc == 0, (self.root / "ref.log").read_text()[-3000:]
+        return self.ref
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    ref = _Reference(tmp_path_factory.mktemp("uninterrupted"))
-    yield ref
-    if ref.proc.poll() is None:
-        ref.proc.kill()
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    started = _Runs(tmp_path_factory.mktemp("runs"))
+    yield started
+    started.close()
 
 
 def _last(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def _resume_and_compare(run: Path, reference: _Reference, first_step: int) -> None:
-    proc = start_fit(tiny_config(run), "--ckpt_path", "last", "--weights_only", "true",
-                     log=run / "resume.log")
+def _resume_and_compare(run: Path, runs: _Runs, first_step: int) -> None:
+    proc = start_fit(tiny_config(run, num_workers=0), "--ckpt_path", "last",
+                     "--weights_only", "true", log=run / "resume.log")
     assert finish(proc, run / "resume.log") == 0, (run / "resume.log").read_text()[-3000:]
-    ref = reference.result()
+    ref = runs.reference()
     expected, resumed = step_metrics(ref, 0), step_metrics(run, 1)
     assert sorted(resumed) == list(range(first_step, STEPS))
     for step, metrics in resumed.items():
@@ -141,39 +159,62 @@ def _resume_and_compare(run: Path, reference: _Reference, first_step: int) -> No
         assert torch.allclose(value.float(), b["state_dict"][key].float(), rtol=0, atol=1e-6), key
 
 
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(
-    reference: _Reference, tmp_path: Path
-) -> None:
-    """Kill -9 at step 10 (epoch 1, batch 4); the last checkpoint is the step-8 one (epoch 1,
-    2 batches in, written before the EMA update of step 8); resume must redo steps 8..17."""
-    run, marker = tmp_path / "run", tmp_path / "paused"
-    proc = start_fit(tiny_config(run, pause=(10, marker)), log=tmp_path / "killed.log")
-    wait_for(marker, proc, tmp_path / "killed.log")
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted_run(runs: _Runs) -> None:
+    """Kill -9 after step 7 (epoch 1, batch 3); the last checkpoint is the step-6 one (epoch 1,
+    2 batches in, written before the EMA update of step 6); resume must redo steps 6..11."""
+    proc, log = runs.procs["killed"], runs.root / "killed.log"
+    wait_for(runs.root / "paused7", proc, log)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    saved = _last(run)
-    assert saved["global_step"] == 8
+    saved = _last(runs.killed)
+    assert saved["global_step"] == 6
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches_done": 2, "num_batches": 6, "batch_size": 8, "world_size": 1}
+        {"epoch": 1, "batches_done": 2, "num_batches": 4, "batch_size": 8, "world_size": 1}
     ]
-    assert saved["midol_last_ema_step"] == 7  # the module's EMA of step 8 had not run yet
-    _resume_and_compare(run, reference, first_step=8)
+    assert saved["midol_last_ema_step"] == 5  # the module's EMA of step 6 had not run yet
+    _resume_and_compare(runs.killed, runs, first_step=6)
 
 
-def test_sigterm_writes_checkpoint_then_resume_matches_uninterrupted_run(
-    reference: _Reference, tmp_path: Path
-) -> None:
-    run, marker = tmp_path / "run", tmp_path / "paused"
-    log = tmp_path / "sigterm.log"
-    proc = start_fit(tiny_config(run, pause=(14, marker)), log=log)
-    wait_for(marker, proc, log)
+def test_sigterm_writes_checkpoint_then_resume_matches_uninterrupted_run(runs: _Runs) -> None:
+    proc, log = runs.procs["terminated"], runs.root / "terminated.log"
+    wait_for(runs.root / "paused10", proc, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     text = log.read_text()
-    assert "SIGTERM received: checkpoint written to" in text and "global step 14" in text
-    saved = _last(run)  # written by PreemptionCheckpoint after step 14 (epoch 2, batch 2)
-    assert saved["global_step"] == 14 and saved["midol_last_ema_step"] == 14
+    assert "SIGTERM received: checkpoint written to" in text and "global step 10" in text
+    saved = _last(runs.terminated)  # by PreemptionCheckpoint after step 10 (epoch 2, batch 2)
+    assert saved["global_step"] == 10 and saved["midol_last_ema_step"] == 10
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches_done"] == 2
-    assert not (run / "teacher_backbone.safetensors").exists()  # no export of a cut-short run
-    _resume_and_compare(run, reference, first_step=14)
+    # A cut-short run exports nothing (the reference, which finished, did).
+    assert not (runs.terminated / "teacher_backbone.safetensors").exists()
+    assert (runs.reference() / "teacher_backbone.safetensors").exists()
+    _resume_and_compare(runs.terminated, runs, first_step=10)
 
+
+@pytest.mark.slow
+def test_sigterm_resume_under_ddp_matches_uninterrupted_ddp_run(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): SIGTERM to the launching process reaches both ranks, they stop at
+    the same batch, the checkpoint records the per-rank layout, and the resumed run ends with
+    the weights of an uninterrupted two-rank run. ~2 min on 2 cores."""
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "4"]
+    ref, run, marker = tmp_path / "ref", tmp_path / "run", tmp_path / "paused"
+    proc = start_fit(tiny_config(ref), *ddp, log=tmp_path / "ref.log")
+    assert finish(proc, tmp_path / "ref.log", timeout=900) == 0
+    proc = start_fit(tiny_config(run, pause=(10, marker)), *ddp, log=tmp_path / "term.log")
+    wait_for(marker, proc, tmp_path / "term.log", timeout=900)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    saved = _last(run)
+    assert saved["global_step"] == 10
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 2, "batches_done": 2, "num_batches": 4, "batch_size": 4, "world_size": 2}
+    ]
+    proc = start_fit(tiny_config(run), "--ckpt_path", "last", *ddp, log=tmp_path / "resume.log")
+    assert finish(proc, tmp_path / "resume.log", timeout=900) == 0
+    expected, resumed = step_metrics(ref, 0), step_metrics(run, 1)
+    assert sorted(resumed) == list(range(10, STEPS))
+    for step, metrics in resumed.items():
+        assert metrics["train/loss"] == pytest.approx(expected[step]["train/loss"], rel=1e-6)
+    a, b = _last(ref)["state_dict"], _last(run)["state_dict"]
+    for key, value in a.items():
+        assert torch.allclose(value.float(), b[key].float(), rtol=0, atol=1e-6), key

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _analysis_helpers import tiny_run
 from _tiny import SAMPLE_DATA
+
 from midol.analysis.loading import load_pretrain_module
 from midol.cli import main
 from midol.data import EvalTransform, load_image

@@ -28,6 +28,7 @@ import json
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,9 +77,10 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
+    """Between cases: compiled graphs and cached device memory go (a CPU needs neither)."""
     if device.type == "cuda":
+        gc.collect()
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -136,8 +138,12 @@ def audit_syncs(case: Case, args: argparse.Namespace, device: torch.device) -> t
                 run_midol(case, preset, batches, steps, hook, device)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        return len(msgs) / (steps - 2), sorted(set(msgs))
+        sites = Counter(
+            f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+            for w in caught if "synchroniz" in str(w.message)
+        )
+        lines = [f"{n:5d}  {site}" for site, n in sites.most_common()]
+        return sum(sites.values()) / (steps - 2), lines
     callback = SyncAuditCallback(first_step=2)
     run_midol(case, preset, batches, steps, lambda i: None, device, callbacks=[callback])
     report = callback.report

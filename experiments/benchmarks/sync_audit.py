@@ -63,7 +63,19 @@ class SyncReport:
         return Counter({k: n for k, n in self.counts.items() if not k[1].startswith("[")})
 
     def lines(self) -> list[str]:
-        return [f"{n:5d}  {op:<22s} {site}" for (op, site), n in self.counts.most_common()]
+        out = []
+        for (op, site), n in self.counts.most_common():
+            note = next((v for k, v in _NOTES.items() if k in site), "")
+            out.append(f"{n:5d}  {op:<22s} {site}" + (f"  <- {note}" if note else ""))
+        return out
+
+
+# What is known about some call sites (the audit runs on a CPU; the question is a GPU's).
+_NOTES = {
+    "optimizer.py:102 _get_value": "CPU only: non-fused AdamW's step counter (CUDA: fused AdamW)",
+    "_check_finite": "deliberate: the non-finite loss check (model nonfinite option)",
+    "_engine_run_backward": "backward of a boolean-mask index of the forward pass",
+}
 
 
 _INTERNAL = ("/torch/utils/_python_dispatch.py", "/torch/_tensor.py", "/torch/_ops.py",

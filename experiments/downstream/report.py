@@ -100,13 +100,13 @@ def markdown_table(
             c = comparisons[m]
             cells.append(f"**{cell}**" if c is not None and c.best == backbone else cell)
         lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
+    for backbone in skipped or {}:
+        lines.append(f"| {backbone} | " + " | ".join("skipped" for _ in metrics) + " |")
     p_cells = []
     for m in metrics:
         c = comparisons[m]
         p_cells.append("n/a" if c is None else f"p = {fmt_p(c.p_value)} ({c.best} vs {c.second})")
     lines.append("| best vs second, two-sided t-test | " + " | ".join(p_cells) + " |")
-    for backbone, reason in (skipped or {}).items():
-        lines.append(f"| {backbone} | " + " | ".join("skipped" for _ in metrics) + " |")
     text = "\n".join(lines) + "\n"
     if skipped:
         text += "\n" + "\n".join(f"* {b}: skipped, {reason}" for b, reason in skipped.items()) + "\n"

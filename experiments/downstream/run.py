@@ -13,7 +13,6 @@ are not repeated, so an interrupted experiment resumes where it stopped. See doc
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os
@@ -120,7 +119,11 @@ def fit_and_test(cfg: dict[str, Any], test: bool) -> dict[str, Any]:
     checkpoint with the best monitored validation metric."""
     from midol.cli import run_lightning
 
-    cli = run_lightning(cfg, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the config comes from `cfg`, not this script's argv
+    try:
+        cli = run_lightning(cfg, run=False)
+    finally:
+        sys.argv = argv
     trainer = cli.trainer
     trainer.fit(cli.model, datamodule=cli.datamodule)
     out: dict[str, Any] = {"global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch)}
@@ -151,7 +154,7 @@ def run_once(kind: str, cfg: dict[str, Any], result_path: Path, test: bool) -> d
 
 
 def missing_weights(backbone: dict[str, Any]) -> str | None:
-    path = backbone.get("model.init_args.checkpoint")
+    path = backbone.get("model.init_args.init_checkpoint")
     if path and not Path(path).exists():
         return f"weights file not found: {path}"
     return None

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from midol.data.pretrain import Corpus, RoutingCollate, RoutingDataset
 from midol.data.transforms import EvalTransform
 from midol.routing import route_features
-from tqdm.auto import tqdm
 
 
 @dataclass

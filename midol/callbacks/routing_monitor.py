@@ -96,6 +96,7 @@ class RoutingMonitor(L.Callback):
         self.history: list[dict[str, Any]] = []
         self.heldout_history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
+        self.last_stats: dict[str, torch.Tensor] = {}  # the latest teacher statistics (device)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -193,6 +194,7 @@ class RoutingMonitor(L.Callback):
             self._counts.index_add_(0, flat, torch.ones_like(flat))
         if self._pending:
             pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
+            self.last_stats = dict(self._pending)
             key = "teacher/info" if "teacher/info" in self._pending else "teacher/mean_cosine"
             if key in self._pending:
                 self._teacher_values.append(self._pending[key].float())

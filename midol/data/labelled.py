@@ -128,7 +128,9 @@ def read_folder(src: LabelledSource) -> tuple[ImageTable, list[str]]:
     classes = sorted(d for d in os.listdir(root)
                      if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not classes:
-        raise ValueError(f"{src.path}: empty folder (expected one sub-folder of images per class)")
+        loose = [f for f in os.listdir(root) if is_image_file(f)]
+        what = f"{len(loose)} images but no class sub-folder" if loose else "empty folder"
+        raise ValueError(f"{src.path}: {what} (expected one sub-folder of images per class)")
     paths: list[str] = []
     names: list[str] = []
     for name in classes:

@@ -341,7 +341,10 @@ class PretrainDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:  # epoch over (also when limit_train_batches cut it)
+            return max(done, len(trainer.train_dataloader))
+        return done
 
     def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[dict[str, Any]]:
         """Every item once, in corpus order, as ``eval_size`` centre crops.

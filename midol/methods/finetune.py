@@ -7,6 +7,7 @@ Subclasses (classification, multi-label, segmentation) add a head, a loss and th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -44,11 +45,11 @@ class FinetuneModule(L.LightningModule):
             (the architecture is read from the file); required otherwise.
         backbone_kwargs: extra ``timm.create_model`` keywords (e.g. ``drop_path_rate: 0.1``; a
             tiny Swin for tests); added to the architecture recorded in the checkpoint.
-        checkpoint: (a) a midol pre-training ``.ckpt`` (teacher backbone), (b) an exported
-            ``teacher_backbone.safetensors`` (with its ``.json``), (c) local weights of a timm
-            model, or null for random initialisation.
-        checkpoint_format: ``auto`` (by file name), ``midol``, ``exported`` or ``timm``.
-        checkpoint_prefix: state-dict prefix of the backbone in a midol checkpoint
+        init_checkpoint: the backbone's weights: (a) a midol pre-training ``.ckpt`` (teacher
+            backbone), (b) an exported ``teacher_backbone.safetensors`` (with its ``.json``),
+            (c) local weights of a timm model, or null for random initialisation.
+        init_format: ``auto`` (by file name), ``midol``, ``exported`` or ``timm``.
+        init_prefix: state-dict prefix of the backbone in a midol checkpoint
             (``teacher.backbone.``; ``student.backbone.`` for the student).
         grad_checkpointing: activation checkpointing in the backbone.
         linear_probe: freeze the backbone (no gradients, eval mode, no layer decay) and train
@@ -77,9 +78,9 @@ class FinetuneModule(L.LightningModule):
         self,
         backbone: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        checkpoint: str | None = None,
-        checkpoint_format: CheckpointFormat = "auto",
-        checkpoint_prefix: str = TEACHER_PREFIX,
+        init_checkpoint: str | None = None,
+        init_format: CheckpointFormat = "auto",
+        init_prefix: str = TEACHER_PREFIX,
         grad_checkpointing: bool = False,
         linear_probe: bool = False,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -100,8 +101,7 @@ class FinetuneModule(L.LightningModule):
         self.save_hyperparameters()
         self._validate_common()
         self.backbone, self.backbone_info = load_backbone(
-            backbone, backbone_kwargs, checkpoint, checkpoint_format, checkpoint_prefix,
-            grad_checkpointing,
+            backbone, backbone_kwargs, init_checkpoint, init_format, init_prefix, grad_checkpointing,
         )
         if linear_probe:
             self.backbone.requires_grad_(False)
@@ -150,7 +150,7 @@ class FinetuneModule(L.LightningModule):
         """Batch-level training augmentation on normalised images; returns (x, target, mixed)."""
         return x, target, False
 
-    def init_metrics(self, make: Any) -> None:
+    def init_metrics(self, make: Callable[[], dict[str, Metric]]) -> None:
         """``make()`` returns a fresh ``{name: Metric}``; one collection per stage."""
         self.stage_metrics = nn.ModuleDict({f"{s}_": MetricCollection(make()) for s in STAGES})
 

@@ -94,8 +94,8 @@ class PretrainModule(L.LightningModule):
         freeze_last_layer_epochs: epochs during which the shared projection l gets no update.
         nonfinite: what a NaN/inf loss does: ``raise`` (default) stops with a
             ``FloatingPointError`` naming the loss term(s) and the global step; ``skip`` warns
-            and skips that optimiser step (no parameter, optimiser-moment or DINO-centre update;
-            the step still counts for the schedules). The check reads one bool per step back to
+            and skips that optimiser step (no student, teacher, optimiser-moment or DINO-centre
+            update; the step still counts for the schedules). The check reads one bool per step back to
             the host (one sync).
         max_nonfinite_skips: with ``skip``, stop anyway after this many consecutive skipped steps.
     """
@@ -181,6 +181,7 @@ class PretrainModule(L.LightningModule):
         self.num_global_views = num_global_views
         self._last_ema_step = -1
         self._nonfinite_streak = 0
+        self._trained_in_step = False  # a batch of the current optimiser step had a finite loss
         # Base of the per-batch seed of the global RNG (seed_everything sets it).
         self._rng_base = torch.initial_seed()
         self._skipped_this_epoch: list[str] = []
@@ -334,9 +335,12 @@ class PretrainModule(L.LightningModule):
         # Guarded by "did global_step advance?" so gradient accumulation updates once per step.
         step = self.global_step
         if step > self._last_ema_step and step > 0:
+            self._last_ema_step = step
+            if not self._trained_in_step:
+                return  # every batch of this step was skipped (nonfinite: skip): student unchanged
+            self._trained_in_step = False
             momentum = self.momentum_at(step - 1)
             ema_update(self.teacher, self.student, momentum)
-            self._last_ema_step = step
             self.log_dict(
                 self._device_scalars({"train/momentum": momentum}), on_step=True, on_epoch=False
             )
@@ -446,11 +450,13 @@ class PretrainModule(L.LightningModule):
         logs.update({f"route/expert_{i}": usage[i] for i in range(self.num_experts)})
         logs.update({"train/loss": loss, "train/l_cst": l_cst})
         self.log_dict(logs, on_step=True, on_epoch=False)
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % max(1, every) == 0:
             # Progress-bar values are read back to the host at the end of every step that
             # logs one (a sync): show the loss at the logger's pace instead.
             self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.images_seen += batch_size * world_size()
+        self._trained_in_step = True
         return {"loss": loss, "assignment": assignment.detach()}
 
     # ------------------------------------------------------------------ inference

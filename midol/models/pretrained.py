@@ -40,7 +40,7 @@ def read_pretrain_checkpoint(
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(
             f"{path} is not a midol pre-training checkpoint (no 'state_dict'/'hyper_parameters'); "
-            "for other weight files set checkpoint_format: timm and name the backbone"
+            "for other weight files use the timm format (init_format: timm) and name the backbone"
         )
     hparams = dict(ckpt["hyper_parameters"])
     if "backbone" not in hparams:
@@ -122,7 +122,7 @@ def load_backbone(
         source = f"timm weights {checkpoint}" if checkpoint else "random init"
         return model, BackboneInfo(backbone, user_kwargs, source, user_kwargs.get("img_size"))
     if checkpoint is None:
-        raise ValueError(f"checkpoint_format={fmt!r} needs a checkpoint path")
+        raise ValueError(f"weights format {fmt!r} needs a weights file (init_checkpoint)")
     path = Path(checkpoint)
     if fmt == "midol":
         state, hparams = read_pretrain_checkpoint(path, checkpoint_prefix)
