@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -20,7 +21,17 @@ TOOLS: dict[str, str] = {"export": "midol.tools.export", "route": "midol.tools.r
 
 class MidolCLI(LightningCLI):
     """LightningCLI in subclass mode: configs pick module and datamodule by ``class_path``,
-    so users can select or add their own classes without touching midol."""
+    so users can select or add their own classes without touching midol.
+
+    ``--ckpt_path`` checkpoints are read with ``weights_only=True`` by default (no pickled code
+    runs); pass ``--weights_only false`` only for a checkpoint you trust.
+    """
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(weights_only=True)
+        return parser
 
 
 def run_lightning(args: list[str] | None = None, run: bool = True) -> MidolCLI:
