@@ -11,7 +11,8 @@ Real images from ``../shared/data`` (fundus 512 px and 565x584, dermoscopy 763x5
 ``sample_data/`` when that folder is absent. One process, one thread (torch and OpenCV), pinned
 to ``--cpu``. ``transform``: the augmentation of already decoded images; ``decode+transform``:
 file to views, what a DataLoader worker does per item. Every figure is the median of
-``--repeats`` passes over all images (range in brackets), after one warm-up pass.
+``--repeats`` passes over all images (range in brackets), after one warm-up pass; the
+pipelines take turns pass by pass, so a change of load during the run hits all of them.
 """
 
 from __future__ import annotations
@@ -79,16 +80,20 @@ def build(pipeline: str, views: str, seed: int) -> tuple[Callable[[Any], Any], C
     raise ValueError(f"unknown pipeline {pipeline!r}")
 
 
-def passes(fn: Callable[[Any], Any], items: list[Any], repeats: int) -> list[float]:
-    """Images/s of ``repeats`` timed passes over ``items`` after one warm-up pass."""
-    for item in items:
-        fn(item)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_rates(fns: list[Callable[[Any], Any]], items: list[Any], repeats: int) -> list[list[float]]:
+    """Images/s of every function over ``items``: one warm-up pass each, then ``repeats``
+    rounds that time one pass of every function in turn, so that a change of the machine's
+    load during the run affects all of them alike."""
+    for fn in fns:
         for item in items:
             fn(item)
-        rates.append(len(items) / (time.perf_counter() - t0))
+    rates: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for item in items:
+                fn(item)
+            rates[k].append(len(items) / (time.perf_counter() - t0))
     return rates
 
 
@@ -105,18 +110,20 @@ def run(args: argparse.Namespace) -> tuple[list[list[object]], str]:
     paths, where = image_paths(args.per_set, args.data_root)
     rows = []
     for views in args.views:
-        for pipeline in args.pipelines:
-            transform, decode = build(pipeline, views, args.seed)
-            decoded = [decode(p) for p in paths]
-            dtype = check_views(transform(decoded[0]), views)
-            for mode in args.modes:
-                if mode == "transform":
-                    rates = passes(transform, decoded, args.repeats)
-                else:
-                    rates = passes(lambda p: transform(decode(p)), paths, args.repeats)
+        built = {p: build(p, views, args.seed) for p in args.pipelines}
+        decoded = {p: [decode(x) for x in paths] for p, (_, decode) in built.items()}
+        dtypes = {p: check_views(t(decoded[p][0]), views) for p, (t, _) in built.items()}
+        for mode in args.modes:
+            if mode == "transform":  # each pipeline on its own decoded form (array or PIL)
+                items: list[Any] = list(range(len(paths)))
+                fns = [(lambda i, t=built[p][0], xs=decoded[p]: t(xs[i])) for p in args.pipelines]
+            else:
+                items = paths
+                fns = [(lambda x, t=built[p][0], d=built[p][1]: t(d(x))) for p in args.pipelines]
+            for p, rates in zip(args.pipelines, interleaved_rates(fns, items, args.repeats)):
                 med = median_spread(rates)[0]
-                rows.append([pipeline, views, mode, fmt_spread(rates, 1), f"{1e3 / med:.2f}", dtype])
-                print(f"{pipeline:12s} {views:8s} {mode:17s} {fmt_spread(rates, 1)} img/s", flush=True)
+                rows.append([p, views, mode, fmt_spread(rates, 1), f"{1e3 / med:.2f}", dtypes[p]])
+                print(f"{p:12s} {views:8s} {mode:17s} {fmt_spread(rates, 1)} img/s", flush=True)
     return rows, where
 
 
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = head + [
         f"* images: {where}",
         f"* one process, 1 torch thread, cv2.setNumThreads(0), {args.repeats} timed passes "
-        "after one warm-up pass; median (range)",
+        "after one warm-up pass, pipelines in turn; median (range)",
         "",
     ]
     lines += markdown_table(
