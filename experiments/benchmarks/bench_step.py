@@ -146,8 +146,8 @@ def audit_syncs(case: Case, args: argparse.Namespace, device: torch.device) -> t
         return sum(sites.values()) / (steps - 2), lines
     callback = SyncAuditCallback(first_step=2)
     run_midol(case, preset, batches, steps, lambda i: None, device, callbacks=[callback])
-    report = callback.report
-    return report.total / max(callback.steps, 1), report.lines()
+    report, steps = callback.report, max(callback.steps, 1)
+    return report.on_gpu() / steps, report.lines(steps)
 
 
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float, str, float]:
@@ -233,39 +233,50 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
     )
     audited = [r for r in results if r.syncs_per_step is not None]
     if audited:
-        lines += ["", "## Host synchronisations per steady-state step", ""]
+        lines += ["", "## Host synchronisations per steady-state step", "",
+                  "Per step; on a CPU the count leaves out the sites that only a CPU run has. "
+                  "Cases with the same list are grouped.", ""]
+        groups: dict[tuple[str, ...], list[Result]] = {}
         for r in audited:
-            lines += [f"* {r.case.label} {r.case.views} b{r.case.batch}: "
-                      f"{r.syncs_per_step:.1f} per step", "", "```"]
-            lines += r.sync_sites or ["(none)"]
+            groups.setdefault(tuple(r.sync_sites), []).append(r)
+        for sites, members in groups.items():
+            names = ", ".join(f"{r.case.label} {r.case.views} b{r.case.batch}" for r in members)
+            lines += [f"* {members[0].syncs_per_step:.1f} per step: {names}", "", "```"]
+            lines += list(sites) or ["(none)"]
             lines += ["```", ""]
-    lines += ["", "Ratios (same views and batch; median images/s):", ""]
+    lines += ["", "Ratios (same views and batch; median images/s; the best midol variant):", ""]
     lines += ratio_lines(results)
     return "\n".join(lines) + "\n"
 
 
+# (midol variant, reference, what the pair compares)
+_PAIRS = (
+    ("midol-dinoce", "authors", "same math (MoE + DINO cross-entropy)"),
+    ("midol", "authors", "paper default (InfoNCE) vs the authors' loop"),
+    ("midol-dino", "lightly", "same math (plain DINO)"),
+)
+
+
 def ratio_lines(results: list[Result]) -> list[str]:
-    ok = {(r.case, ): r for r in results if r.status == "ok"}
     best: dict[tuple[str, str, int], tuple[float, Case]] = {}
-    for (case,), r in ok.items():
+    for r in results:
+        if r.status != "ok":
+            continue
         ips = median_spread(r.images_per_s())[0]
-        key = (case.impl, case.views, case.batch)
+        key = (r.case.impl, r.case.views, r.case.batch)
         if key not in best or ips > best[key][0]:
-            best[key] = (ips, case)
+            best[key] = (ips, r.case)
     out = []
     for (impl, views, batch), (ips, case) in sorted(best.items()):
-        if not impl.startswith("midol"):
-            continue
-        for other in ("authors", "lightly"):
+        for ours, other, what in _PAIRS:
             ref = best.get((other, views, batch))
-            if ref is not None:
-                out.append(f"* {case.label} / {other} ({views}, batch {batch}): "
+            if impl == ours and ref is not None:
+                out.append(f"* {case.label} / {other} ({views} views, batch {batch}; {what}): "
                            f"{ips / ref[0]:.2f}x")
-        if views == "dino":
-            ref = best.get(("authors", "authors", batch))
-            if ref is not None:
-                out.append(f"* {case.label} in the dino setting / authors' step in theirs "
-                           f"(batch {batch}): {ips / ref[0]:.2f}x")
+        ref = best.get(("authors", "authors", batch))
+        if impl == "midol" and views == "dino" and ref is not None:
+            out.append(f"* {case.label} in the dino setting / authors' step in theirs "
+                       f"(batch {batch}): {ips / ref[0]:.2f}x")
     return out or ["* (no pair to compare)"]
 
 

@@ -62,17 +62,27 @@ class SyncReport:
         """The counts whose call site is midol code (sites of other libraries are in [...])."""
         return Counter({k: n for k, n in self.counts.items() if not k[1].startswith("[")})
 
-    def lines(self) -> list[str]:
+    def on_gpu(self) -> int:
+        """The total without the call sites that only a CPU run has."""
+        return sum(n for (_, site), n in self.counts.items() if not _cpu_only(site))
+
+    def lines(self, steps: int = 1) -> list[str]:
+        """One line per (op, call site): count per step, op, site and what is known of it."""
         out = []
         for (op, site), n in self.counts.most_common():
             note = next((v for k, v in _NOTES.items() if k in site), "")
-            out.append(f"{n:5d}  {op:<22s} {site}" + (f"  <- {note}" if note else ""))
+            out.append(f"{n / steps:5.1f}  {op:<22s} {site}" + (f"  <- {note}" if note else ""))
         return out
 
 
+def _cpu_only(site: str) -> bool:
+    return any(k in site for k in _CPU_ONLY)
+
+
 # What is known about some call sites (the audit runs on a CPU; the question is a GPU's).
+_CPU_ONLY = ("optimizer.py:102 _get_value",)
 _NOTES = {
-    "optimizer.py:102 _get_value": "CPU only: non-fused AdamW's step counter (CUDA: fused AdamW)",
+    _CPU_ONLY[0]: "CPU only: non-fused AdamW's step counter (CUDA: fused AdamW)",
     "_check_finite": "deliberate: the non-finite loss check (model nonfinite option)",
     "_engine_run_backward": "backward of a boolean-mask index of the forward pass",
 }
