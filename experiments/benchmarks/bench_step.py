@@ -94,6 +94,36 @@ def count_flops(case: Case, args: argparse.Namespace, device: torch.device) -> f
     return float(counter.get_total_flops())
 
 
+def forward_gflops(preset_name: str) -> dict[int, float]:
+    """GFLOP of one backbone forward per view, at the global and the local size."""
+    from midol.models import build_backbone
+
+    preset = PRESETS[preset_name]
+    model = build_backbone(preset.backbone, preset.backbone_kwargs).eval()
+    out = {}
+    for size in (preset.global_size, preset.local_size):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.randn(1, 3, size, size))
+        out[size] = counter.get_total_flops() / 1e9
+    return out
+
+
+def flops_report(args: argparse.Namespace) -> str:
+    """``--flops-only``: FLOPs per view and per step, no timing (any device, batch 1)."""
+    device = torch.device(args.device)
+    lines = header("Pre-training step FLOPs", device, python_command())
+    per_view = forward_gflops(args.model)
+    lines += [f"* backbone `{PRESETS[args.model].backbone}` forward: " + ", ".join(
+        f"{v:.2f} GFLOP per {k} px view" for k, v in per_view.items()), ""]
+    rows = []
+    for impl, views in dict.fromkeys((c.impl, c.views) for c in cases_from_args(args)):
+        flops = count_flops(Case(impl, views, 1), args, device)
+        rows.append([impl, views, f"{flops / 1e9:.4g}"])
+    lines += markdown_table(["impl", "views", "GFLOP per source image per step"], rows)
+    return "\n".join(lines) + "\n"
+
+
 def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> Result:
     result = Result(case)
     preset = PRESETS[args.model]
@@ -171,27 +201,37 @@ def run(args: argparse.Namespace) -> list[Result]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    results, flops_cache = [], {}
-    for case in cases_from_args(args):
-        _free(device)
-        key = (case.impl, case.views, case.batch)
-        try:
-            if key not in flops_cache:
-                flops_cache[key] = count_flops(case, args, device)
-                _free(device)
-            result = time_case(case, args, device)
-            result.flops_per_step = flops_cache[key]
-            if args.sync_audit and case.impl.startswith("midol"):
-                _free(device)
-                result.syncs_per_step, result.sync_sites = audit_syncs(case, args, device)
-        except torch.OutOfMemoryError:
-            result = Result(case, status="OOM")
-        except Exception as err:  # noqa: BLE001 - one failing case must not lose the table
-            result = Result(case, status=f"error: {type(err).__name__}: {str(err)[:200]}")
-        results.append(result)
-        print(f"{case.label} {case.views} b{case.batch}: {result.status} "
-              f"{[round(x, 1) for x in result.images_per_s()]} img/s", flush=True)
-    return results
+    cases = cases_from_args(args)
+    results = {case: Result(case) for case in cases}
+    flops_cache: dict[tuple[str, str, int], float] = {}
+    # Rounds: every case once per round, so that a change of the machine's load during the run
+    # (a shared CPU) spreads over all cases instead of favouring the ones that ran when it was low.
+    for round_ in range(args.rounds):
+        for case in cases:
+            result = results[case]
+            if result.status != "ok":
+                continue
+            _free(device)
+            key = (case.impl, case.views, case.batch)
+            try:
+                if key not in flops_cache:
+                    flops_cache[key] = count_flops(case, args, device)
+                    _free(device)
+                timed = time_case(case, args, device)
+                result.step_s += timed.step_s
+                if timed.peak_mem_gib is not None:
+                    result.peak_mem_gib = max(result.peak_mem_gib or 0.0, timed.peak_mem_gib)
+                result.flops_per_step = flops_cache[key]
+                if round_ == 0 and args.sync_audit and case.impl.startswith("midol"):
+                    _free(device)
+                    result.syncs_per_step, result.sync_sites = audit_syncs(case, args, device)
+            except torch.OutOfMemoryError:
+                result.status = "OOM"
+            except Exception as err:  # noqa: BLE001 - one failing case must not lose the table
+                result.status = f"error: {type(err).__name__}: {str(err)[:200]}"
+            print(f"round {round_}: {case.label} {case.views} b{case.batch}: {result.status} "
+                  f"{[round(x, 1) for x in result.images_per_s()]} img/s", flush=True)
+    return list(results.values())
 
 
 def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, str, float]) -> str:
@@ -201,7 +241,8 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
     lines += [
         f"* model preset: `{args.model}` ({PRESETS[args.model].backbone}, views "
         f"{PRESETS[args.model].global_size}/{PRESETS[args.model].local_size} px), "
-        f"warm-up {args.warmup} steps, {args.repeats} x {args.iters} timed steps",
+        f"warm-up {args.warmup} steps, then {args.repeats} blocks of {args.iters} timed steps, "
+        f"in each of {args.rounds} round(s) over all cases",
         f"* MFU peak: {peak_used:.3g} TFLOP/s ({source}); measured large-matmul rate "
         f"{measured:.3g} TFLOP/s",
         "* views: `dino` = 2 global + 6 local at the local size; `authors` = all 8 at the "
@@ -291,16 +332,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", choices=("off", "on"), nargs="+", default=["off", "on"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks per case and round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole case list this many times (a shared machine's load "
+                   "then spreads over all cases); blocks of all rounds are pooled")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU peak")
     p.add_argument("--sync-audit", action="store_true",
                    help="also count host synchronisations per step of the midol cases")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only count FLOPs per view and per step (batch 1), no timing")
     p.add_argument("--out", type=Path, default=None, help="markdown report path")
     p.add_argument("--json", type=Path, default=None, help="raw results as JSON")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.iters < 1 or args.repeats < 1:
-        p.error("--warmup, --iters and --repeats must be >= 1")
+    if min(args.warmup, args.iters, args.repeats, args.rounds) < 1:
+        p.error("--warmup, --iters, --repeats and --rounds must be >= 1")
     if "lightly" in args.impl:
         try:
             import lightly  # noqa: F401
@@ -314,9 +360,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    peak = peak_tflops(args, device)
-    results = run(args)
-    text = report(results, args, peak)
+    if args.flops_only:
+        text = flops_report(args)
+        results: list[Result] = []
+    else:
+        peak = peak_tflops(args, device)
+        results = run(args)
+        text = report(results, args, peak)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
