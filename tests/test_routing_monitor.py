@@ -40,7 +40,11 @@ def fit(module, monitor, epochs: int = 2, batches: int = 3, **trainer_kwargs):
 def test_epoch_matrix_nmi_and_images_match_the_training_assignments(tmp_path):
     L.seed_everything(0)
     monitor = RoutingMonitor(teacher_every_n_steps=1, image_dir=str(tmp_path))
-    trainer, recorder = fit(tiny_module(), monitor)
+    module = tiny_module()
+    logits: list[torch.Tensor] = []  # teacher router logits of every training step
+    module.teacher["projector"].register_forward_hook(lambda m, i, o: logits.append(o.router_logits.clone()))
+    trainer, recorder = fit(module, monitor)
+    assert len(logits) == len(recorder.batches) == 6
     assert [h["epoch"] for h in monitor.history] == [0, 1]
     for h in monitor.history:
         counts = np.zeros((3, 2), dtype=np.int64)  # 3 experts x (xray, pathology)
@@ -51,6 +55,15 @@ def test_epoch_matrix_nmi_and_images_match_the_training_assignments(tmp_path):
         assert h["nmi"] == pytest.approx(normalized_mutual_info(counts))
         assert h["purity"] == pytest.approx(purity(counts))
         assert h["modalities"] == ["xray", "pathology"]
+    # router top-1: arg-max of the teacher router logits averaged over the 2 teacher views
+    for h in monitor.top1_history:
+        counts = np.zeros((3, 2), dtype=np.int64)
+        for (epoch, _, modality), lg in zip(recorder.batches, logits):
+            if epoch == h["epoch"]:
+                top1 = lg.view(2, 8, 3).mean(dim=0).argmax(dim=-1)
+                np.add.at(counts, (top1.numpy(), modality.numpy()), 1)
+        assert h["counts"] == counts.tolist()
+    assert len(monitor.top1_history) == 2
     last = monitor.history[-1]
     metrics = trainer.callback_metrics
     assert float(metrics["route_epoch/nmi"]) == pytest.approx(last["nmi"], abs=1e-6)
@@ -59,11 +72,13 @@ def test_epoch_matrix_nmi_and_images_match_the_training_assignments(tmp_path):
         assert key in metrics
     assert 0 <= float(metrics["route/router_entropy"]) <= 1 and -1 <= float(metrics["teacher/mean_cosine"]) <= 1
     assert "teacher/info" not in metrics  # infonce: no output distribution
+    assert float(metrics["route_top1/nmi"]) == pytest.approx(monitor.top1_history[-1]["nmi"], abs=1e-6)
     for epoch in (0, 1):
-        image = Image.open(tmp_path / f"routing_epoch{epoch:03d}.png")
-        assert image.size == (420, 345)  # max(4, 1.1 * 2 + 2) x max(3, 0.55 * 3 + 1.8) inches
-        assert np.asarray(image.convert("L")).std() > 10
-    assert monitor.warnings == []  # a healthy short run warns about nothing
+        for name in ("routing", "routing_top1"):
+            image = Image.open(tmp_path / f"{name}_epoch{epoch:03d}.png")
+            assert image.size == (420, 345)  # max(4, 1.1 * 2 + 2) x max(3, 0.55 * 3 + 1.8) inches
+            assert np.asarray(image.convert("L")).std() > 10
+    assert [w for w in monitor.warnings if "collapse" in w] == []  # a healthy short run
     assert monitor._hook is None  # the forward hook is removed after fit
 
 
@@ -107,6 +122,23 @@ def test_collapse_warnings_fire_after_the_patience():
     assert sum("expert collapse" in w for w in monitor.warnings) == 1
     assert sum("teacher collapse" in w for w in monitor.warnings) == 1
     assert any("teacher collapse" in str(w.message) for w in record)
+
+
+def test_idle_experts_warning_when_the_router_top1_abandons_experts():
+    """A router biased towards expert 0 sends every image's top-1 there, while Sinkhorn still
+    spreads the training assignment over all experts: only the top-1 matrix shows it."""
+    L.seed_everything(0)
+    module = tiny_module()
+    with torch.no_grad():
+        for part in (module.student, module.teacher):
+            part["projector"].router.bias.copy_(torch.tensor([50.0, 0.0, 0.0]))
+    monitor = RoutingMonitor(log_images=False)
+    with pytest.warns(UserWarning, match=r"idle experts: in epoch 0 .* experts \[1, 2\]"):
+        fit(module, monitor, epochs=2, batches=3)
+    (idle,) = [w for w in monitor.warnings if "idle experts" in w]  # not repeated in epoch 1
+    assert "only 1 of 3 in use" in idle
+    assert monitor.top1_history[0]["expert_load"] == [1.0, 0.0, 0.0]
+    assert monitor.history[0]["experts_used"] == 3  # the balanced training assignment
 
 
 def test_check_counts_streaks_on_the_host():

@@ -17,10 +17,14 @@ from midol.utils.dist import all_reduce_sum, rank, world_size
 class RoutingMonitor(L.Callback):
     """Routing and collapse monitor for :class:`~midol.methods.PretrainModule`.
 
-    Costs no extra forward pass: the expert x modality matrix is accumulated from the teacher's
-    balanced assignment that ``training_step`` returns (``"assignment"``, the expert whose
-    subspace L_cst used) and the batches' ``"modality"`` (reporting only, never a training
-    signal); the teacher statistics are read from the teacher projector's own forward.
+    Costs no extra forward pass. Two expert x modality matrices are accumulated over each epoch
+    of training images, with the batches' ``"modality"`` (reporting only, never a training
+    signal): the teacher's Sinkhorn-balanced *training assignment* that ``training_step``
+    returns (``"assignment"``, the expert whose subspace L_cst used), and the teacher router's
+    per-image *top-1* (arg-max of its logits averaged over the teacher views, no Sinkhorn; what
+    ``midol route`` reports). They differ: Sinkhorn spreads every batch over the experts, so the
+    training assignment stays balanced even when the router's own top-1 has abandoned experts.
+    The router logits and teacher statistics are read from the teacher projector's own forward.
 
     Logged (to every configured logger):
 
@@ -33,16 +37,19 @@ class RoutingMonitor(L.Callback):
       ``softmax(g_T / tau_t)`` before Sinkhorn. (``route/expert_i``, the per-step load, is
       logged by the module itself.)
     * at the end of each training epoch: ``route_epoch/{nmi,purity,load_entropy,max_load,
-      experts_used,load_i}`` over the epoch's training images (all ranks), and the heat-map
-      image (W&B ``log_image``, TensorBoard ``add_image``; PNG files in ``image_dir``).
+      experts_used,load_i}`` of the training assignment and ``route_top1/*`` of the router
+      top-1, over the epoch's training images (all ranks), and their heat-map images (W&B
+      ``log_image``, TensorBoard ``add_image``; PNG files in ``image_dir``).
     * every ``heldout_every_n_epochs`` epochs (0 = never): ``route_heldout/*``, the same numbers
       for the per-image top-1 of the teacher router (what ``midol route`` reports) over at most
       ``heldout_per_modality`` centre-cropped corpus images per modality.
 
     Warnings (``rank_zero_warn``, once per episode):
 
-    * expert collapse: one expert takes more than ``collapse_share`` of a batch's images for
-      ``collapse_patience`` consecutive training batches (MoE only);
+    * expert collapse: one expert takes more than ``collapse_share`` of a batch's training
+      assignment for ``collapse_patience`` consecutive training batches (MoE only);
+    * idle experts: at an epoch end, the router top-1 gives fewer than ``min_expert_share`` of
+      the epoch's images to some experts (warned again only when more experts fall idle);
     * teacher collapse, checked on the steps where the teacher statistics are computed, for
       ``teacher_patience`` consecutive checks: with ``dino_ce``, ``teacher/info`` below
       ``min_teacher_info`` (the teacher's output no longer depends on the image: DINO's
@@ -64,6 +71,7 @@ class RoutingMonitor(L.Callback):
         heldout_every_n_epochs: int = 0,
         heldout_per_modality: int = 200,
         heldout_batch_size: int = 64,
+        min_expert_share: float = 0.01,
         log_images: bool = True,
         image_dir: str | None = None,
     ) -> None:
@@ -79,6 +87,8 @@ class RoutingMonitor(L.Callback):
             raise ValueError(f"teacher_every_n_steps must be >= 1, got {teacher_every_n_steps}")
         if heldout_every_n_epochs < 0:
             raise ValueError(f"heldout_every_n_epochs must be >= 0, got {heldout_every_n_epochs}")
+        if not 0 <= min_expert_share < 1:
+            raise ValueError(f"min_expert_share must lie in [0, 1), got {min_expert_share}")
         if not 0 <= min_teacher_info <= 1 or not -1 <= max_teacher_cosine <= 1:
             raise ValueError("min_teacher_info must lie in [0, 1] and max_teacher_cosine in [-1, 1]")
         self.collapse_share = collapse_share
@@ -90,10 +100,12 @@ class RoutingMonitor(L.Callback):
         self.heldout_every_n_epochs = heldout_every_n_epochs
         self.heldout_per_modality = heldout_per_modality
         self.heldout_batch_size = heldout_batch_size
+        self.min_expert_share = min_expert_share
         self.log_images = log_images
         self.image_dir = image_dir
         # Results, readable after fit: one dict per epoch, and every warning issued.
         self.history: list[dict[str, Any]] = []
+        self.top1_history: list[dict[str, Any]] = []
         self.heldout_history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.last_stats: dict[str, torch.Tensor] = {}  # the latest teacher statistics (device)
@@ -103,8 +115,12 @@ class RoutingMonitor(L.Callback):
         self._hook: Any = None
         self._pl_module: Any = None
         self._every = 1
+        self._armed = False
         self._capture = False
         self._batch_size = 0
+        self._modality: torch.Tensor | None = None
+        self._top1_counts: torch.Tensor | None = None
+        self._idle_warned = 0  # idle experts at the last idle-expert warning
         self._pending: dict[str, torch.Tensor] = {}
         self._shares: list[torch.Tensor] = []  # per batch: (max share, its expert), on device
         self._teacher_values: list[torch.Tensor] = []
@@ -144,14 +160,20 @@ class RoutingMonitor(L.Callback):
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        self._armed = True
         self._capture = trainer.global_step % self._every == 0
         self._batch_size = int(batch["views"][0].shape[0])
+        self._modality = batch.get("modality") if self._modalities else None
 
     @torch.no_grad()
     def _on_teacher_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if not self._armed:
+            return
+        self._armed = False  # the first teacher call of the step is the training one
+        if output.router_logits is not None and self._modality is not None:
+            self._count_top1(output.router_logits)
         if not self._capture:
             return
-        self._capture = False  # the first teacher call of the step is the training one
         pl = self._pl_module
         temp = pl.teacher_temp_at(pl.global_step)
         rep = output.representation
@@ -168,6 +190,15 @@ class RoutingMonitor(L.Callback):
             stats["route/router_entropy"] = routing["entropy"]
             stats["route/router_info"] = routing["info"]
         self._pending = stats
+
+    def _count_top1(self, router_logits: torch.Tensor) -> None:
+        n = router_logits.shape[-1]
+        k = len(self._modalities)
+        top1 = router_logits.detach().float().view(-1, self._batch_size, n).mean(dim=0).argmax(dim=-1)
+        if self._top1_counts is None:
+            self._top1_counts = torch.zeros(n * k, dtype=torch.long, device=top1.device)
+        flat = top1 * k + self._modality.to(top1.device)
+        self._top1_counts.index_add_(0, flat, torch.ones_like(flat))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -258,8 +289,32 @@ class RoutingMonitor(L.Callback):
                 self._log_report(pl_module, "route_epoch", report)
                 self._log_heatmap(trainer, counts, f"epoch {epoch}: training assignment", "route_epoch/matrix",
                                   f"routing_epoch{epoch:03d}.png")
+        if self._top1_counts is not None:
+            n, k = int(pl_module.num_experts), len(self._modalities)
+            counts = all_reduce_sum(self._top1_counts).view(n, k).cpu()
+            self._top1_counts = None
+            if counts.sum() > 0:
+                report = routing_report(counts, self._modalities)
+                self.top1_history.append({"epoch": epoch, "step": trainer.global_step, **report})
+                self._log_report(pl_module, "route_top1", report)
+                self._log_heatmap(trainer, counts, f"epoch {epoch}: teacher router top-1 (training images)",
+                                  "route_top1/matrix", f"routing_top1_epoch{epoch:03d}.png")
+                self._check_idle(report, epoch)
         if self.heldout_every_n_epochs and (epoch + 1) % self.heldout_every_n_epochs == 0:
             self._heldout(trainer, pl_module, epoch)
+
+    def _check_idle(self, report: dict[str, Any], epoch: int) -> None:
+        idle = [i for i, share in enumerate(report["expert_load"]) if share < self.min_expert_share]
+        if len(idle) > self._idle_warned:
+            self._idle_warned = len(idle)
+            self._warn(
+                f"idle experts: in epoch {epoch} the teacher router's top-1 gave experts {idle} "
+                f"less than {self.min_expert_share:.0%} of the images (only "
+                f"{report['experts'] - len(idle)} of {report['experts']} in use; loads "
+                + ", ".join(f"{x:.2f}" for x in report["expert_load"])
+                + "), although Sinkhorn keeps the training assignment balanced. Modalities are "
+                "being merged onto fewer experts; see docs/analysis.md for counter-measures."
+            )
 
     def _log_report(self, pl_module: L.LightningModule, prefix: str, report: dict[str, Any]) -> None:
         values = {f"{prefix}/{key}": float(report[key])
