@@ -172,7 +172,8 @@ def test_analyze_confusion_matrix_of_a_fine_tuned_classifier(run_dir, tmp_path, 
     config = tmp_path / "classify.yaml"
     config.write_text(
         "seed_everything: 0\n"
-        "trainer: {accelerator: cpu, devices: 1, max_steps: 3, logger: false, enable_checkpointing: false,\n"
+        f"trainer: {{accelerator: cpu, devices: 1, max_steps: 3, logger: false, enable_checkpointing: false,\n"
+        f"  default_root_dir: {tmp_path},\n"  # LightningCLI writes config.yaml there, not in the repo
         "  enable_progress_bar: false, enable_model_summary: false, num_sanity_val_steps: 0}\n"
         "model:\n  class_path: midol.methods.ClassificationModule\n"
         f"  init_args: {{init_checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}, num_classes: 2, linear_probe: true, lr: 0.05}}\n"
@@ -217,7 +218,7 @@ def test_embedding_methods_and_the_missing_umap_error():
     # two well-separated clusters stay separated in every 2-D embedding
     x = np.concatenate([rng.normal(0, 1, (20, 16)), rng.normal(12, 1, (20, 16))])
     for method in ("tsne", "pca"):
-        points = embed_2d(x, method, seed=0, perplexity=5)
+        points = embed_2d(x, method, seed=0, perplexity=5, threads=1)
         assert points.shape == (40, 2) and np.isfinite(points).all()
         a, b = points[:20].mean(axis=0), points[20:].mean(axis=0)
         spread = max(points[:20].std(axis=0).max(), points[20:].std(axis=0).max())

@@ -33,19 +33,12 @@ SPLITS = {
 }
 
 
-_CLI: list = []
-
-
 def build(config: Path, ckpt: Path):
-    """LightningCLI(run=False) on ``config``; the parser (slow to build) is made once and reused."""
+    """LightningCLI(run=False) on ``config`` with ``ckpt`` in place of the pre-training run it
+    names. A fresh parser each time: re-parsing into a reused LightningCLI kept the first
+    config's values with some jsonargparse releases."""
     args = ["--config", str(config), *ON_CPU, f"--model.init_args.init_checkpoint={ckpt}"]
-    if not _CLI:
-        _CLI.append(run_lightning(args, run=False))
-        return _CLI[0]
-    cli = _CLI[0]
-    cli.config = cli.parser.parse_args(args)
-    cli.instantiate_classes()
-    return cli
+    return run_lightning(args, run=False)
 
 
 def test_paper_configs_cover_table_4():

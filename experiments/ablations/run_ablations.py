@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import yaml
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,6 +171,8 @@ def main() -> int:
     if not SHARED_DATA.is_dir():
         raise SystemExit(f"needs the shared datasets at {SHARED_DATA}")
     torch.set_num_threads(ns.threads)
+    # scikit-learn's OpenMP threads (k-means, t-SNE) busy-wait on a loaded machine
+    threadpool_limits(limits=ns.threads)
     base = merge(yaml.safe_load(BASE.read_text()), yaml.safe_load(SHARED.read_text()))
     base["data"]["init_args"]["num_workers"] = ns.num_workers
     rows = yaml.safe_load(ROWS.read_text())["rows"]
@@ -196,7 +199,8 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "device": f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {ns.num_workers} data worker(s)",
         "load_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO) if Path(sys.argv[0]).is_absolute() else sys.argv[0]), *sys.argv[1:]]),
+        "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+        + "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO) if Path(sys.argv[0]).is_absolute() else sys.argv[0]), *sys.argv[1:]]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "epochs": ns.max_epochs, "samples_per_epoch": spe, "steps": ns.max_epochs * (spe // bs),
         "seed": ns.seed, "per_modality": ns.per_modality,

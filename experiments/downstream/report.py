@@ -113,11 +113,21 @@ def markdown_table(
     return text
 
 
-def per_seed_table(results: Mapping[str, Mapping[int, Mapping[str, float]]], metrics: Sequence[str]) -> str:
-    """Every run's value (%), for auditing the summary."""
-    lines = ["| Backbone | Seed | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+def per_seed_table(
+    results: Mapping[str, Mapping[int, Mapping[str, float]]],
+    metrics: Sequence[str],
+    runs_info: Mapping[str, Mapping[int, Mapping[str, object]]] | None = None,
+) -> str:
+    """Every run's value (%), for auditing the summary; with ``runs_info`` also each run's
+    finishing time, wall time and the load average before it."""
+    extra = ["finished", "wall (s)", "load before (1/5/15 min)"] if runs_info else []
+    head = [*metrics, *extra]
+    lines = ["| Backbone | Seed | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     for backbone, runs in results.items():
         for seed in sorted(runs):
-            lines.append(f"| {backbone} | {seed} | "
-                         + " | ".join(fmt_pct(runs[seed].get(m, float("nan"))) for m in metrics) + " |")
+            cells = [fmt_pct(runs[seed].get(m, float("nan"))) for m in metrics]
+            if runs_info:
+                info = runs_info[backbone][seed]
+                cells += [str(info.get("finished", "")), str(info.get("wall_s", "")), str(info.get("load_before", ""))]
+            lines.append(f"| {backbone} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

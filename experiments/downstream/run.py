@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for task, entry in spec["tasks"].items():
         results: dict[str, dict[int, dict[str, float]]] = {}
+        runs_info: dict[str, dict[int, dict[str, Any]]] = {}
         runs = []
         for name, backbone in backbones.items():
-            results[name] = {}
+            results[name], runs_info[name] = {}, {}
             for seed in seeds:
                 run_dir = workdir / slug(task) / slug(name) / f"seed{seed}"
                 overrides = {**common, **expand(entry.get("overrides", {}), workdir), **backbone}
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[runner] {task} | {name} | seed {seed}", flush=True)
                 out = run_once("downstream", cfg, run_dir / "result.json", test=True)
                 results[name][seed] = out["metrics"]
+                runs_info[name][seed] = out
                 runs.append(out)
                 shown = ", ".join(f"{m}={out['metrics'].get(m, float('nan')):.4f}" for m in metrics)
                 print(f"[runner]   {shown} ({out['wall_s']} s, load {out['load_before']})", flush=True)
@@ -221,16 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(results, metrics, skipped)
             + f"\nMean ± sample std (ddof = 1) over seeds, in %. Fit + test wall time of the "
             f"{len(runs)} runs: {wall / 60:.1f} min.\n\n<details><summary>Per-seed values</summary>\n\n"
-            + per_seed_table(results, metrics) + "\n</details>\n"
+            + per_seed_table(results, metrics, runs_info) + "\n</details>\n"
         )
 
     lines = [
         f"# Downstream results: {spec['name']}\n",
         spec.get("description", "").strip() + "\n" if spec.get("description") else "",
         f"* Command: `{command}` (spec: `{ns.spec}`)",
-        f"* Date: {started.date().isoformat()} (started {started.isoformat(timespec='seconds')}, "
-        f"total wall time {(time.time() - t0) / 60:.1f} min including runs reused from earlier invocations: "
-        "see each run's result.json)",
+        f"* Date: {started.date().isoformat()} (this invocation started {started.isoformat(timespec='seconds')} "
+        f"and took {(time.time() - t0) / 60:.1f} min; runs finished by earlier invocations were reused, "
+        "each run's own date, wall time and load are in its result.json)",
         f"* Device: {device_description()}; load average (1/5/15 min) at the end: {load_average()}",
         f"* Software: {software_versions()}",
         f"* Common overrides: `{json.dumps(common)}`",

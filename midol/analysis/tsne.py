@@ -7,6 +7,7 @@ from typing import Literal
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from threadpoolctl import threadpool_limits
 
 from midol.analysis.plotting import new_figure
 
@@ -14,11 +15,19 @@ Method = Literal["tsne", "umap", "pca"]
 
 
 def embed_2d(features: np.ndarray, method: Method = "tsne", seed: int = 0,
-             perplexity: float = 30.0) -> np.ndarray:
+             perplexity: float = 30.0, threads: int | None = None) -> np.ndarray:
     """N x 2 coordinates of N x d features. ``tsne``: scikit-learn's Barnes-Hut
     t-SNE with PCA initialisation (perplexity capped at (N - 1) / 3, as it must be
     below N); ``umap``: umap-learn (an optional dependency); ``pca``: the first two principal
-    components."""
+    components. ``threads`` caps the OpenMP/BLAS threads (None: the libraries' default); on a
+    machine shared with other jobs, OpenMP threads busy-wait and one thread can be 100x faster
+    (measured: t-SNE of 48 points, 25 s with the default vs 0.1 s with 1 thread, 2 loaded cores).
+    """
+    with threadpool_limits(limits=threads):
+        return _embed(features, method, seed, perplexity)
+
+
+def _embed(features: np.ndarray, method: Method, seed: int, perplexity: float) -> np.ndarray:
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 5:
         raise ValueError(f"need an N x d feature matrix with N >= 5, got {x.shape}")

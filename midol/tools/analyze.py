@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0, help="image sampling and embedding seed")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for t-SNE/k-means (default 1: on a shared machine OpenMP threads "
+                   "busy-wait; raise it on a dedicated one for many images)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -63,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
 def _check(ns: argparse.Namespace) -> None:
     if (ns.classifier is None) != (ns.classifier_config is None):
         raise ValueError("--classifier and --classifier-config go together")
+    if ns.threads < 1:
+        raise ValueError("--threads must be >= 1")
     if ns.per_modality < 0 or ns.gradcam_per_modality < 0 or ns.batch_size < 1 or ns.num_workers < 0:
         raise ValueError("--per-modality/--gradcam-per-modality must be >= 0, --batch-size >= 1, --num-workers >= 0")
 
@@ -147,6 +152,43 @@ def classifier_analysis(ns: argparse.Namespace, device: torch.device, out: Path)
     return result
 
 
+def embedding_stage(routed: RoutedImages, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``embedding.png`` and, with >= 2 modalities, the k-means NMI of the teacher features
+    (k = number of modalities) against the modality."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    from midol.analysis.tsne import embed_2d, embedding_figure
+
+    points = embed_2d(routed.features, ns.embedding, ns.seed, ns.perplexity, ns.threads)
+    label = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[ns.embedding]
+    save_figure(embedding_figure(points, routed.modality, routed.modalities, routed.expert,
+                                 routed.num_experts, label), out / "embedding.png")
+    result: dict[str, Any] = {"file": "embedding.png", "method": ns.embedding, "perplexity": ns.perplexity}
+    k = len(routed.modalities)
+    if k >= 2:
+        with threadpool_limits(limits=ns.threads):
+            clusters = KMeans(k, n_init=10, random_state=ns.seed).fit_predict(routed.features)
+        table = np.zeros((k, k), dtype=np.int64)
+        np.add.at(table, (clusters, routed.modality), 1)
+        result["kmeans_nmi"] = normalized_mutual_info(table)
+    return result
+
+
+def loss_curve_stage(ns: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """``loss_curves.png`` from ``--metrics`` or the run's newest metrics.csv; None if none."""
+    from midol.analysis.curves import DEFAULT_KEYS, find_metrics, loss_curves, read_metrics
+
+    found = find_metrics(ns.checkpoint)
+    files = ns.metrics or ([found] if found else [])
+    if not files:
+        return None
+    series = read_metrics(files)
+    save_figure(loss_curves(series, DEFAULT_KEYS, ns.smoothing), out / "loss_curves.png")
+    finals = {f"final_{k.split('/')[-1]}": float(series[k][1][-1]) for k in DEFAULT_KEYS if k in series}
+    return {"file": "loss_curves.png", "metrics": [str(m) for m in files], **finals}
+
+
 def main(argv: list[str]) -> int:
     ns = parser().parse_args(argv)
     _check(ns)
@@ -183,34 +225,14 @@ def main(argv: list[str]) -> int:
                 out / "routing_matrix.png")
     done("routing matrix")
 
-    from midol.analysis.tsne import embed_2d, embedding_figure
-
-    points = embed_2d(routed.features, ns.embedding, ns.seed, ns.perplexity)
-    label = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[ns.embedding]
-    save_figure(embedding_figure(points, routed.modality, list(corpus.modalities), routed.expert,
-                                 routed.num_experts, label), out / "embedding.png")
-    summary["embedding"] = {"file": "embedding.png", "method": ns.embedding, "perplexity": ns.perplexity}
-    if len(corpus.modalities) >= 2:
-        from sklearn.cluster import KMeans
-
-        clusters = KMeans(len(corpus.modalities), n_init=10, random_state=ns.seed).fit_predict(routed.features)
-        table = np.zeros((len(corpus.modalities), len(corpus.modalities)), dtype=np.int64)
-        np.add.at(table, (clusters, routed.modality), 1)
-        summary["embedding"]["kmeans_nmi"] = normalized_mutual_info(table)
+    summary["embedding"] = embedding_stage(routed, ns, out)
     done("embedding")
 
-    from midol.analysis.curves import DEFAULT_KEYS, find_metrics, loss_curves, read_metrics
-
-    metrics_files = ns.metrics or ([found] if (found := find_metrics(ns.checkpoint)) else [])
-    if metrics_files:
-        series = read_metrics(metrics_files)
-        save_figure(loss_curves(series, DEFAULT_KEYS, ns.smoothing), out / "loss_curves.png")
-        summary["loss_curves"] = {
-            "file": "loss_curves.png", "metrics": [str(m) for m in metrics_files],
-            **{f"final_{k.split('/')[-1]}": float(series[k][1][-1]) for k in DEFAULT_KEYS if k in series},
-        }
-    else:
+    curves = loss_curve_stage(ns, out)
+    if curves is None:
         summary["skipped"]["loss_curves"] = "no metrics.csv under the checkpoint's run folder (pass --metrics)"
+    else:
+        summary["loss_curves"] = curves
     done("loss curves")
 
     if ns.gradcam_per_modality:
@@ -226,7 +248,10 @@ def main(argv: list[str]) -> int:
     done("classifier")
     bar.close()
 
-    summary["files"] = sorted(p.name for p in out.glob("*.png"))
+    written = ["routing_matrix.png"] + [summary[k]["file"] for k in ("embedding", "loss_curves", "gradcam",
+                                                                     "classifier") if k in summary]
+    written += [summary["classifier"]["gradcam_file"]] if "gradcam_file" in summary.get("classifier", {}) else []
+    summary["files"] = sorted(written)
     (out / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = summary["routing"]
     nmi = f"NMI {report['nmi']:.4f}, purity {report['purity']:.4f}, " if "nmi" in report else ""
