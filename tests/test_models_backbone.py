@@ -23,6 +23,26 @@ def test_tiny_swin_pooled_features_at_two_resolutions():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 192)  # strict_img_size off
 
 
+def test_swin_built_for_one_size_runs_another_with_that_sizes_masks():
+    """A Swin built for 128 px, fed 64 px views (as the local views of a pre-training run), must
+    equal a Swin built for 64 px with the same weights: the shifted-window masks are made for
+    the input. Every stage has a shifted block (depth 2) and is larger than the window at both
+    sizes, so both models use the same windows and shifts; only the masks could differ."""
+    arch = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=2)
+    big = build_backbone("swin_tiny_patch4_window7_224", {**arch, "img_size": 128}).eval()
+    small = build_backbone("swin_tiny_patch4_window7_224", {**arch, "img_size": 64}).eval()
+    small.load_state_dict(big.state_dict())
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = small(x)
+        torch.testing.assert_close(big(x), reference, rtol=0, atol=1e-6)
+        # the mask matters: without it (the bug this guards against) the features differ
+        for block in big.modules():
+            if hasattr(block, "dynamic_mask"):
+                block.dynamic_mask, block.attn_mask = False, None
+        assert (big(x) - reference).abs().max() > 1e-3
+
+
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown timm model"):
         build_backbone("no_such_model_xyz")

@@ -28,20 +28,35 @@ def build_backbone(
     """Create a timm model that returns pooled features (``num_classes=0``).
 
     ``overrides`` go to ``timm.create_model`` (tests build a tiny Swin through this same path).
-    Patch embeddings accept any input size (``strict_img_size=False``) so 96 px local views
-    run through a 224 px Swin. Nothing is downloaded: ``init_checkpoint`` is a local file.
+    The model accepts any input size, so 96 px local views run through a 224 px Swin (see
+    :func:`enable_dynamic_size`). Nothing is downloaded: ``init_checkpoint`` is a local file.
     """
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **(overrides or {}))
     except RuntimeError as err:  # timm raises RuntimeError for an unknown name
         raise ValueError(f"unknown timm model {name!r}: {err}") from err
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
-        patch_embed.strict_img_size = False
+    enable_dynamic_size(model)
     if init_checkpoint is not None:
         load_backbone_weights(model, init_checkpoint)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    return model
+
+
+def enable_dynamic_size(model: nn.Module) -> nn.Module:
+    """Let a timm model run at any input size; for Swin, with correct attention masks.
+
+    Turning off the patch embedding's size check is not enough: timm stores each shifted-window
+    block's attention mask for ``img_size`` at construction, and at another size that mask no
+    longer fits the windows (a crash, or for some batch sizes masks applied to the wrong
+    windows). ``dynamic_mask`` makes every block build the mask for the input it gets, as
+    ``timm.create_model(..., strict_img_size=False)`` does; the weights are unchanged."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
+        patch_embed.strict_img_size = False
+    for module in model.modules():
+        if hasattr(module, "dynamic_mask"):
+            module.dynamic_mask = True
     return model
 
 

@@ -64,21 +64,6 @@ def detect_format(checkpoint: str | Path | None) -> Literal["midol", "exported",
     return "timm"
 
 
-def enable_dynamic_size(model: nn.Module) -> nn.Module:
-    """Let a timm Swin run at any input size with correct attention masks.
-
-    ``build_backbone`` turns off the patch embedding's size check after construction, but timm
-    fixes each Swin block's shifted-window mask for ``img_size`` at construction
-    (``dynamic_mask=not strict_img_size``): at another size the stored mask no longer fits the
-    windows (a crash, or for some batch sizes masks applied to the wrong windows). Computing the
-    mask per input (``dynamic_mask``) is what ``timm.create_model(..., strict_img_size=False)``
-    does; the weights are unchanged."""
-    for module in model.modules():
-        if hasattr(module, "dynamic_mask"):
-            module.dynamic_mask = True
-    return model
-
-
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
@@ -118,7 +103,7 @@ def load_backbone(
     if fmt == "timm":
         if backbone is None:
             raise ValueError("name the timm model (backbone: ...) when no midol checkpoint is given")
-        model = enable_dynamic_size(build_backbone(backbone, user_kwargs, checkpoint, grad_checkpointing))
+        model = build_backbone(backbone, user_kwargs, checkpoint, grad_checkpointing)
         source = f"timm weights {checkpoint}" if checkpoint else "random init"
         return model, BackboneInfo(backbone, user_kwargs, source, user_kwargs.get("img_size"))
     if checkpoint is None:
@@ -140,6 +125,6 @@ def load_backbone(
         raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
     _check_name(backbone, name, path)
     overrides.update(user_kwargs)
-    model = enable_dynamic_size(build_backbone(name, overrides, grad_checkpointing=grad_checkpointing))
+    model = build_backbone(name, overrides, grad_checkpointing=grad_checkpointing)
     _load_strict(model, state, path)
     return model, BackboneInfo(name, overrides, f"{fmt} {path}", image_size)
