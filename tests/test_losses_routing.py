@@ -105,7 +105,7 @@ def _make_logits(ms: int, mt: int, B: int, N: int, seed: int, t_scale: float = 1
 
 def test_reference_is_sane() -> None:
     """Two views that agree perfectly on a balanced one-hot routing give ~0 loss."""
-    B = N = 4
+    N = 4
     one_hot = torch.eye(N) * 50.0
     student = [one_hot.clone(), one_hot.clone()]
     teacher = [one_hot.clone(), one_hot.clone()]

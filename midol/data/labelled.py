@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from midol.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
+from midol.data.sources import resolve_kind
 from midol.data.splits import seeded_split
 from midol.data.task_transforms import ClassificationTrainTransform, EvalTransform
 
@@ -54,18 +55,7 @@ class LabelledSource:
     root: str | None = None
 
     def resolved_kind(self) -> Literal["folder", "csv", "npz"]:
-        path = os.path.expanduser(self.path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"labelled data not found: {self.path}")
-        if self.kind != "auto":
-            return self.kind
-        if path.lower().endswith(".npz"):
-            return "npz"
-        if path.lower().endswith(".csv"):
-            return "csv"
-        if os.path.isdir(path):
-            return "folder"
-        raise ValueError(f"{self.path}: kind 'auto' needs a folder, a .csv or a .npz; set kind")
+        return resolve_kind(self.path, self.kind, f"labelled data {self.path!r}")
 
 
 class ImageTable:

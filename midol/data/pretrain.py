@@ -7,15 +7,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from midol.data.image_io import UnreadableImageError, UnreadableImageWarning
+from midol.data.multicrop_module import MultiCropDataModule
 from midol.data.sampler import Draw, ResumableDataLoader, WeightedSourceSampler
 from midol.data.sources import DataSource, ResolvedSource, resolve_source
-from midol.data.transforms import EvalTransform, MultiCropTransform
+from midol.data.transforms import EvalTransform
 
 
 def unique_modalities(sources: Sequence[DataSource]) -> list[str]:
@@ -202,7 +202,7 @@ def _init_worker(worker_id: int) -> None:
             reseed(info.seed % 2**32)
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(MultiCropDataModule):
     """Unlabelled multi-modality images as multi-crop views for self-supervised pre-training.
 
     Batches: ``{"views": [M x (B, 3, H, W) uint8], "modality": (B,), "index": (B,), "skipped":
@@ -243,30 +243,12 @@ class PretrainDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         eval_size: int | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.sources = list(sources)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.samples_per_epoch = samples_per_epoch
-        self.seed = seed
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.global_size = global_size
-        self.eval_size = eval_size if eval_size is not None else global_size
-        # Built here so that bad view settings fail when the config is instantiated.
-        self.transform = MultiCropTransform(
-            global_size=global_size,
-            local_size=local_size,
-            num_global=num_global,
-            num_local=num_local,
-            global_scale=global_scale,
-            local_scale=local_scale,
-            seed=seed,
+        super().__init__(
+            batch_size, num_workers, global_size, local_size, num_global, num_local,
+            global_scale, local_scale, seed, pin_memory, persistent_workers, eval_size,
         )
+        self.sources = list(sources)
+        self.samples_per_epoch = samples_per_epoch
         self.corpus: Corpus | None = None
         self.dataset: PretrainDataset | None = None
 
@@ -274,18 +256,6 @@ class PretrainDataModule(L.LightningDataModule):
     def modalities(self) -> list[str]:
         """Unique modality names in source order; batch ``"modality"`` values index this list."""
         return unique_modalities(self.sources)
-
-    @property
-    def num_global(self) -> int:
-        return self.transform.num_global
-
-    @property
-    def num_local(self) -> int:
-        return self.transform.num_local
-
-    @property
-    def num_views(self) -> int:
-        return self.transform.num_views
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the sources and check that at least one image decodes."""

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -45,6 +44,7 @@ from midol.data.image_io import (
     UnreadableImageWarning,
     _to_rgb_array,
 )
+from midol.data.multicrop_module import MultiCropDataModule
 from midol.data.pretrain import RoutingCollate, pretrain_collate
 from midol.data.sources import DataSource, FileListSource, resolve_source
 from midol.data.transforms import EvalTransform, MultiCropTransform
@@ -437,7 +437,7 @@ class _EvalStream(IterableDataset):
                        "path": origin}
 
 
-class ShardedPretrainDataModule(L.LightningDataModule):
+class ShardedPretrainDataModule(MultiCropDataModule):
     """Multi-crop views streamed from WebDataset shards (see :func:`write_shards`).
 
     Batches are those of :class:`~midol.data.PretrainDataModule`, with ``index`` the sample's
@@ -480,30 +480,18 @@ class ShardedPretrainDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         eval_size: int | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        super().__init__(
+            batch_size, num_workers, global_size, local_size, num_global, num_local,
+            global_scale, local_scale, seed, pin_memory, persistent_workers, eval_size,
+        )
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         self.shard_index = ShardIndex.load(index)
         self.weights = self._weights(modality_weights)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.samples_per_epoch = samples_per_epoch or self.shard_index.num_samples()
         self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.global_size = global_size
-        self.eval_size = eval_size if eval_size is not None else global_size
-        self.transform = MultiCropTransform(
-            global_size=global_size, local_size=local_size, num_global=num_global,
-            num_local=num_local, global_scale=global_scale, local_scale=local_scale, seed=seed,
-        )
 
     def _weights(self, given: dict[str, float] | None) -> dict[str, float]:
         idx = self.shard_index
@@ -523,18 +511,6 @@ class ShardedPretrainDataModule(L.LightningDataModule):
     @property
     def modalities(self) -> list[str]:
         return self.shard_index.modalities
-
-    @property
-    def num_global(self) -> int:
-        return self.transform.num_global
-
-    @property
-    def num_local(self) -> int:
-        return self.transform.num_local
-
-    @property
-    def num_views(self) -> int:
-        return self.transform.num_views
 
     def expected_shares(self) -> dict[str, float]:
         total = sum(self.weights.values())

@@ -57,21 +57,24 @@ class DataSource:
 
     def resolved_kind(self) -> Literal["folder", "csv", "npz"]:
         """The concrete kind; raises when ``auto`` cannot decide or the path is missing."""
-        path = os.path.expanduser(self.path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{self.describe()}: path does not exist")
-        if self.kind != "auto":
-            return self.kind
-        if path.lower().endswith(".npz"):
-            return "npz"
-        if path.lower().endswith(".csv"):
-            return "csv"
-        if os.path.isdir(path):
-            return "folder"
-        raise ValueError(
-            f"{self.describe()}: kind 'auto' needs a folder, a .csv or a .npz file; "
-            "set kind explicitly"
-        )
+        return resolve_kind(self.path, self.kind, self.describe())
+
+
+def resolve_kind(path: str, kind: str, name: str) -> Literal["folder", "csv", "npz"]:
+    """``kind`` unless it is ``auto``: then npz / csv by suffix, folder for a directory.
+    ``name`` starts the error messages (a missing path, an undecidable ``auto``)."""
+    full = os.path.expanduser(path)
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"{name}: path does not exist")
+    if kind != "auto":
+        return kind  # type: ignore[return-value]
+    if full.lower().endswith(".npz"):
+        return "npz"
+    if full.lower().endswith(".csv"):
+        return "csv"
+    if os.path.isdir(full):
+        return "folder"
+    raise ValueError(f"{name}: kind 'auto' needs a folder, a .csv or a .npz file; set kind explicitly")
 
 
 class ResolvedSource:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from midol.losses.routing import cross_view_mask
-from midol.utils.dist import all_reduce_sum, gather_no_grad, rank, world_size
+from midol.utils.dist import all_reduce_sum, gather_no_grad, world_size
 
 
 def _check_inputs(
