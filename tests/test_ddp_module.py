@@ -35,11 +35,8 @@ VARIANTS = ("infonce", "dino_ce")
 
 def make_module(cst_loss: str):
     # No stochastic depth: it would draw different random numbers in one and two processes.
-    # dynamic_img_size: the 16 px local views get their own shifted-window mask, so an image's
-    # features do not depend on the other images of its batch.
     return tiny_module(
-        cst_loss=cst_loss, num_global_views=2,
-        backbone_kwargs={**TINY_SWIN, "drop_path_rate": 0.0, "dynamic_img_size": True},
+        cst_loss=cst_loss, num_global_views=2, backbone_kwargs={**TINY_SWIN, "drop_path_rate": 0.0},
     )
 
 

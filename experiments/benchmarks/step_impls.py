@@ -61,27 +61,20 @@ class Preset:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# dynamic_img_size: timm's Swin builds its shifted-window attention mask for the size it was
-# created with; local views of another size need the mask computed per input (without it a
-# batch of 96 px views is masked with the 224 px pattern, or fails, depending on batch size).
-_DYNAMIC = {"dynamic_img_size": True}
-
 PRESETS: dict[str, Preset] = {
     # The paper's model and head (spec §1): Swin-B, 5 experts 1024-2048-1024, 65536-d l.
-    "swin_base": Preset("swin_base_patch4_window7_224", dict(_DYNAMIC), 224, 96),
+    "swin_base": Preset("swin_base_patch4_window7_224", {}, 224, 96),
     # The demo's tiny Swin (configs/pretrain/demo.yaml), views 64 / 32 px.
     "tiny": Preset(
         "swin_tiny_patch4_window7_224",
-        dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=4,
-             **_DYNAMIC),
+        dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=4),
         64, 32, num_experts=4, expert_hidden_dim=256, bottleneck_dim=128, out_dim=1024,
         lightly_bottleneck=64,
     ),
     # The smallest Swin the tests use (tests/_tiny.py), views 32 / 16 px: seconds on a CPU.
     "micro": Preset(
         "swin_tiny_patch4_window7_224",
-        dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2,
-             **_DYNAMIC),
+        dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2),
         32, 16, num_experts=3, expert_hidden_dim=32, bottleneck_dim=16, out_dim=64,
         lightly_bottleneck=16,
     ),
