@@ -5,7 +5,7 @@ linear probe (logistic regression on frozen teacher features) on three labelled 
 
 Run from the repository root (writes outputs/ablations/<row>/ and the results file):
 
-    .venv/bin/python experiments/ablations/run_ablations.py --out experiments/results/ablation_2026-11-22.md
+    .venv/bin/python experiments/ablations/run_ablations.py --out experiments/results/ablation_2026-12-01.md
 
 Options: --rows no_moe,midol (a subset), --max-epochs, --seed, --per-modality.
 The results file is rewritten after every row, so an interrupted run keeps its finished rows.
