@@ -78,6 +78,9 @@ def test_sync_audit_finds_no_unintended_sync_in_the_module(step_results) -> None
         # The non-finite check reads one bool per step on purpose; nothing else in the module
         # (no bincount, no float logging, no progress-bar read-back) may sync.
         assert all("_check_finite" in s for s in module_sites), sites
+        # The losses need no host read-back either (pair counts are known on the host, expert
+        # counts use index_add_, no boolean-mask indexing).
+        assert not [s for s in r.sync_sites if "losses/" in s], sites
         assert "[lightning" not in sites, sites
 
 

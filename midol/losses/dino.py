@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from midol.losses.routing import cross_view_mask
+from midol.losses.routing import count_cross_view_pairs, sum_over_cross_view_pairs
 from midol.utils.dist import all_reduce_sum, world_size
 
 
@@ -23,19 +23,14 @@ def dino_cross_entropy(
     ``-sum_d softmax((t_g - center) / teacher_temp)_d * log_softmax(s_j / student_temp)_d``."""
     if len(student_out) == 0 or len(teacher_out) == 0:
         raise ValueError("dino_cross_entropy needs at least one student and one teacher view")
-    pairs = cross_view_mask(len(student_out), len(teacher_out), center.device)
-    if not pairs.any():
-        raise ValueError(
-            f"dino_cross_entropy needs a pair of different views; got {len(student_out)} "
-            f"student and {len(teacher_out)} teacher view(s)"
-        )
+    pairs = count_cross_view_pairs(len(student_out), len(teacher_out), "dino_cross_entropy")
     # float32: softmax over 65536 logits sharpened by 1/0.04 is not safe in bf16.
     targets = torch.stack(
         [((t.detach().float() - center) / teacher_temp).softmax(dim=-1) for t in teacher_out]
     )
     log_probs = torch.stack([(s.float() / student_temp).log_softmax(dim=-1) for s in student_out])
     cross = -torch.einsum("gbd,jbd->jg", targets, log_probs)
-    return cross[pairs].sum() / (pairs.sum() * log_probs.shape[1])
+    return sum_over_cross_view_pairs(cross) / (pairs * log_probs.shape[1])
 
 
 class DINOLoss(nn.Module):

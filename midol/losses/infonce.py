@@ -71,7 +71,7 @@ def expert_infonce_loss(
         _check_inputs(student, teacher, assignment, num_experts)
     num_student, batch, _ = student.shape
     views = cross_view_mask(num_student, teacher.shape[0], student.device)
-    if not views.any(dim=1).all():
+    if teacher.shape[0] < 2:  # student view 0 would pair only with its own crop
         raise ValueError(
             f"expert_infonce_loss: with {num_student} student and {teacher.shape[0]} teacher "
             "view(s) some student view has no other teacher view to pair with"
@@ -93,8 +93,11 @@ def expert_infonce_loss(
 
     per_image = (numerator - denominator).sum(dim=0)  # sum over student views j
     local_sums = per_image.new_zeros(num_experts).index_add_(0, assignment, per_image)
-    counts = all_reduce_sum(torch.bincount(assignment, minlength=num_experts).to(per_image))
+    # index_add_, not bincount, and no boolean indexing: both read values back to the host
+    local_counts = per_image.new_zeros(num_experts).index_add_(0, assignment, torch.ones_like(per_image))
+    counts = all_reduce_sum(local_counts.detach())
     nonempty = counts > 0
+    # an expert with no image has local_sums = 0, so it adds 0 to the sum
     per_expert = -local_sums / (counts.clamp(min=1) * num_student)
-    experts = nonempty.sum() if expert_mean == "nonempty" else num_experts
-    return per_expert[nonempty].sum() / experts * world_size()
+    experts = nonempty.sum().clamp(min=1) if expert_mean == "nonempty" else num_experts
+    return per_expert.sum() / experts * world_size()

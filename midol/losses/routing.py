@@ -17,6 +17,24 @@ def cross_view_mask(num_student: int, num_teacher: int, device: torch.device | N
     return ~torch.eye(num_student, num_teacher, dtype=torch.bool, device=device)
 
 
+def count_cross_view_pairs(num_student: int, num_teacher: int, name: str) -> int:
+    """Number of view pairs (j, g) with j != g; raises when there is none. Counted on the host,
+    so that the losses need no boolean indexing (a device-to-host sync on CUDA)."""
+    count = num_student * num_teacher - min(num_student, num_teacher)
+    if count == 0:
+        raise ValueError(
+            f"{name} needs a pair of different views; got {num_student} student and "
+            f"{num_teacher} teacher view(s)"
+        )
+    return count
+
+
+def sum_over_cross_view_pairs(cross: torch.Tensor) -> torch.Tensor:
+    """Sum of an Ms x Mt matrix over the entries j != g (the diagonal pairs a crop with itself)."""
+    same_crop = ~cross_view_mask(cross.shape[0], cross.shape[1], cross.device)
+    return cross.masked_fill(same_crop, 0.0).sum()
+
+
 def _check_views(name: str, views: Sequence[torch.Tensor]) -> None:
     if len(views) == 0:
         raise ValueError(f"{name}: got no views")
@@ -52,20 +70,14 @@ def routing_cross_entropy(
     _check_views("student_logits", student_logits)
     if form not in ("student_weighted", "teacher_target"):
         raise ValueError(f"unknown routing loss form {form!r}")
-    num_student, num_teacher = len(student_logits), teacher_log_probs.shape[0]
-    pairs = cross_view_mask(num_student, num_teacher, teacher_log_probs.device)
-    if not pairs.any():
-        raise ValueError(
-            f"routing loss needs a pair of different views; got {num_student} student and "
-            f"{num_teacher} teacher view(s)"
-        )
+    pairs = count_cross_view_pairs(len(student_logits), teacher_log_probs.shape[0], "routing loss")
     log_a_s = torch.stack([(s.float() / student_temp).log_softmax(dim=-1) for s in student_logits])
     batch = log_a_s.shape[1]
     if form == "student_weighted":
         cross = -torch.einsum("jbn,gbn->jg", log_a_s.exp(), teacher_log_probs)
     else:
         cross = -torch.einsum("gbn,jbn->jg", teacher_log_probs.exp(), log_a_s)
-    return cross[pairs].sum() / (pairs.sum() * batch)
+    return sum_over_cross_view_pairs(cross) / (pairs * batch)
 
 
 def routing_consistency_loss(
