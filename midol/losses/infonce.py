@@ -69,13 +69,13 @@ def expert_infonce_loss(
         raise ValueError(f"expert_mean must be 'nonempty' or 'all', got {expert_mean!r}")
     if check_inputs:
         _check_inputs(student, teacher, assignment, num_experts)
-    num_student, batch, _ = student.shape
-    views = cross_view_mask(num_student, teacher.shape[0], student.device)
+    num_student = student.shape[0]
     if teacher.shape[0] < 2:  # student view 0 would pair only with its own crop
         raise ValueError(
             f"expert_infonce_loss: with {num_student} student and {teacher.shape[0]} teacher "
             "view(s) some student view has no other teacher view to pair with"
         )
+    views = cross_view_mask(num_student, teacher.shape[0], student.device)
     x = F.normalize(student.float(), dim=-1)
     y = F.normalize(teacher.detach().float(), dim=-1)
     y_all = gather_no_grad(y.transpose(0, 1).contiguous()).transpose(0, 1)  # Mt x Bg x D

@@ -57,6 +57,7 @@ def enable_dynamic_size(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "dynamic_mask"):
             module.dynamic_mask = True
+            module.attn_mask = None  # the stored mask is never read again: free it
     return model
 
 
