@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv demo test test-all clean-demo
+.PHONY: .venv demo test test-all typecheck clean-demo
 
 .venv: $(STAMP)
 
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/midol fit --config configs/pretrain/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(BIN)/python -m pytest -m "not slow" -q
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,9 +14,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from midol.config_compose import expand_bases
+
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
-TOOLS: dict[str, str] = {"export": "midol.tools.export", "route": "midol.tools.route",
-                         "analyze": "midol.tools.analyze", "shard": "midol.tools.shard"}
+TOOLS: dict[str, str] = {"export": "midol.tools.cmd_export", "route": "midol.tools.cmd_route",
+                         "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard"}
 
 
 class MidolCLI(LightningCLI):
@@ -33,16 +35,39 @@ class MidolCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def before_instantiate_classes(self) -> None:
+        """Fill checkpoint folders a preset left null from ``trainer.default_root_dir``
+        (``<root>/checkpoints``), so a preset names its output folder once."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None:
+            return
+        fill_output_dirs(config.get("trainer"))
 
-def run_lightning(args: list[str] | None = None, run: bool = True) -> MidolCLI:
-    """``args=None`` reads ``sys.argv``; tests pass a list (and ``run=False`` to only build)."""
+
+def fill_output_dirs(trainer: Any) -> None:
+    """In a parsed ``trainer`` config: a null ``dirpath`` of a ModelCheckpoint becomes
+    ``<default_root_dir>/checkpoints`` (Lightning's own default nests it under the logger)."""
+    if trainer is None or not trainer.get("default_root_dir"):
+        return
+    root = str(trainer["default_root_dir"])
+    callbacks = trainer.get("callbacks") or []
+    for cb in callbacks:
+        args = getattr(cb, "init_args", None)
+        if args is not None and "ModelCheckpoint" in str(getattr(cb, "class_path", "")) \
+                and args.get("dirpath") is None:
+            args["dirpath"] = f"{root}/checkpoints"
+
+
+def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MidolCLI:
+    """``args=None`` reads ``sys.argv``; tests pass a list or a parsed config dict (and
+    ``run=False`` to only build). ``--config`` presets with ``base:`` are composed first."""
     return MidolCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=args if isinstance(args, dict) else expand_bases(sys.argv[1:] if args is None else args),
         run=run,
         parser_kwargs={"description": "midol: medical image foundation models on Lightning. "
                        f"Other subcommands: {', '.join(sorted(TOOLS))} (midol <tool> --help)."},

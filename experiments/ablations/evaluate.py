@@ -21,10 +21,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from midol.analysis.features import per_modality_indices
-from midol.analysis.metrics import routing_report
+from midol.analysis.cluster_metrics import routing_report
 from midol.data import Corpus, EvalTransform, is_image_file, load_image
 from midol.data.sources import DataSource
-from midol.routing import route_features
 
 # Labelled sets of ../shared/data for the probe: class-per-folder trees (one per modality that
 # has enough images per class for 5-fold cross-validation).
@@ -72,8 +71,8 @@ def teacher_pass(module: Any, images: torch.Tensor, batch_size: int = 128) -> tu
     module.eval()
     feats, experts = [], []
     for start in range(0, len(images), batch_size):
-        f = module.teacher_features(images[start:start + batch_size])
-        experts.append(route_features(module, f)[0])
+        f, routes = module.route(images[start:start + batch_size])
+        experts.append(routes["projector"].expert if routes else torch.zeros(len(f), dtype=torch.long))
         feats.append(f.float())
     return torch.cat(feats).numpy(), torch.cat(experts).numpy()
 

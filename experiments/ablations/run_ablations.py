@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import PROBES, evaluate, folder_classes, routing_set  # noqa: E402
 
-from midol.analysis.loading import load_pretrain_module  # noqa: E402
+from midol.methods.loading import load_pretrain_module  # noqa: E402
 from midol.cli import main as midol_main  # noqa: E402
 from midol.data.sources import DataSource  # noqa: E402
 from midol.methods import PretrainModule  # noqa: E402

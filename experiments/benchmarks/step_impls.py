@@ -36,7 +36,7 @@ from torch import nn
 from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from midol.losses import dino_cross_entropy, routing_consistency_loss
 from midol.methods import PretrainModule
-from midol.methods.optim import decay_groups
+from midol.optim.param_groups import decay_groups
 from midol.models import MoEProjector, build_backbone
 
 IMPLS = ("midol", "midol-dinoce", "midol-dino", "authors", "lightly")
@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
         64, 32, num_experts=4, expert_hidden_dim=256, bottleneck_dim=128, out_dim=1024,
         lightly_bottleneck=64,
     ),
-    # The smallest Swin the tests use (tests/_tiny.py), views 32 / 16 px: seconds on a CPU.
+    # The smallest Swin the tests use (tests/helpers/tiny.py), views 32 / 16 px: seconds on a CPU.
     "micro": Preset(
         "swin_tiny_patch4_window7_224",
         dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2),

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from midol.models import build_backbone
-from midol.models.pretrained import read_pretrain_checkpoint
+from midol.tasks.backbones import read_pretrain_checkpoint
 
 
 def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:

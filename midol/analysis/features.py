@@ -1,4 +1,5 @@
-"""One pass of the teacher over a corpus: pooled features, top-1 expert, confidence, modality."""
+"""One pass of a trained method over a corpus: pooled features, each router's top-1 expert and
+confidence, and the modality of every image."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from midol.data.pretrain import Corpus, RoutingCollate, RoutingDataset
-from midol.data.transforms import EvalTransform
-from midol.routing import route_features
+from midol.data.corpus import Corpus
+from midol.data.pretrain_datasets import RoutingCollate, RoutingDataset
+from midol.data.transforms.eval import EvalTransform
+from midol.methods.interfaces import Routed, has_routers
 
 
 @dataclass
 class RoutedImages:
-    """Per-image results in corpus order; ``modality`` indexes ``modalities``."""
+    """Per-image results in corpus order; ``modality`` indexes ``modalities``. ``expert`` and
+    ``confidence`` are those of the first router (all experts 0 for a model without one);
+    ``routes`` holds every router's experts by name."""
 
     paths: list[str]
     index: np.ndarray
@@ -29,6 +33,18 @@ class RoutedImages:
     modalities: list[str]
     num_experts: int
     skipped: list[str] = field(default_factory=list)
+    routes: dict[str, np.ndarray] = field(default_factory=dict)
+    router_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_router(self) -> bool:
+        return bool(self.routes)
+
+    def counts_of(self, router: str) -> np.ndarray:
+        """Experts x modalities image counts of ``router``."""
+        table = np.zeros((self.router_sizes[router], len(self.modalities)), dtype=np.int64)
+        np.add.at(table, (self.routes[router], self.modality), 1)
+        return table
 
     def counts(self) -> np.ndarray:
         """Experts x modalities image counts."""
@@ -75,22 +91,24 @@ def routing_loader(
 
 @torch.no_grad()
 def collect(
-    module: Any,
+    module: Routed,
     batches: Iterable[dict[str, Any]],
     modalities: list[str],
-    temperature: float = 1.0,
+    temperature: float | None = None,
     keep_features: bool = True,
     progress: bool = True,
     desc: str = "teacher pass",
 ) -> RoutedImages:
-    """Run the teacher backbone and router of a :class:`~midol.methods.PretrainModule` over
-    ``batches``; one backbone forward per batch serves features and routing."""
-    was_training = module.training
-    module.eval()
+    """Run ``module.route`` (features and every router's routing in one forward) over
+    ``batches``; ``temperature`` scales the confidences (None: the method's own)."""
+    was_training = getattr(module, "training", False)
+    module.eval()  # type: ignore[attr-defined]
+    device = next(module.parameters()).device  # type: ignore[attr-defined]
+    sizes = module.routers() if has_routers(module) else {}
     paths: list[str] = []
     indices: list[torch.Tensor] = []
     mods: list[torch.Tensor] = []
-    experts: list[torch.Tensor] = []
+    routes: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
     confidences: list[torch.Tensor] = []
     feats: list[torch.Tensor] = []
     skipped: list[str] = []
@@ -100,27 +118,36 @@ def collect(
             skipped.extend(batch.get("skipped", ()))
             if batch["image"].shape[0] == 0:
                 continue
-            f = module.teacher_features(batch["image"].to(module.device))
-            expert, confidence = route_features(module, f, temperature)
+            images = batch["image"].to(device)
+            if sizes:
+                f, routed = module.route(images, temperature)
+                for name in sizes:
+                    routes[name].append(routed[name].expert.cpu())
+                confidences.append(next(iter(routed.values())).confidence.cpu())
+            else:
+                f = module.embed(images)  # type: ignore[attr-defined]
+                confidences.append(torch.ones(images.shape[0]))
             paths.extend(batch["path"])
             indices.append(batch["index"].cpu())
             mods.append(batch["modality"].cpu())
-            experts.append(expert.cpu())
-            confidences.append(confidence.cpu())
             if keep_features:
                 feats.append(f.float().cpu())
     finally:
-        module.train(was_training)
+        module.train(was_training)  # type: ignore[attr-defined]
     if not paths:
         raise ValueError("no readable image: " + "; ".join(skipped[:5]))
+    route_arrays = {name: torch.cat(parts).numpy() for name, parts in routes.items()}
+    first = next(iter(route_arrays), None)
     return RoutedImages(
         paths=paths,
         index=torch.cat(indices).numpy(),
         modality=torch.cat(mods).numpy(),
-        expert=torch.cat(experts).numpy(),
+        expert=route_arrays[first] if first else np.zeros(len(paths), dtype=np.int64),
         confidence=torch.cat(confidences).numpy(),
         features=torch.cat(feats).numpy() if keep_features else None,
         modalities=list(modalities),
-        num_experts=int(module.num_experts),
+        num_experts=int(sizes[first]) if first else 1,
         skipped=skipped,
+        routes=route_arrays,
+        router_sizes=dict(sizes),
     )

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from matplotlib.figure import Figure
 
-from midol.analysis.metrics import normalized_mutual_info, purity
+from midol.analysis.cluster_metrics import normalized_mutual_info, purity
 from midol.analysis.plotting import new_figure
 
 Normalize = Literal["modality", "expert", "none"]

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from midol.config_compose import load_composed
 from midol.data.sources import DataSource
 
 
@@ -16,13 +16,12 @@ def sources_from_config(path: str | Path) -> tuple[list[DataSource], int | None]
     """The ``DataSource`` list and evaluation image size of a data config: a ``midol fit``
     config (``data.init_args.sources``), a ``data:`` block, or a top-level ``sources:`` list.
     Relative paths are relative to the working directory, as in ``midol fit``. The size is
-    ``eval_size`` or ``global_size`` when the config sets one."""
+    ``eval_size``, or the transform's ``global_size``, when the config sets one; presets
+    with ``base:`` are composed first (:mod:`midol.config_compose`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data config not found: {path}")
-    config = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a YAML mapping")
+    config = load_composed(path)
     block: Any = config.get("data", config)
     if isinstance(block, dict) and "init_args" in block:
         block = block["init_args"]
@@ -40,14 +39,22 @@ def sources_from_config(path: str | Path) -> tuple[list[DataSource], int | None]
             sources.append(DataSource(**entry))
         except TypeError as err:
             raise ValueError(f"{path}: sources[{i}]: {err}") from err
-    size = block.get("eval_size") or block.get("global_size")
+    transform = block.get("transform") or {}
+    transform = transform.get("init_args", transform) if isinstance(transform, dict) else {}
+    size = block.get("eval_size") or transform.get("global_size") or block.get("global_size")
     return sources, int(size) if size else None
 
 
 def module_image_size(module: Any) -> int:
-    """The pre-training image size recorded in the module (``backbone_kwargs.img_size``; 224
-    otherwise, timm's Swin default)."""
-    kwargs = dict(module.hparams.get("backbone_kwargs") or {})
+    """The image size recorded with the method's default export (its timm overrides'
+    ``img_size``; 224 otherwise, timm's Swin/ViT default)."""
+    export = getattr(module, "export_modules", None)
+    if callable(export):
+        parts = export()
+        if parts:
+            part = next(iter(parts.values()))
+            return int(part.image_size or part.overrides.get("img_size", 224))
+    kwargs = dict(getattr(module, "hparams", {}).get("backbone_kwargs") or {})
     return int(kwargs.get("img_size", 224))
 
 

@@ -1,8 +1,14 @@
 """Lightning callbacks shipped with midol."""
 
-from midol.callbacks.export import ExportTeacherBackbone
+from midol.callbacks.backbone_export import ExportBackbone, ExportTeacherBackbone
 from midol.callbacks.preemption import PreemptionCheckpoint
+from midol.callbacks.pretrain_summary import PretrainSummary
 from midol.callbacks.routing_monitor import RoutingMonitor
-from midol.callbacks.summary import PretrainSummary
 
-__all__ = ["ExportTeacherBackbone", "PreemptionCheckpoint", "PretrainSummary", "RoutingMonitor"]
+__all__ = [
+    "ExportBackbone",
+    "ExportTeacherBackbone",
+    "PreemptionCheckpoint",
+    "PretrainSummary",
+    "RoutingMonitor",
+]

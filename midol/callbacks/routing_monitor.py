@@ -1,5 +1,5 @@
-"""Watch the routing and the teacher during pre-training: expert load, expert x modality NMI and
-purity, teacher-output entropy, and warnings when either collapses."""
+"""Watch routing and the teacher during pre-training: expert load, expert x modality NMI and
+purity per router, teacher statistics, and warnings when either collapses."""
 
 from __future__ import annotations
 
@@ -10,54 +10,75 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from midol.analysis.metrics import distribution_stats, mean_pairwise_cosine, routing_report
+from midol.analysis.cluster_metrics import routing_report
+from midol.methods.interfaces import ExpertChoice, Routed
 from midol.utils.dist import all_reduce_sum, rank, world_size
 
 
-class RoutingMonitor(L.Callback):
-    """Routing and collapse monitor for :class:`~midol.methods.PretrainModule`.
+def heatmap_file(prefix: str, epoch: int) -> str:
+    """``route_epoch`` -> ``routing_epoch003.png``, ``route_top1`` -> ``routing_top1_epoch003.png``."""
+    suffix = prefix.removeprefix("route_")
+    stem = "routing" if suffix == "epoch" else f"routing_{suffix}"
+    return f"{stem}_epoch{epoch:03d}.png"
 
-    Costs no extra forward pass. Two expert x modality matrices are accumulated over each epoch
-    of training images, with the batches' ``"modality"`` (reporting only, never a training
-    signal): the teacher's Sinkhorn-balanced *training assignment* that ``training_step``
-    returns (``"assignment"``, the expert whose subspace L_cst used), and the teacher router's
-    per-image *top-1* (arg-max of its logits averaged over the teacher views, no Sinkhorn; what
-    ``midol route`` reports). They differ: Sinkhorn spreads every batch over the experts, so the
-    training assignment stays balanced even when the router's own top-1 has abandoned experts.
-    The router logits and teacher statistics are read from the teacher projector's own forward.
+
+class RoutingMonitor(L.Callback):
+    """Routing and collapse monitor for any method whose ``training_step`` returns a
+    :class:`~midol.methods.interfaces.StepOutput`.
+
+    Costs no extra forward pass. For every router assignment a step reports (``routing``, keyed
+    by log prefix) an expert x modality matrix is accumulated over each epoch of training
+    images, with the batches' ``"modality"`` (reporting only, never a training signal). M-IDoL
+    reports two: ``route_epoch``, the teacher's Sinkhorn-balanced *training assignment* (the
+    expert whose subspace L_cst used), and ``route_top1``, the teacher router's per-image top-1
+    (arg-max of its logits averaged over the teacher views, no Sinkhorn; what ``midol route``
+    reports). They differ: Sinkhorn spreads every batch over the experts, so the training
+    assignment stays balanced even when the router's own top-1 has abandoned experts.
 
     Logged (to every configured logger):
 
-    * every ``teacher_every_n_steps`` steps: ``teacher/mean_cosine`` (mean cosine similarity of
-      the teacher representations of different images, first global view; -> 1 when every
-      image gets the same output); with ``cst_loss: dino_ce`` also ``teacher/entropy``,
-      ``teacher/batch_entropy`` and ``teacher/info`` of the centred, sharpened teacher output
-      ``softmax((t - center) / tau_t)`` (see :func:`~midol.analysis.metrics.distribution_stats`);
-      with an MoE ``route/router_entropy`` and ``route/router_info`` of the teacher router's
-      ``softmax(g_T / tau_t)`` before Sinkhorn. (``route/expert_i``, the per-step load, is
-      logged by the module itself.)
-    * at the end of each training epoch: ``route_epoch/{nmi,purity,load_entropy,max_load,
-      experts_used,load_i}`` of the training assignment and ``route_top1/*`` of the router
-      top-1, over the epoch's training images (all ranks), and their heat-map images (W&B
-      ``log_image``, TensorBoard ``add_image``; PNG files in ``image_dir``).
+    * every ``teacher_every_n_steps`` steps: the method's ``health`` values (M-IDoL:
+      ``teacher/mean_cosine``, with ``cst_loss: dino_ce`` also ``teacher/entropy``,
+      ``teacher/batch_entropy`` and ``teacher/info``, and ``route/router_entropy``,
+      ``route/router_info``).
+    * at the end of each training epoch, per routing key: ``<key>/{nmi,purity,load_entropy,
+      max_load,experts_used,load_i}`` over the epoch's training images (all ranks), and their
+      heat-map images (W&B ``log_image``, TensorBoard ``add_image``; PNG files in ``image_dir``).
     * every ``heldout_every_n_epochs`` epochs (0 = never): ``route_heldout/*``, the same numbers
-      for the per-image top-1 of the teacher router (what ``midol route`` reports) over at most
-      ``heldout_per_modality`` centre-cropped corpus images per modality.
+      for the method's per-image routing (``route()``) over at most ``heldout_per_modality``
+      centre-cropped corpus images per modality (``route_heldout_<router>/*`` with several
+      routers).
 
-    Warnings (``rank_zero_warn``, once per episode):
+    Warnings (``rank_zero_warn``):
 
-    * expert collapse: one expert takes more than ``collapse_share`` of a batch's training
-      assignment for ``collapse_patience`` consecutive training batches (MoE only);
-    * idle experts: at an epoch end, the router top-1 gives fewer than ``min_expert_share`` of
-      the epoch's images to some experts (warned again only when more experts fall idle);
-    * teacher collapse, checked on the steps where the teacher statistics are computed, for
-      ``teacher_patience`` consecutive checks: with ``dino_ce``, ``teacher/info`` below
-      ``min_teacher_info`` (the teacher's output no longer depends on the image: DINO's
-      constant or uniform collapse); with ``infonce`` (no output distribution),
-      ``teacher/mean_cosine`` above ``max_teacher_cosine``.
+    * expert collapse: one expert takes more than ``collapse_share`` of a batch for
+      ``collapse_patience`` consecutive training batches (assignments with ``collapse_check``);
+    * idle experts: at an epoch end some experts received fewer than ``min_expert_share`` of the
+      epoch's images (assignments with ``idle_check``); repeated when more experts fall idle, and
+      every ``idle_repeat_epochs`` epochs while any stays idle, so silence means recovery;
+    * teacher collapse, for ``teacher_patience`` consecutive checks: ``teacher/info`` below
+      ``min_teacher_info`` when the method reports it (the teacher's output no longer depends on
+      the image: DINO's constant or uniform collapse), else ``teacher/mean_cosine`` above
+      ``max_teacher_cosine``.
 
     Checks read the accumulated per-step values back to the host once every
     ``teacher_every_n_steps`` steps (default: the trainer's ``log_every_n_steps``).
+
+    Args:
+        collapse_share: Share of a batch above which one expert counts as collapsed.
+        collapse_patience: Consecutive collapsed batches before the warning.
+        teacher_every_n_steps: Steps between health statistics and checks (default: the
+            trainer's ``log_every_n_steps``).
+        min_teacher_info: Lowest ``teacher/info`` before a teacher-collapse warning.
+        max_teacher_cosine: Highest ``teacher/mean_cosine`` before a teacher-collapse warning.
+        teacher_patience: Consecutive bad checks before the warning.
+        heldout_every_n_epochs: Epochs between held-out routing passes (0 = never).
+        heldout_per_modality: Images per modality of the held-out pass.
+        heldout_batch_size: Batch size of the held-out pass.
+        min_expert_share: Share of the epoch's images below which an expert is idle.
+        idle_repeat_epochs: Repeat the idle-expert warning this often while it holds.
+        log_images: Log heat-maps to the loggers that take images.
+        image_dir: Also write the heat-maps as PNG files here.
     """
 
     def __init__(
@@ -72,6 +93,7 @@ class RoutingMonitor(L.Callback):
         heldout_per_modality: int = 200,
         heldout_batch_size: int = 64,
         min_expert_share: float = 0.01,
+        idle_repeat_epochs: int = 5,
         log_images: bool = True,
         image_dir: str | None = None,
     ) -> None:
@@ -80,7 +102,8 @@ class RoutingMonitor(L.Callback):
         for name, value in (("collapse_patience", collapse_patience),
                             ("teacher_patience", teacher_patience),
                             ("heldout_per_modality", heldout_per_modality),
-                            ("heldout_batch_size", heldout_batch_size)):
+                            ("heldout_batch_size", heldout_batch_size),
+                            ("idle_repeat_epochs", idle_repeat_epochs)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if teacher_every_n_steps is not None and teacher_every_n_steps < 1:
@@ -101,166 +124,127 @@ class RoutingMonitor(L.Callback):
         self.heldout_per_modality = heldout_per_modality
         self.heldout_batch_size = heldout_batch_size
         self.min_expert_share = min_expert_share
+        self.idle_repeat_epochs = idle_repeat_epochs
         self.log_images = log_images
         self.image_dir = image_dir
-        # Results, readable after fit: one dict per epoch, and every warning issued.
-        self.history: list[dict[str, Any]] = []
-        self.top1_history: list[dict[str, Any]] = []
+        # Results, readable after fit: per routing key one dict per epoch, and every warning.
+        self.histories: dict[str, list[dict[str, Any]]] = {}
         self.heldout_history: list[dict[str, Any]] = []
         self.warnings: list[str] = []
-        self.last_stats: dict[str, torch.Tensor] = {}  # the latest teacher statistics (device)
+        self.last_stats: dict[str, torch.Tensor] = {}  # the latest health statistics (device)
         self._reset_state()
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch reports of M-IDoL's training assignment (``route_epoch``)."""
+        return self.histories.get("route_epoch", [])
+
+    @property
+    def top1_history(self) -> list[dict[str, Any]]:
+        """Per-epoch reports of M-IDoL's teacher-router top-1 (``route_top1``)."""
+        return self.histories.get("route_top1", [])
+
     def _reset_state(self) -> None:
-        self._hook: Any = None
-        self._pl_module: Any = None
         self._every = 1
-        self._armed = False
-        self._capture = False
-        self._batch_size = 0
-        self._modality: torch.Tensor | None = None
-        self._top1_counts: torch.Tensor | None = None
-        self._idle_warned = 0  # idle experts at the last idle-expert warning
-        self._pending: dict[str, torch.Tensor] = {}
-        self._shares: list[torch.Tensor] = []  # per batch: (max share, its expert), on device
+        self._since_check = 0
+        self._modalities: list[str] = []
+        self._choices: dict[str, ExpertChoice] = {}  # the last step's, for sizes and labels
+        self._counts: dict[str, torch.Tensor] = {}
+        self._shares: dict[str, list[torch.Tensor]] = {}  # per batch: (max share, its expert)
+        self._streaks: dict[str, int] = {}
+        self._collapse_warned: dict[str, bool] = {}
+        self._idle: dict[str, tuple[int, int]] = {}  # idle experts, epoch of the last warning
         self._teacher_values: list[torch.Tensor] = []
-        self._expert_streak = 0
-        self._expert_warned = False
+        self._teacher_key: str | None = None
         self._teacher_streak = 0
         self._teacher_warned = False
-        self._counts: torch.Tensor | None = None
-        self._modalities: list[str] = []
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        teacher = getattr(pl_module, "teacher", None)
-        if teacher is None or "projector" not in teacher or not hasattr(pl_module, "num_experts"):
+        if not isinstance(pl_module, Routed):
             raise ValueError(
-                "RoutingMonitor needs a PretrainModule-like module (teacher['projector'], "
-                "num_experts)"
+                f"RoutingMonitor needs a method with routers() (midol.methods.interfaces.Routed); "
+                f"{type(pl_module).__name__} has none: remove the callback from the config"
             )
         self._reset_state()
-        self._pl_module = pl_module
         self._every = self.teacher_every_n_steps or max(1, trainer.log_every_n_steps)
-        self._hook = teacher["projector"].register_forward_hook(self._on_teacher_output)
+        if hasattr(pl_module, "health_every_n_steps"):
+            pl_module.health_every_n_steps = self._every
         names = getattr(trainer.datamodule, "modalities", None)
         self._modalities = list(names) if names else []
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._remove_hook()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._remove_hook()
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
     # ------------------------------------------------------------------ per step
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        self._armed = True
-        self._capture = trainer.global_step % self._every == 0
-        self._batch_size = int(batch["views"][0].shape[0])
-        self._modality = batch.get("modality") if self._modalities else None
-
-    @torch.no_grad()
-    def _on_teacher_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if not self._armed:
-            return
-        self._armed = False  # the first teacher call of the step is the training one
-        if output.router_logits is not None and self._modality is not None:
-            self._count_top1(output.router_logits)
-        if not self._capture:
-            return
-        pl = self._pl_module
-        temp = pl.teacher_temp_at(pl.global_step)
-        rep = output.representation
-        stats: dict[str, torch.Tensor] = {}
-        first_view = rep[: self._batch_size]
-        if first_view.shape[0] >= 2:
-            stats["teacher/mean_cosine"] = mean_pairwise_cosine(first_view)
-        dino = getattr(pl, "dino_loss", None)
-        if dino is not None:
-            probs = ((rep.float() - dino.center) / temp).softmax(dim=-1)
-            stats.update({f"teacher/{k}": v for k, v in distribution_stats(probs).items()})
-        if output.router_logits is not None:
-            routing = distribution_stats((output.router_logits.float() / temp).softmax(dim=-1))
-            stats["route/router_entropy"] = routing["entropy"]
-            stats["route/router_info"] = routing["info"]
-        self._pending = stats
-
-    def _count_top1(self, router_logits: torch.Tensor) -> None:
-        n = router_logits.shape[-1]
-        k = len(self._modalities)
-        top1 = router_logits.detach().float().view(-1, self._batch_size, n).mean(dim=0).argmax(dim=-1)
-        if self._top1_counts is None:
-            self._top1_counts = torch.zeros(n * k, dtype=torch.long, device=top1.device)
-        flat = top1 * k + self._modality.to(top1.device)
-        self._top1_counts.index_add_(0, flat, torch.ones_like(flat))
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if outputs is None:  # a skipped step (nonfinite: skip)
-            self._pending = {}
+        if not isinstance(outputs, dict):  # None: a skipped step (nonfinite: skip)
             return
-        if not isinstance(outputs, dict) or "assignment" not in outputs:
-            raise ValueError(
-                "RoutingMonitor needs training_step to return a dict with 'assignment' (the "
-                "teacher's per-image expert), as PretrainModule does"
-            )
-        assignment = outputs["assignment"].detach()
-        n = int(pl_module.num_experts)
-        ones = torch.ones_like(assignment, dtype=torch.float32)
-        # index_add_, not bincount: CUDA bincount reads its maximum back to the host.
-        load = torch.zeros(n, device=assignment.device).index_add_(0, assignment, ones)
-        top, expert = (load / max(1, assignment.numel())).max(dim=0)
-        self._shares.append(torch.stack([top, expert.float()]))
-        if "modality" in batch and self._modalities:
-            k = len(self._modalities)
-            if self._counts is None:
-                self._counts = torch.zeros(n * k, dtype=torch.long, device=assignment.device)
-            flat = assignment * k + batch["modality"].to(assignment.device)
-            self._counts.index_add_(0, flat, torch.ones_like(flat))
-        if self._pending:
-            pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
-            self.last_stats = dict(self._pending)
-            key = "teacher/info" if "teacher/info" in self._pending else "teacher/mean_cosine"
-            if key in self._pending:
-                self._teacher_values.append(self._pending[key].float())
-            self._pending = {}
-            self._check(trainer, n)
+        modality = batch.get("modality") if isinstance(batch, dict) and self._modalities else None
+        for key, choice in (outputs.get("routing") or {}).items():
+            self._accumulate(key, choice, modality)
+        health = outputs.get("health") or {}
+        if health:
+            pl_module.log_dict(health, on_step=True, on_epoch=False)
+            self.last_stats = dict(health)
+            key = "teacher/info" if "teacher/info" in health else "teacher/mean_cosine"
+            if key in health:
+                self._teacher_key = key
+                self._teacher_values.append(health[key].float())
+        self._since_check += 1
+        if health or self._since_check >= self._every:
+            self._since_check = 0
+            self._check(trainer)
 
-    def _check(self, trainer: L.Trainer, num_experts: int) -> None:
+    def _accumulate(self, key: str, choice: ExpertChoice, modality: torch.Tensor | None) -> None:
+        assignment = choice.expert.detach()
+        n = int(choice.num_experts)
+        self._choices[key] = choice
+        if choice.collapse_check:
+            ones = torch.ones_like(assignment, dtype=torch.float32)
+            # index_add_, not bincount: CUDA bincount reads its maximum back to the host.
+            load = torch.zeros(n, device=assignment.device).index_add_(0, assignment, ones)
+            top, expert = (load / max(1, assignment.numel())).max(dim=0)
+            self._shares.setdefault(key, []).append(torch.stack([top, expert.float()]))
+        if modality is not None:
+            k = len(self._modalities)
+            counts = self._counts.get(key)
+            if counts is None:
+                counts = self._counts[key] = torch.zeros(n * k, dtype=torch.long, device=assignment.device)
+            flat = assignment * k + modality.to(assignment.device)
+            counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def _check(self, trainer: L.Trainer) -> None:
         """Host-side collapse checks over the values gathered since the last check (one sync)."""
-        shares = torch.stack(self._shares).cpu().tolist() if self._shares else []
-        teacher = torch.stack(self._teacher_values).cpu().tolist() if self._teacher_values else []
-        self._shares, self._teacher_values = [], []
-        if num_experts > 1:
-            for share, expert in shares:
+        for key, shares in self._shares.items():
+            values = torch.stack(shares).cpu().tolist() if shares else []
+            self._shares[key] = []
+            if self._choices[key].num_experts <= 1:
+                continue
+            for share, expert in values:
                 if share > self.collapse_share:
-                    self._expert_streak += 1
-                    if self._expert_streak >= self.collapse_patience and not self._expert_warned:
+                    self._streaks[key] = self._streaks.get(key, 0) + 1
+                    if self._streaks[key] >= self.collapse_patience and not self._collapse_warned.get(key):
+                        where = f" ({key})" if len(self._shares) > 1 else ""
                         self._warn(
-                            f"expert collapse: expert {int(expert)} took more than "
+                            f"expert collapse{where}: expert {int(expert)} took more than "
                             f"{self.collapse_share:.0%} of the batch ({share:.0%} now) for "
-                            f"{self._expert_streak} consecutive batches (step {trainer.global_step}). "
+                            f"{self._streaks[key]} consecutive batches (step {trainer.global_step}). "
                             "The MoE is acting as one expert; counter-measures: "
                             "model.init_args.load_balance_weight, router_noise, more "
                             "sinkhorn_iters, a softer teacher_temp (see docs/analysis.md)."
                         )
-                        self._expert_warned = True
+                        self._collapse_warned[key] = True
                 else:
-                    self._expert_streak, self._expert_warned = 0, False
-        dino = getattr(self._pl_module, "dino_loss", None) is not None
+                    self._streaks[key], self._collapse_warned[key] = 0, False
+        teacher = torch.stack(self._teacher_values).cpu().tolist() if self._teacher_values else []
+        self._teacher_values = []
+        info = self._teacher_key == "teacher/info"
         for value in teacher:
-            bad = value < self.min_teacher_info if dino else value > self.max_teacher_cosine
+            bad = value < self.min_teacher_info if info else value > self.max_teacher_cosine
             if bad:
                 self._teacher_streak += 1
                 if self._teacher_streak >= self.teacher_patience and not self._teacher_warned:
                     what = (f"teacher/info = {value:.4f} < {self.min_teacher_info} (the centred, "
-                            "sharpened teacher output no longer depends on the image)" if dino else
+                            "sharpened teacher output no longer depends on the image)" if info else
                             f"teacher/mean_cosine = {value:.4f} > {self.max_teacher_cosine} (every "
                             "image gets nearly the same teacher representation)")
                     self._warn(
@@ -279,41 +263,39 @@ class RoutingMonitor(L.Callback):
     # ------------------------------------------------------------------ per epoch
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self._counts is not None:
-            n, k = int(pl_module.num_experts), len(self._modalities)
-            counts = all_reduce_sum(self._counts).view(n, k).cpu()
-            self._counts = None
-            if counts.sum() > 0:
-                report = routing_report(counts, self._modalities)
-                self.history.append({"epoch": epoch, "step": trainer.global_step, **report})
-                self._log_report(pl_module, "route_epoch", report)
-                self._log_heatmap(trainer, counts, f"epoch {epoch}: training assignment", "route_epoch/matrix",
-                                  f"routing_epoch{epoch:03d}.png")
-        if self._top1_counts is not None:
-            n, k = int(pl_module.num_experts), len(self._modalities)
-            counts = all_reduce_sum(self._top1_counts).view(n, k).cpu()
-            self._top1_counts = None
-            if counts.sum() > 0:
-                report = routing_report(counts, self._modalities)
-                self.top1_history.append({"epoch": epoch, "step": trainer.global_step, **report})
-                self._log_report(pl_module, "route_top1", report)
-                self._log_heatmap(trainer, counts, f"epoch {epoch}: teacher router top-1 (training images)",
-                                  "route_top1/matrix", f"routing_top1_epoch{epoch:03d}.png")
-                self._check_idle(report, epoch)
+        k = len(self._modalities)
+        for key, flat in self._counts.items():
+            choice = self._choices[key]
+            counts = all_reduce_sum(flat).view(choice.num_experts, k).cpu()
+            if counts.sum() == 0:
+                continue
+            report = routing_report(counts, self._modalities)
+            self.histories.setdefault(key, []).append({"epoch": epoch, "step": trainer.global_step, **report})
+            self._log_report(pl_module, key, report)
+            label = choice.label or key
+            self._log_heatmap(trainer, counts, f"epoch {epoch}: {label}", f"{key}/matrix",
+                              heatmap_file(key, epoch))
+            if choice.idle_check:
+                self._check_idle(key, label, report, epoch)
+        self._counts = {}
         if self.heldout_every_n_epochs and (epoch + 1) % self.heldout_every_n_epochs == 0:
             self._heldout(trainer, pl_module, epoch)
 
-    def _check_idle(self, report: dict[str, Any], epoch: int) -> None:
+    def _check_idle(self, key: str, label: str, report: dict[str, Any], epoch: int) -> None:
         idle = [i for i, share in enumerate(report["expert_load"]) if share < self.min_expert_share]
-        if len(idle) > self._idle_warned:
-            self._idle_warned = len(idle)
+        warned, last_epoch = self._idle.get(key, (0, -10**9))
+        if not idle:
+            self._idle[key] = (0, last_epoch)
+            return
+        if len(idle) > warned or epoch - last_epoch >= self.idle_repeat_epochs:
+            self._idle[key] = (len(idle), epoch)
             self._warn(
-                f"idle experts: in epoch {epoch} the teacher router's top-1 gave experts {idle} "
+                f"idle experts: in epoch {epoch} the {label} gave experts {idle} "
                 f"less than {self.min_expert_share:.0%} of the images (only "
                 f"{report['experts'] - len(idle)} of {report['experts']} in use; loads "
                 + ", ".join(f"{x:.2f}" for x in report["expert_load"])
-                + "), although Sinkhorn keeps the training assignment balanced. Modalities are "
-                "being merged onto fewer experts; see docs/analysis.md for counter-measures."
+                + "). Modalities are being merged onto fewer experts; see docs/analysis.md for "
+                "counter-measures."
             )
 
     def _log_report(self, pl_module: L.LightningModule, prefix: str, report: dict[str, Any]) -> None:
@@ -352,19 +334,21 @@ class RoutingMonitor(L.Callback):
         if corpus is None or not self._modalities:
             raise ValueError("heldout_every_n_epochs needs a PretrainDataModule (corpus, modalities)")
         from midol.analysis.features import per_modality_indices, routing_loader
-        from midol.routing import routing_counts
+        from midol.analysis.routing_table import routing_counts
 
         indices = per_modality_indices(corpus, self.heldout_per_modality, seed=0)
         size = getattr(datamodule, "eval_size", None) or datamodule.global_size
         loader = routing_loader(corpus, size, indices[rank()::world_size()], self.heldout_batch_size)
-        counts = all_reduce_sum(
-            routing_counts(pl_module, loader, len(corpus.modalities), progress=False).to(pl_module.device)
-        ).cpu()
-        report = routing_report(counts, list(corpus.modalities))
-        self.heldout_history.append({"epoch": epoch, "step": trainer.global_step, **report})
-        self._log_report(pl_module, "route_heldout", report)
-        self._log_heatmap(trainer, counts, f"epoch {epoch}: teacher router top-1", "route_heldout/matrix",
-                          f"routing_heldout_epoch{epoch:03d}.png")
-        if "nmi" in report:
-            rank_zero_info(f"epoch {epoch}: held-out routing NMI {report['nmi']:.3f}, "
-                           f"purity {report['purity']:.3f} over {report['images']} images")
+        tables = routing_counts(pl_module, loader, len(corpus.modalities), progress=False)  # type: ignore[arg-type]
+        for name, table in tables.items():
+            counts = all_reduce_sum(table.to(pl_module.device)).cpu()
+            prefix = "route_heldout" if len(tables) == 1 else f"route_heldout_{name}"
+            report = routing_report(counts, list(corpus.modalities))
+            self.heldout_history.append({"epoch": epoch, "step": trainer.global_step,
+                                         "router": name, **report})
+            self._log_report(pl_module, prefix, report)
+            self._log_heatmap(trainer, counts, f"epoch {epoch}: router {name} top-1",
+                              f"{prefix}/matrix", heatmap_file(prefix, epoch))
+            if "nmi" in report:
+                rank_zero_info(f"epoch {epoch}: held-out routing NMI ({name}) {report['nmi']:.3f}, "
+                               f"purity {report['purity']:.3f} over {report['images']} images")

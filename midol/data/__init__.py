@@ -1,48 +1,63 @@
-"""Pre-training data: image decoding, sources, multi-crop transforms, sampling, datamodule."""
+"""Data: one reader stack (folders, CSV, npz), pre-training corpora and datamodules, labelled
+and segmentation datamodules, view transforms and the declared batch types."""
 
+from midol.data.batches import ImageBatch, LabelledBatch, ViewBatch
+from midol.data.corpus import Corpus, unique_modalities
 from midol.data.image_io import (
     IMAGE_EXTENSIONS,
     UnreadableImageError,
     UnreadableImageWarning,
+    as_rgb,
+    decode_image_bytes,
     is_image_file,
     load_image,
 )
 from midol.data.labelled import LabelledDataModule, LabelledSource
-from midol.data.pretrain import (
-    Corpus,
-    PretrainDataModule,
-    PretrainDataset,
-    RoutingCollate,
-    RoutingDataset,
-    pretrain_collate,
-)
+from midol.data.normalize import PixelNormalizer
+from midol.data.pretrain import PretrainDataModule
+from midol.data.pretrain_datasets import PretrainDataset, RoutingCollate, RoutingDataset, ViewCollate
+from midol.data.readers import ImageList
 from midol.data.sampler import WeightedSourceSampler
 from midol.data.segmentation import SegmentationDataModule, SegmentationSource
-from midol.data.sources import DataSource, ResolvedSource, resolve_source
-from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform
+from midol.data.sources import DataSource, resolve_source
+from midol.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    MultiCropTransform,
+    ViewTransform,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "Corpus",
-    "LabelledDataModule",
-    "LabelledSource",
-    "SegmentationDataModule",
-    "SegmentationSource",
     "DataSource",
     "EvalTransform",
+    "ImageBatch",
+    "ImageList",
+    "LabelledBatch",
+    "LabelledDataModule",
+    "LabelledSource",
     "MultiCropTransform",
+    "PixelNormalizer",
     "PretrainDataModule",
     "PretrainDataset",
-    "ResolvedSource",
     "RoutingCollate",
     "RoutingDataset",
+    "SegmentationDataModule",
+    "SegmentationSource",
     "UnreadableImageError",
     "UnreadableImageWarning",
+    "ViewBatch",
+    "ViewCollate",
+    "ViewTransform",
     "WeightedSourceSampler",
+    "as_rgb",
+    "decode_image_bytes",
     "is_image_file",
     "load_image",
-    "pretrain_collate",
     "resolve_source",
+    "unique_modalities",
 ]

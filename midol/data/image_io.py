@@ -21,8 +21,10 @@ Multi-frame files (GIF, TIFF stacks) give their first frame.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -63,17 +65,41 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         UnreadableImageError: missing file, unknown format, truncated or corrupt data.
     """
+    return _decode(Path(path), str(path))
+
+
+def decode_image_bytes(data: bytes, origin: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes (e.g. a shard member) -> uint8 ``H x W x 3`` with the same rules as
+    :func:`load_image`; ``origin`` names the image in errors."""
+    return _decode(io.BytesIO(data), origin)
+
+
+def _decode(source: Any, origin: str) -> np.ndarray:
     try:
-        with Image.open(Path(path)) as im:
+        with Image.open(source) as im:
             im.load()  # decode now: truncated files must fail here, not later
             rgb = _to_rgb_array(im)
     except UnreadableImageError:
         raise
     except Exception as err:  # Pillow raises many unrelated types for bad files
-        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+        raise UnreadableImageError(origin, f"{type(err).__name__}: {err}") from err
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise UnreadableImageError(path, f"unexpected decoded shape {rgb.shape}")
+        raise UnreadableImageError(origin, f"unexpected decoded shape {rgb.shape}")
     return np.ascontiguousarray(rgb)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A uint8 ``H x W``, ``H x W x 1`` or ``H x W x 3`` array as ``H x W x 3`` (grey copied to
+    the three channels): the one grey-to-RGB rule of every loader and transform."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise ValueError(f"expected an H x W or H x W x 3 image, got shape {image.shape}")
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
@@ -81,29 +107,25 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     if mode == "RGB":
         return np.asarray(im, dtype=np.uint8)
     if mode in ("1", "L"):
-        return _gray_to_rgb(np.asarray(im.convert("L"), dtype=np.uint8))
+        return as_rgb(np.asarray(im.convert("L"), dtype=np.uint8))
     if mode == "LA":
-        return _gray_to_rgb(np.asarray(im, dtype=np.uint8)[..., 0])
+        return as_rgb(np.asarray(im, dtype=np.uint8)[..., 0])
     if mode in ("P", "PA"):
         return np.asarray(im.convert("RGBA"), dtype=np.uint8)[..., :3]
     if mode.startswith("I;16"):
         arr = np.asarray(im)
         if arr.dtype.kind == "u":
-            return _gray_to_rgb(_scale_uint16(arr))
-        return _gray_to_rgb(_minmax(arr.astype(np.float64)))
+            return as_rgb(_scale_uint16(arr))
+        return as_rgb(_minmax(arr.astype(np.float64)))
     if mode == "I":
         arr = np.asarray(im).astype(np.int64)
         if arr.size and arr.min() >= 0 and arr.max() <= 65535:
-            return _gray_to_rgb(_scale_uint16(arr))
-        return _gray_to_rgb(_minmax(arr.astype(np.float64)))
+            return as_rgb(_scale_uint16(arr))
+        return as_rgb(_minmax(arr.astype(np.float64)))
     if mode == "F":
-        return _gray_to_rgb(_minmax(np.asarray(im, dtype=np.float64)))
+        return as_rgb(_minmax(np.asarray(im, dtype=np.float64)))
     # RGBA/RGBa/RGBX drop the 4th channel, CMYK/YCbCr/LAB/HSV are colour-converted.
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def _scale_uint16(arr: np.ndarray) -> np.ndarray:

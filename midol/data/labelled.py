@@ -8,22 +8,28 @@ carved out of the training source with a seeded (stratified) split. Batches are
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import cv2
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset
 
-from midol.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
-from midol.data.sources import resolve_kind
-from midol.data.splits import seeded_split
-from midol.data.task_transforms import ClassificationTrainTransform, EvalTransform
+from midol.data.image_io import is_image_file
+from midol.data.readers import (
+    ImageList,
+    csv_base,
+    image_extensions,
+    read_csv_rows,
+    read_npz_arrays,
+    resolve_kind,
+    scan_images,
+)
+from midol.data.task_datamodule import TaskDataModule
+from midol.data.transforms.eval import EvalTransform
+from midol.data.transforms.task import ClassificationTrainTransform
 
 Task = Literal["multiclass", "multilabel"]
 UncertainPolicy = Literal["error", "zero", "one"]
@@ -58,59 +64,7 @@ class LabelledSource:
         return resolve_kind(self.path, self.kind, f"labelled data {self.path!r}")
 
 
-class ImageTable:
-    """The images of one split: file paths (decoded on access) or rows of a uint8 array."""
-
-    def __init__(self, origin: str, paths: Sequence[str] | None = None, array: np.ndarray | None = None):
-        if (paths is None) == (array is None):
-            raise ValueError("ImageTable needs exactly one of paths and array")
-        self.origin = origin
-        self.paths = list(paths) if paths is not None else None
-        self.array = array
-
-    def __len__(self) -> int:
-        return len(self.paths) if self.paths is not None else len(self.array)
-
-    def load(self, i: int) -> np.ndarray:
-        """Item ``i`` as uint8 ``H x W x 3``."""
-        if self.paths is not None:
-            return load_image(self.paths[i])
-        img = self.array[i]
-        if img.ndim == 2:
-            img = img[..., None]
-        return np.ascontiguousarray(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
-
-    def describe(self, i: int) -> str:
-        return self.paths[i] if self.paths is not None else f"{self.origin}[{i}]"
-
-    def subset(self, idx: np.ndarray) -> ImageTable:
-        if self.paths is not None:
-            return ImageTable(self.origin, paths=[self.paths[i] for i in idx])
-        return ImageTable(self.origin, array=self.array[idx])
-
-    def check_files(self) -> None:
-        """``FileNotFoundError`` naming the first missing files."""
-        if self.paths is None:
-            return
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(
-                f"{self.origin}: {len(missing)} listed image file(s) do not exist, e.g. "
-                + ", ".join(missing[:3])
-            )
-
-
-def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive, sorted, dot-entries skipped)."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and is_image_file(f)]
-    return found
-
-
-def read_folder(src: LabelledSource) -> tuple[ImageTable, list[str]]:
+def read_folder(src: LabelledSource) -> tuple[ImageList, list[str]]:
     """Class-per-folder tree -> image paths and their class-folder names."""
     if src.split is not None:
         raise ValueError(f"{src.path}: 'split' applies to csv/npz; point path at the split's folder")
@@ -124,36 +78,20 @@ def read_folder(src: LabelledSource) -> tuple[ImageTable, list[str]]:
     paths: list[str] = []
     names: list[str] = []
     for name in classes:
-        files = list_images(os.path.join(root, name))
+        files = scan_images(os.path.join(root, name))
         if not files:
             raise ValueError(
                 f"{os.path.join(src.path, name)}: empty class folder (no file with extension "
-                f"{', '.join(IMAGE_EXTENSIONS)})"
+                f"{image_extensions()})"
             )
         paths += files
         names += [name] * len(files)
-    return ImageTable(src.path, paths=paths), names
+    return ImageList(src.path, paths=paths), names
 
 
-def read_csv_rows(path: str, required: Sequence[str], split_column: str, split: str | None) -> list[dict[str, str]]:
-    """Rows of a CSV manifest (only ``split`` rows when given); checks the columns exist."""
-    with open(os.path.expanduser(path), newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        needed = list(required) + ([split_column] if split is not None else [])
-        absent = [c for c in needed if c not in columns]
-        if absent:
-            raise ValueError(f"{path}: no column(s) {absent} (columns: {', '.join(columns) or 'none'})")
-        rows = [r for r in reader if split is None or (r[split_column] or "").strip() == split]
-    if not rows:
-        where = f" with {split_column} == {split!r}" if split is not None else ""
-        raise ValueError(f"{path}: no row{where}")
-    return rows
-
-
-def read_csv(src: LabelledSource) -> tuple[ImageTable, list[list[str]]]:
+def read_csv(src: LabelledSource) -> tuple[ImageList, list[list[str]]]:
     rows = read_csv_rows(src.path, [src.path_column, *src.label_columns], src.split_column, src.split)
-    base = os.path.expanduser(src.root) if src.root else os.path.dirname(os.path.expanduser(src.path))
+    base = csv_base(src.path, src.root)
     paths, labels = [], []
     for n, row in enumerate(rows):
         cell = (row[src.path_column] or "").strip()
@@ -161,24 +99,21 @@ def read_csv(src: LabelledSource) -> tuple[ImageTable, list[list[str]]]:
             raise ValueError(f"{src.path}: row {n + 2} has an empty {src.path_column!r}")
         paths.append(os.path.join(base, os.path.expanduser(cell)))
         labels.append([(row[c] or "").strip() for c in src.label_columns])
-    return ImageTable(src.path, paths=paths), labels
+    return ImageList(src.path, paths=paths), labels
 
 
-def read_npz(src: LabelledSource) -> tuple[ImageTable, np.ndarray]:
+def read_npz(src: LabelledSource) -> tuple[ImageList, np.ndarray]:
     split = src.split or "train"
-    with np.load(os.path.expanduser(src.path)) as npz:
-        keys = (f"{split}_images", f"{split}_labels")
-        absent = [k for k in keys if k not in npz.files]
-        if absent:
-            raise ValueError(f"{src.path}: no array {absent} (arrays: {', '.join(npz.files)})")
-        images, labels = npz[keys[0]], npz[keys[1]]
+    keys = (f"{split}_images", f"{split}_labels")
+    arrays = read_npz_arrays(src.path, keys)
+    images, labels = arrays[keys[0]], arrays[keys[1]]
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ValueError(f"{src.path}: {keys[0]} must be uint8 N x H x W [x C], got {images.dtype} {images.shape}")
     if len(labels) != len(images):
         raise ValueError(f"{src.path}: {len(images)} images but {len(labels)} labels in split {split!r}")
     if len(images) == 0:
         raise ValueError(f"{src.path}: split {split!r} is empty")
-    return ImageTable(f"{src.path}#{split}", array=images), labels.reshape(len(labels), -1)
+    return ImageList(src.path, arrays=[(split, images)]), labels.reshape(len(labels), -1)
 
 
 def _is_int(text: str) -> bool:
@@ -193,7 +128,7 @@ def _is_int(text: str) -> bool:
 class LabelledSplit:
     """One split: images and their targets (int64 class ids, or float32 0/1 label rows)."""
 
-    images: ImageTable
+    images: ImageList
     targets: np.ndarray
 
     def subset(self, idx: np.ndarray) -> LabelledSplit:
@@ -203,7 +138,7 @@ class LabelledSplit:
         return len(self.images)
 
 
-def _multiclass_ids(raw: Sequence[str] | np.ndarray, classes: list[str] | None, table: ImageTable) -> np.ndarray:
+def _multiclass_ids(raw: Sequence[str] | np.ndarray, classes: list[str] | None, table: ImageList) -> np.ndarray:
     if isinstance(raw, np.ndarray):
         if raw.shape[1] != 1:
             raise ValueError(f"{table.origin}: labels have {raw.shape[1]} columns; use task: multilabel")
@@ -218,7 +153,7 @@ def _multiclass_ids(raw: Sequence[str] | np.ndarray, classes: list[str] | None, 
     return np.array([int(r) for r in raw], dtype=np.int64)
 
 
-def _multilabel_rows(raw: list[list[str]] | np.ndarray, table: ImageTable, uncertain: UncertainPolicy) -> np.ndarray:
+def _multilabel_rows(raw: list[list[str]] | np.ndarray, table: ImageList, uncertain: UncertainPolicy) -> np.ndarray:
     values = {"0": 0.0, "0.0": 0.0, "1": 1.0, "1.0": 1.0}
     if uncertain != "error":
         fill = 0.0 if uncertain == "zero" else 1.0
@@ -260,104 +195,6 @@ class LabelledDataset(Dataset[dict[str, Any]]):
             "target": torch.as_tensor(self.split.targets[i]),
             "index": i,
         }
-
-
-def _init_worker(worker_id: int) -> None:
-    cv2.setNumThreads(0)  # the workers are the parallelism
-    info = get_worker_info()
-    reseed = getattr(getattr(info.dataset, "transform", None), "set_seed", None) if info else None
-    if callable(reseed):
-        reseed(info.seed % 2**32)
-
-
-class TaskDataModule(L.LightningDataModule):
-    """Loader settings and split handling shared by the labelled datamodules."""
-
-    def __init__(
-        self,
-        val_fraction: float = 0.0,
-        test_fraction: float = 0.0,
-        split_seed: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        drop_last: bool = True,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-    ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
-                "and sum to < 1"
-            )
-        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.drop_last = drop_last
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.datasets: dict[str, Dataset] = {}
-
-    def carve(self, train: Any, strata: np.ndarray | None, have_val: bool, have_test: bool) -> dict[str, Any]:
-        """Split ``train`` (anything with ``subset``) into the stages not given as sources."""
-        fractions = {"val": 0.0 if have_val else self.val_fraction,
-                     "test": 0.0 if have_test else self.test_fraction}
-        if have_val and self.val_fraction:
-            raise ValueError("set either a val source or val_fraction, not both")
-        if have_test and self.test_fraction:
-            raise ValueError("set either a test source or test_fraction, not both")
-        rest, val_idx, test_idx = seeded_split(len(train), [fractions["val"], fractions["test"]],
-                                               self.split_seed, strata)
-        out = {"train": train.subset(rest)}
-        if fractions["val"]:
-            out["val"] = train.subset(val_idx)
-        if fractions["test"]:
-            out["test"] = train.subset(test_idx)
-        return out
-
-    def _loader(self, stage: str, train: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup("fit")
-        dataset = self.datasets.get(stage)
-        if dataset is None:
-            return []  # type: ignore[return-value]  # Lightning skips a stage without batches
-        if train and self.drop_last and len(dataset) < self.batch_size:
-            raise ValueError(
-                f"the training split has {len(dataset)} images, fewer than batch_size="
-                f"{self.batch_size} with drop_last: lower batch_size or set drop_last: false"
-            )
-        if train:
-            reseed = getattr(getattr(dataset, "transform", None), "set_seed", None)
-            if callable(reseed):  # main-process loading: follow seed_everything
-                reseed(torch.initial_seed() % 2**32)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=_init_worker,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def split_sizes(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.datasets.items()}
 
 
 class LabelledDataModule(TaskDataModule):
@@ -418,7 +255,7 @@ class LabelledDataModule(TaskDataModule):
         self.splits: dict[str, LabelledSplit] = {}
 
     # ------------------------------------------------------------------ reading
-    def _read(self, src: LabelledSource) -> tuple[ImageTable, Any]:
+    def _read(self, src: LabelledSource) -> tuple[ImageList, Any]:
         kind = src.resolved_kind()
         if kind == "folder":
             return read_folder(src)
@@ -431,7 +268,7 @@ class LabelledDataModule(TaskDataModule):
             return table, rows
         return read_npz(src)
 
-    def _targets(self, table: ImageTable, raw: Any) -> np.ndarray:
+    def _targets(self, table: ImageList, raw: Any) -> np.ndarray:
         if self.task == "multilabel":
             if not isinstance(raw, np.ndarray) and raw and not isinstance(raw[0], list):
                 raise ValueError(f"{table.origin}: a class-per-folder tree cannot hold multi-label targets")

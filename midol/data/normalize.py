@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from midol.data.transforms.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 class PixelNormalizer(nn.Module):

@@ -19,8 +19,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from midol.data.image_io import IMAGE_EXTENSIONS, UnreadableImageError, load_image
-from midol.data.labelled import TaskDataModule, list_images, read_csv_rows
-from midol.data.task_transforms import SegmentationEvalTransform, SegmentationTrainTransform
+from midol.data.readers import csv_base, read_csv_rows, scan_images
+from midol.data.task_datamodule import TaskDataModule
+from midol.data.transforms.task import SegmentationEvalTransform, SegmentationTrainTransform
 
 MaskMode = Literal["binary", "index"]
 
@@ -72,7 +73,7 @@ class PairTable:
 def _pairs_from_csv(src: SegmentationSource) -> PairTable:
     cols = [src.image_column, src.mask_column] + ([src.region_column] if src.region_column else [])
     rows = read_csv_rows(src.path, cols, src.split_column, src.split)
-    base = os.path.expanduser(src.root) if src.root else os.path.dirname(os.path.expanduser(src.path))
+    base = csv_base(src.path, src.root)
     path = lambda row, col: os.path.join(base, (row[col] or "").strip())  # noqa: E731
     return PairTable(
         [path(r, src.image_column) for r in rows],
@@ -89,10 +90,10 @@ def _pairs_from_folders(src: SegmentationSource) -> PairTable:
     for d in (image_dir, mask_dir):
         if not os.path.isdir(d):
             raise FileNotFoundError(f"{src.path}: folder {d} not found (set image_dir/mask_dir)")
-    images = list_images(image_dir)
+    images = scan_images(image_dir)
     if not images:
         raise ValueError(f"{image_dir}: empty folder (no file with extension {', '.join(IMAGE_EXTENSIONS)})")
-    by_stem = {Path(m).stem: m for m in list_images(mask_dir)}
+    by_stem = {Path(m).stem: m for m in scan_images(mask_dir)}
     masks = []
     for img in images:
         stem = Path(img).stem + src.mask_suffix

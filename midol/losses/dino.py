@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from midol.losses.routing import count_cross_view_pairs, sum_over_cross_view_pairs
+from midol.losses.views import count_cross_view_pairs, sum_over_cross_view_pairs
 from midol.utils.dist import all_reduce_sum, world_size
 
 

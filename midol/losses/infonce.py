@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from midol.losses.routing import cross_view_mask
+from midol.losses.views import cross_view_mask
 from midol.utils.dist import all_reduce_sum, gather_no_grad, world_size
 
 

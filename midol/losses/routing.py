@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from midol.losses.sinkhorn import log_sinkhorn_knopp
+from midol.losses.views import check_views, count_cross_view_pairs, sum_over_cross_view_pairs
 
 RouteForm = Literal["student_weighted", "teacher_target"]
-
-
-def cross_view_mask(num_student: int, num_teacher: int, device: torch.device | None = None) -> torch.Tensor:
-    """Ms x Mt boolean mask of the view pairs (j, g) with j != g (view k is the same crop
-    for student and teacher)."""
-    return ~torch.eye(num_student, num_teacher, dtype=torch.bool, device=device)
-
-
-def count_cross_view_pairs(num_student: int, num_teacher: int, name: str) -> int:
-    """Number of view pairs (j, g) with j != g; raises when there is none. Counted on the host,
-    so that the losses need no boolean indexing (a device-to-host sync on CUDA)."""
-    count = num_student * num_teacher - min(num_student, num_teacher)
-    if count == 0:
-        raise ValueError(
-            f"{name} needs a pair of different views; got {num_student} student and "
-            f"{num_teacher} teacher view(s)"
-        )
-    return count
-
-
-def sum_over_cross_view_pairs(cross: torch.Tensor) -> torch.Tensor:
-    """Sum of an Ms x Mt matrix over the entries j != g (the diagonal pairs a crop with itself)."""
-    same_crop = ~cross_view_mask(cross.shape[0], cross.shape[1], cross.device)
-    return cross.masked_fill(same_crop, 0.0).sum()
-
-
-def _check_views(name: str, views: Sequence[torch.Tensor]) -> None:
-    if len(views) == 0:
-        raise ValueError(f"{name}: got no views")
-    shapes = {tuple(v.shape) for v in views}
-    if len(shapes) != 1 or views[0].ndim != 2:
-        raise ValueError(f"{name}: every view must be a B x N tensor of one shape, got {shapes}")
 
 
 def teacher_routing_log_probs(
@@ -51,7 +21,7 @@ def teacher_routing_log_probs(
 ) -> torch.Tensor:
     """log a_T for every teacher view: Sinkhorn-Knopp on ``logits / teacher_temp``, applied to
     each view separately. Returns Mt x B x N (float32, no gradient)."""
-    _check_views("teacher_logits", teacher_logits)
+    check_views("teacher_logits", teacher_logits)
     return torch.stack([log_sinkhorn_knopp(t / teacher_temp, eps, iters) for t in teacher_logits])
 
 
@@ -67,7 +37,7 @@ def routing_cross_entropy(
     Eq. 15 without the minus sign. ``teacher_target`` (SwAV style): ``-sum_i a_T log a_S``.
     The mean runs over images and over view pairs (j, g), j != g.
     """
-    _check_views("student_logits", student_logits)
+    check_views("student_logits", student_logits)
     if form not in ("student_weighted", "teacher_target"):
         raise ValueError(f"unknown routing loss form {form!r}")
     pairs = count_cross_view_pairs(len(student_logits), teacher_log_probs.shape[0], "routing loss")

@@ -1,7 +1,8 @@
-"""Backbones, projection heads and the momentum teacher."""
+"""Layers and networks in plain PyTorch: the timm backbone factory, MoE projector, heads, the
+EMA update and the segmentation decoder."""
 
 from midol.models.backbone import DEFAULT_BACKBONE, build_backbone, load_backbone_weights
-from midol.models.ema import ema_update, momentum_at
+from midol.models.ema import ema_update
 from midol.models.heads import ExpertBank, NormedLinear
 from midol.models.moe import MoEOutput, MoEProjector
 
@@ -14,5 +15,4 @@ __all__ = [
     "build_backbone",
     "ema_update",
     "load_backbone_weights",
-    "momentum_at",
 ]

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from midol.models.checkpoint_io import load_state_dict_file
+from midol.io.weights import load_state_dict_file
 
 DEFAULT_BACKBONE = "swin_base_patch4_window7_224"
 

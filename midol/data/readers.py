@@ -1,0 +1,221 @@
+"""The one reader stack of midol: image folders, CSV manifests and MedMNIST-style ``.npz`` files.
+
+Pre-training sources, labelled classification and segmentation splits and (next) patient
+manifests all list their images through these functions, and load them through
+:class:`ImageList`, so every loader decodes, converts and names images the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from midol.data.image_io import IMAGE_EXTENSIONS, as_rgb, is_image_file, load_image
+
+Kind = Literal["folder", "csv", "npz"]
+
+
+class ImageList:
+    """The images of one source or split: file paths decoded on access, or rows of uint8
+    ``N x H x W [x C]`` arrays (one per npz split), in a fixed order.
+
+    ``describe(i)`` names item ``i`` in warnings and errors: its path, or ``file.npz#split[row]``.
+    """
+
+    def __init__(
+        self,
+        origin: str,
+        paths: Sequence[str] | None = None,
+        arrays: Sequence[tuple[str, np.ndarray]] | None = None,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        if (paths is None) == (arrays is None):
+            raise ValueError("ImageList needs exactly one of paths and arrays")
+        self.origin = origin
+        self._files: list[str] | None = list(paths) if paths is not None else None
+        self.arrays: list[tuple[str, np.ndarray]] = list(arrays or [])
+        if rows is None:
+            if self._files is not None:
+                rows = np.arange(len(self._files))
+            else:  # (array number, row) of every item, array after array
+                rows = np.concatenate(
+                    [np.stack([np.full(len(a), k), np.arange(len(a))], axis=1)
+                     for k, (_, a) in enumerate(self.arrays)] or [np.zeros((0, 2), np.int64)]
+                ).astype(np.int64)
+        self._rows = rows
+
+    @property
+    def paths(self) -> list[str] | None:
+        """The files of the listed items in order (None for arrays)."""
+        if self._files is None:
+            return None
+        return [self._files[int(r)] for r in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def load(self, i: int) -> np.ndarray:
+        """Item ``i`` as uint8 ``H x W x 3``; may raise ``UnreadableImageError``."""
+        if self._files is not None:
+            return load_image(self._files[int(self._rows[i])])
+        k, row = self._rows[i]
+        return np.ascontiguousarray(as_rgb(self.arrays[int(k)][1][int(row)]))
+
+    def describe(self, i: int) -> str:
+        if self._files is not None:
+            return self._files[int(self._rows[i])]
+        k, row = self._rows[i]
+        return f"{self.origin}#{self.arrays[int(k)][0]}[{int(row)}]"
+
+    def path(self, i: int) -> str | None:
+        """The file of item ``i`` (None for array rows)."""
+        return self._files[int(self._rows[i])] if self._files is not None else None
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> ImageList:
+        """The items ``idx`` (no pixels are copied)."""
+        return ImageList(self.origin, self._files, None if self._files is not None else self.arrays,
+                         rows=self._rows[np.asarray(idx, dtype=np.int64)])
+
+    def check_files(self) -> None:
+        """``FileNotFoundError`` naming the first listed files that do not exist."""
+        if self._files is None:
+            return
+        missing = [self._files[int(r)] for r in self._rows if not os.path.isfile(self._files[int(r)])]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.origin}: {len(missing)} listed image file(s) do not exist, e.g. "
+                + ", ".join(missing[:3])
+            )
+
+
+def resolve_kind(path: str, kind: str, name: str) -> Kind:
+    """``kind`` unless it is ``auto``: then npz / csv by suffix, folder for a directory.
+    ``name`` starts the error messages (a missing path, an undecidable ``auto``)."""
+    full = os.path.expanduser(path)
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"{name}: path does not exist")
+    if kind != "auto":
+        if kind not in ("folder", "csv", "npz"):
+            raise ValueError(f"{name}: unknown kind {kind!r} (auto, folder, csv or npz)")
+        return kind  # type: ignore[return-value]
+    if full.lower().endswith(".npz"):
+        return "npz"
+    if full.lower().endswith(".csv"):
+        return "csv"
+    if os.path.isdir(full):
+        return "folder"
+    raise ValueError(f"{name}: kind 'auto' needs a folder, a .csv or a .npz file; set kind explicitly")
+
+
+def scan_images(root: str, recursive: bool = True, name: str | None = None) -> list[str]:
+    """Image files under ``root`` in a sorted walk (the same order on every machine), skipping
+    dot-entries (macOS ``._x.jpg`` forks are not images).
+
+    Symbolic links are followed once: a folder reached again (a link back up the tree, a link
+    loop) is not walked twice, and a file reached again through a link is listed once; both
+    are counted in one warning naming ``name`` (default ``root``)."""
+    root = os.path.expanduser(root)
+    visited: set[str] = set()
+    seen: set[str] = set()
+    paths: list[str] = []
+    loops = duplicates = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            loops += 1
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for f in sorted(filenames):
+            if f.startswith(".") or not is_image_file(f):
+                continue
+            full = os.path.join(dirpath, f)
+            key = os.path.realpath(full)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            paths.append(full)
+    if loops or duplicates:
+        warnings.warn(
+            f"{name or root}: symbolic links lead back into the tree ({loops} folder(s) reached "
+            f"again, not walked twice; {duplicates} file(s) reached again, listed once)",
+            stacklevel=2,
+        )
+    return paths
+
+
+def read_csv_rows(
+    path: str, required: Sequence[str], split_column: str | None = None, split: str | None = None,
+    name: str | None = None,
+) -> list[dict[str, str]]:
+    """Rows of a CSV manifest (only those whose ``split_column`` equals ``split`` when given);
+    checks that the ``required`` columns exist. ``name`` starts the error messages."""
+    name = name or path
+    needed = list(required) + ([split_column] if split is not None and split_column else [])
+    try:
+        with open(os.path.expanduser(path), newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            absent = [c for c in needed if c not in columns]
+            if absent:
+                raise ValueError(
+                    f"{name}: CSV has no column {', '.join(map(repr, absent))} "
+                    f"(columns: {', '.join(columns) or 'none'})"
+                )
+            rows = [r for r in reader
+                    if split is None or (r[split_column or ""] or "").strip() == split]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}: the CSV is not UTF-8 text ({err}); save it as UTF-8") from err
+    if not rows:
+        where = f" with {split_column} == {split!r}" if split is not None else ""
+        raise ValueError(f"{name}: CSV has no row{where}")
+    return rows
+
+
+def csv_base(path: str, root: str | None) -> str:
+    """Folder that relative paths of a CSV manifest are relative to (default: the CSV's)."""
+    return os.path.expanduser(root) if root else os.path.dirname(os.path.expanduser(path))
+
+
+def read_npz_arrays(
+    path: str, keys: Sequence[str], name: str | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz``; ``ValueError`` naming the missing ones, or a file
+    that is not a readable npz (truncated, another format)."""
+    name = name or path
+    try:
+        with np.load(os.path.expanduser(path)) as npz:
+            absent = [k for k in keys if k not in npz.files]
+            if absent:
+                raise ValueError(f"{name}: npz has no array {absent} (arrays: {', '.join(npz.files) or 'none'})")
+            return {k: npz[k] for k in keys}
+    except ValueError:
+        raise
+    except Exception as err:  # zipfile.BadZipFile, EOFError, OSError for truncated files
+        raise ValueError(f"{name}: cannot read the .npz ({type(err).__name__}: {err})") from err
+
+
+def npz_splits(path: str) -> list[str]:
+    """Split names ``s`` with an ``s_images`` array in the file."""
+    with np.load(os.path.expanduser(path)) as npz:
+        return sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
+
+
+def check_image_array(name: str, key: str, arr: np.ndarray) -> None:
+    """uint8 ``N x H x W`` or ``N x H x W x {1, 3}``, else ``ValueError``."""
+    rgb = arr.ndim == 4 and arr.shape[3] in (1, 3)
+    if arr.dtype != np.uint8 or not (arr.ndim == 3 or rgb):
+        raise ValueError(
+            f"{name}: {key!r} must be uint8 N x H x W or N x H x W x 3, got {arr.dtype} {arr.shape}"
+        )
+
+
+def image_extensions() -> str:
+    return ", ".join(IMAGE_EXTENSIONS)

@@ -1,0 +1,210 @@
+"""Reading shards: an endless stream per modality, mixed by weight, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from midol.data.image_io import UnreadableImageError, UnreadableImageWarning, decode_image_bytes
+from midol.data.shards.index import ShardIndex
+from midol.data.transforms.base import ViewTransform
+from midol.data.transforms.eval import EvalTransform
+from midol.utils.dist import rank, world_size
+
+
+def _read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one shard, in order: ``{"__key__", "<ext>": bytes, "json": bytes}``."""
+    from webdataset.tariterators import tarfile_samples
+
+    yield from tarfile_samples([{"url": url}])
+
+
+def _image_of(sample: dict[str, Any]) -> tuple[bytes, str]:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    origin = str(meta.get("origin", sample.get("__key__", "?")))
+    for key, value in sample.items():
+        if not key.startswith("__") and key != "json" and isinstance(value, bytes):
+            return value, origin
+    raise UnreadableImageError(origin, "shard sample holds no image")
+
+
+def _seed(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
+
+
+class ShardStream(IterableDataset):
+    """Multi-crop views from shards, ``batches_per_epoch`` batches per rank and epoch.
+
+    Deterministic given (seed, epoch, rank, worker layout): the data-loading slot
+    ``rank x workers + worker`` reads its own shards of each modality (every slot reads every
+    shard of a modality with fewer shards than slots, keeping one sample in ``slots``). Sample
+    ``k`` of the epoch draws its modality and its augmentation from (seed, epoch, k) alone.
+    ``skip`` leading batches are read but not decoded (resuming mid-epoch).
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        transform: ViewTransform,
+        weights: dict[str, float],
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int = 0,
+        shuffle_buffer: int = 200,
+        max_tries: int = 64,
+    ) -> None:
+        self.index = index
+        self.transform = transform
+        self.modalities = index.modalities
+        w = np.array([weights[m] for m in self.modalities], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_tries = max_tries
+        self.rank, self.world = 0, 1
+        self.epoch, self.skip = 0, 0
+        self._local_iters = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.batch_size
+
+    def _modality_stream(self, m: int, epoch: int, slot: int, slots: int) -> Iterator[bytes | Any]:
+        name = self.modalities[m]
+        urls = [self.index.url(s) for s in self.index.shards[name]]
+        counts = self.index.counts[name]
+        # (url, first sample number of the shard in its modality, keep every slots-th or None)
+        if len(urls) >= slots:
+            units = [(u, 0, None) for u in urls[slot::slots]]
+        else:
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+            # Fewer samples than slots: every slot reads everything (duplicates across slots).
+            keep = (slot, slots) if sum(counts) >= slots else None
+            units = [(u, int(first), keep) for u, first in zip(urls, starts)]
+        rng = _seed(self.seed, epoch, slot, m)
+        buffer: list[Any] = []
+        while True:  # endless: every pass reshuffles the shard order
+            for u in rng.permutation(len(units)):
+                url, first, keep = units[int(u)]
+                for k, sample in enumerate(_read_shard(url)):
+                    if keep is not None and (first + k) % keep[1] != keep[0]:
+                        continue
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(sample)
+                        continue
+                    if self.shuffle_buffer:
+                        j = int(rng.integers(len(buffer)))
+                        sample, buffer[j] = buffer[j], sample
+                    yield sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Persistent workers keep their copy of this object: count the epochs here.
+        epoch = self.epoch + self._local_iters
+        skip = self.skip if self._local_iters == 0 else 0
+        self._local_iters += 1
+        # Batch b of the epoch comes from stream b % workers (DataLoader takes batches from the
+        # workers in turn). After skipping, worker w serves the batches skip + w + k x workers,
+        # so it runs the stream those batches had in the uninterrupted run.
+        stream = (worker + skip) % workers
+        slot, slots = self.rank * workers + stream, self.world * workers
+        streams = [self._modality_stream(m, epoch, slot, slots) for m in range(len(self.modalities))]
+        for b in range(stream, self.batches_per_epoch, workers):
+            for j in range(self.batch_size):
+                position = (b * self.batch_size + j) * self.world + self.rank
+                m = int(_seed(self.seed, epoch, position).choice(len(self.probs), p=self.probs))
+                if b < skip:
+                    next(streams[m])  # keep the stream where the saved run had it, no decoding
+                    continue
+                yield self._item(streams[m], m, epoch, position)
+
+    def _item(self, stream: Iterator[Any], m: int, epoch: int, position: int) -> dict[str, Any]:
+        skipped: list[str] = []
+        for _ in range(self.max_tries):
+            sample = next(stream)
+            try:
+                data, origin = _image_of(sample)
+                image = decode_image_bytes(data, origin)
+            except UnreadableImageError as err:
+                msg = f"{err.path}: {err.reason}"
+                warnings.warn(f"skipping unreadable image {msg}", UnreadableImageWarning,
+                              stacklevel=2)
+                skipped.append(msg)
+                continue
+            self.transform.reseed((epoch, position))
+            return {"views": self.transform(image), "modality": m, "index": position,
+                    "skipped": skipped}
+        raise RuntimeError(f"{self.max_tries} unreadable images in a row: " + "; ".join(skipped[:5]))
+
+
+class ShardLoader(DataLoader):
+    """DataLoader over a :class:`ShardStream` that resumes mid-epoch (Lightning stores
+    :meth:`state_dict` in checkpoints and hands it back before the first resumed batch)."""
+
+    def __init__(self, dataset: ShardStream, *args: Any,
+                 batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.batches_done = batches_done
+        self._next_epoch, self._skip, self._epoch = 0, 0, 0
+        self._layout = (0, 0, 0)
+
+    def __iter__(self):  # type: ignore[override]
+        ds: ShardStream = self.dataset  # type: ignore[assignment]
+        ds.rank, ds.world = rank(), world_size()
+        ds.epoch, ds.skip, ds._local_iters = self._next_epoch, self._skip, 0
+        self._epoch, self._next_epoch, self._skip = self._next_epoch, self._next_epoch + 1, 0
+        self._layout = (ds.world, self.num_workers, ds.batch_size)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        world, workers, batch = self._layout
+        return {"epoch": self._epoch, "batches_done": int(self.batches_done()),
+                "world_size": world, "num_workers": workers, "batch_size": batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        ds: ShardStream = self.dataset  # type: ignore[assignment]
+        now = (world_size(), self.num_workers, ds.batch_size)
+        saved = (state.get("world_size"), state.get("num_workers"), state.get("batch_size"))
+        if saved != now:
+            warnings.warn(
+                f"resuming shards with (world size, workers, batch size) = {now}, saved with "
+                f"{saved}: each worker's stream differs, so the data continues, not exactly",
+                stacklevel=2,
+            )
+        if done >= ds.batches_per_epoch:
+            epoch, done = epoch + 1, 0
+        self._next_epoch, self._skip = epoch, done
+
+
+class EvalStream(IterableDataset):
+    """Every sample once (shards dealt out to workers), centre-cropped, for routing tables."""
+
+    def __init__(self, index: ShardIndex, size: int) -> None:
+        self.index, self.transform = index, EvalTransform(size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        names = self.index.modalities
+        offsets = np.cumsum([0] + [self.index.num_samples(n) for n in names])
+        jobs = [(m, s) for m, name in enumerate(names) for s in range(len(self.index.shards[name]))]
+        for m, s in jobs[worker::workers]:
+            name = names[m]
+            first = int(offsets[m]) + sum(self.index.counts[name][:s])
+            for k, sample in enumerate(_read_shard(self.index.url(self.index.shards[name][s]))):
+                try:
+                    data, origin = _image_of(sample)
+                    image = decode_image_bytes(data, origin)
+                except UnreadableImageError as err:
+                    yield {"skipped": f"{err.path}: {err.reason}"}
+                    continue
+                yield {"image": self.transform(image), "modality": m, "index": first + k,
+                       "path": origin}

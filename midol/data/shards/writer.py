@@ -1,0 +1,138 @@
+"""Writing image sources into per-modality WebDataset shards (``midol shard``)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from midol.data.image_io import (
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    UnreadableImageWarning,
+    decode_image_bytes,
+)
+from midol.data.readers import ImageList
+from midol.data.shards.index import INDEX_NAME, ShardIndex
+from midol.data.sources import DataSource, resolve_source
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _encoded_item(source: Any, i: int, max_side: int | None) -> tuple[str, bytes]:
+    """(extension, bytes) of item ``i``; checks that it decodes."""
+    path = source.path(i) if isinstance(source, ImageList) else None
+    if path is not None and max_side is None:
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            try:
+                data = Path(path).read_bytes()
+            except OSError as err:
+                raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+            decode_image_bytes(data, path)
+            return ("jpg" if ext == "jpeg" else "tiff" if ext == "tif" else ext), data
+    image = source.load(i)
+    if max_side is not None:
+        image = _shrink(image, max_side)
+    return "png", _png(image)
+
+
+def write_shards(
+    sources: Sequence[DataSource],
+    out_dir: str | os.PathLike[str],
+    shard_size: int = 1000,
+    max_side: int | None = None,
+    progress: bool = True,
+) -> ShardIndex:
+    """Write every readable item of ``sources`` into per-modality WebDataset shards.
+
+    Args:
+        sources: as ``data.sources`` of a pre-training config; their ``weight`` is not stored
+            (weights are chosen when reading, per modality).
+        out_dir: created if needed; must not hold an ``index.json`` already.
+        shard_size: samples per shard. Write at least (GPUs x workers) shards per modality:
+            each data-loading worker then reads its own shards.
+        max_side: shrink larger images to this longest side (area interpolation, stored as
+            PNG): decoding then costs less at every epoch. None keeps the files as they are.
+        progress: show a progress bar.
+
+    Unreadable items are skipped with a warning and listed in the index (``skipped``).
+    """
+    import webdataset as wds
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and max_side < 8:
+        raise ValueError(f"max_side must be >= 8 pixels, got {max_side}")
+    if not sources:
+        raise ValueError("write_shards needs at least one DataSource")
+    out = Path(os.path.expanduser(str(out_dir)))
+    if (out / INDEX_NAME).exists():
+        raise FileExistsError(f"{out / INDEX_NAME} exists: choose an empty output folder")
+    resolved = [(s.modality, resolve_source(s)) for s in sources]
+    for modality, _ in resolved:
+        if not modality or "/" in modality or modality.startswith("."):
+            raise ValueError(f"modality name {modality!r} cannot name a folder")
+    shards: dict[str, list[str]] = {}
+    counts: dict[str, list[int]] = {}
+    skipped: list[str] = []
+    total = sum(len(r) for _, r in resolved)
+    bar = tqdm(total=total, desc="writing shards", unit="img", disable=not progress)
+    writers: dict[str, Any] = {}
+    try:
+        for modality, source in resolved:
+            (out / modality).mkdir(parents=True, exist_ok=True)
+            shards.setdefault(modality, [])
+            counts.setdefault(modality, [])
+            for i in range(len(source)):
+                bar.update(1)
+                try:
+                    ext, data = _encoded_item(source, i, max_side)
+                except UnreadableImageError as err:
+                    warnings.warn(f"skipping unreadable image {err.path}: {err.reason}",
+                                  UnreadableImageWarning, stacklevel=2)
+                    skipped.append(f"{err.path}: {err.reason}")
+                    continue
+                if not counts[modality] or counts[modality][-1] >= shard_size:
+                    if modality in writers:
+                        writers[modality].close()
+                    name = f"{modality}/{modality}-{len(shards[modality]):06d}.tar"
+                    writers[modality] = wds.TarWriter(str(out / name))
+                    shards[modality].append(name)
+                    counts[modality].append(0)
+                key = f"{sum(counts[modality]):09d}"
+                origin = source.describe(i)
+                writers[modality].write(
+                    {"__key__": key, ext: data, "json": {"modality": modality, "origin": origin}}
+                )
+                counts[modality][-1] += 1
+    finally:
+        for writer in writers.values():
+            writer.close()
+        bar.close()
+    empty = [m for m in shards if not counts[m]]
+    if empty:
+        raise ValueError(f"no readable image for modality {', '.join(empty)}")
+    index = ShardIndex(out, shards, counts, skipped)
+    index.save(out / INDEX_NAME)
+    return index

@@ -1,0 +1,118 @@
+"""Export backbones as safetensors plus a JSON that says how to rebuild them with timm.
+
+A method names what is worth keeping (``export_modules()``, e.g. M-IDoL's teacher backbone);
+this module only writes files: ``<name>.safetensors`` and ``<name>.json`` per exported part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+import midol
+from midol.data.transforms.common import IMAGENET_MEAN, IMAGENET_STD
+from midol.io.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from midol.methods.interfaces import Pretrained
+
+BACKBONE_FILE = "teacher_backbone.safetensors"  # M-IDoL's default part, kept for old scripts
+META_FILE = "teacher_backbone.json"
+
+
+@dataclass
+class BackboneExport:
+    """A backbone worth keeping after pre-training and its timm recipe:
+    ``timm.create_model(timm_model, num_classes=0, **overrides)`` loads it strictly."""
+
+    module: nn.Module
+    timm_model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    description: str = ""
+
+
+def export_backbone(
+    part: BackboneExport,
+    out_dir: str | Path,
+    name: str,
+    image_size: int | None = None,
+    source: str | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``out_dir/<name>.safetensors`` and ``out_dir/<name>.json``; returns the first.
+
+    Both are written atomically (temp file beside them, then renamed); ``overwrite=False``
+    refuses to replace an existing export."""
+    out = Path(out_dir)
+    path, meta_path = out / f"{name}.safetensors", out / f"{name}.json"
+    if not overwrite and (path.exists() or meta_path.exists()):
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in part.module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "timm_model": part.timm_model})
+    overrides = dict(part.overrides)
+    meta = {
+        "timm_model": part.timm_model,
+        "overrides": overrides,
+        "num_classes": 0,
+        "image_size": image_size or part.image_size or overrides.get("img_size", 224),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "input": "RGB scaled to [0, 1], then (x - mean) / std",
+        "description": part.description,
+        "source": source,
+        "midol_version": midol.__version__,
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def export_method(
+    method: Pretrained,
+    out_dir: str | Path,
+    parts: list[str] | None = None,
+    image_size: int | None = None,
+    source: str | None = None,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Export ``parts`` of a live method (default: its first ``export_modules()`` entry)."""
+    available = method.export_modules()
+    if not available:
+        raise ValueError(f"{type(method).__name__} exports no backbone")
+    chosen = parts or [next(iter(available))]
+    unknown = [p for p in chosen if p not in available]
+    if unknown:
+        raise ValueError(f"unknown export part(s) {unknown}; {type(method).__name__} exports "
+                         f"{', '.join(available)}")
+    return [export_backbone(available[p], out_dir, p, image_size, source, overwrite) for p in chosen]
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    image_size: int | None = None,
+    parts: list[str] | None = None,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Export from a pre-training checkpoint (read with ``weights_only=True``)."""
+    from midol.methods.loading import load_method  # methods sit above io
+
+    method = load_method(ckpt_path)
+    return export_method(method, out_dir, parts, image_size, str(ckpt_path), overwrite)
+
+
+def read_export_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON beside an exported ``.safetensors``."""
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: its description {meta_path} is missing")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    return meta
+
+

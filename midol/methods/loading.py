@@ -1,0 +1,120 @@
+"""Rebuild a trained method from its checkpoint without unpickling code."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from midol.io.weights import load_state_dict_file
+
+# Rebuilding for inference: weights come from the state dict, so nothing is re-read or compiled.
+_INFERENCE_OVERRIDES: dict[str, Any] = {
+    "init_checkpoint": None, "compile": False, "grad_checkpointing": False,
+}
+DEFAULT_CLASS_PATH = "midol.methods.MIDoL"  # checkpoints without _class_path predate other methods
+
+
+def import_class(class_path: str, origin: str, allowed_prefixes: tuple[str, ...] = ("midol.",),
+                 extra: tuple[str, ...] = ()) -> type:
+    """The class ``class_path`` names; only under ``allowed_prefixes`` or listed in ``extra``
+    (a checkpoint must not choose what code is imported)."""
+    if not (class_path.startswith(allowed_prefixes) or class_path in extra):
+        raise ValueError(
+            f"{origin}: its module class {class_path!r} is outside midol; pass --class-path "
+            f"{class_path} (or set it in the config) if you trust that code"
+        )
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{origin}: its module class {class_path!r} cannot be imported: {err}") from err
+    if not isinstance(cls, type):
+        raise ValueError(f"{origin}: {class_path!r} is not a class")
+    return cls
+
+
+def accepted_arguments(cls: type) -> set[str] | None:
+    """Keyword arguments ``cls(...)`` accepts along its ``**kwargs`` chain; None when some class
+    in the chain takes ``**kwargs`` that do not reach a known parent (anything may be valid)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items()
+                  if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names
+        if klass is L.LightningModule:
+            return None
+    return names
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``weights_only=True``, checked for what a method needs."""
+    path = Path(path)
+    ckpt = load_state_dict_file(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(
+            f"{path} is not a midol training checkpoint (.ckpt with 'state_dict' and "
+            "'hyper_parameters'); for an exported .safetensors use it as init_checkpoint"
+        )
+    return ckpt
+
+
+def load_method(path: str | Path, device: str | torch.device = "cpu",
+                trusted_class_paths: tuple[str, ...] = ()) -> Any:
+    """The module class the run used (``_class_path``, default M-IDoL) with the checkpoint's
+    hyper-parameters and weights (strict), in eval mode on ``device``.
+
+    The file is read with ``weights_only=True``; ``init_checkpoint`` is not re-read (the state
+    dict holds the trained weights) and ``compile``/``grad_checkpointing`` are off. Classes
+    outside ``midol.`` are imported only when named in ``trusted_class_paths``."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["hyper_parameters"])
+    class_path = hparams.get("_class_path") or DEFAULT_CLASS_PATH  # written by LightningCLI
+    cls = import_class(class_path, str(path), extra=trusted_class_paths)
+    if not issubclass(cls, L.LightningModule):
+        raise ValueError(f"{path}: trained with {class_path}, which is not a LightningModule")
+    accepted = accepted_arguments(cls)
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if accepted is not None:
+        unknown = sorted(k for k in kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"{path}: hyper-parameters {unknown} are not arguments of {class_path} "
+                "(the checkpoint was written by a version of that class with other arguments)"
+            )
+    kwargs.update({k: v for k, v in _INFERENCE_OVERRIDES.items()
+                   if k in kwargs or (accepted is not None and k in accepted)})
+    module = _construct_outside_cli(cls, kwargs)
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the module its hyper-parameters build: {err}") from err
+    return module.to(device).eval()
+
+
+def load_pretrain_module(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """:func:`load_method` for a pre-training checkpoint (the name of midol <= 0.1.0)."""
+    return load_method(path, device)
+
+
+def _construct_outside_cli(cls: type, kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)`` with LightningCLI's "given hyper-parameters" context cleared: inside
+    a CLI-instantiated module (a fine-tuning task loading its pre-trained backbone) the nested
+    module's ``save_hyperparameters`` would otherwise record the outer module's arguments."""
+    from lightning.pytorch.core.mixins import hparams_mixin
+
+    token = hparams_mixin._given_hyperparameters.set(None)
+    try:
+        return cls(**kwargs)
+    finally:
+        hparams_mixin._given_hyperparameters.reset(token)

@@ -1,0 +1,128 @@
+"""Backbones for downstream tasks, from (a) a midol pre-training checkpoint (the teacher),
+(b) an exported ``.safetensors`` backbone with its JSON, or (c) any timm model (random init or
+local weights). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from midol.models.backbone import build_backbone
+from midol.io.export import BackboneExport, read_export_meta
+from midol.io.weights import load_state_dict_file
+
+CheckpointFormat = Literal["auto", "midol", "exported", "timm"]
+TEACHER_PREFIX = "teacher.backbone."  # midol <= 0.1.0: init_prefix named a state-dict prefix
+
+
+@dataclass
+class BackboneInfo:
+    """What was loaded: the timm recipe (``timm.create_model(model, num_classes=0, **overrides)``),
+    the weights' origin and, when the file records it, the pre-training image size."""
+
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    source: str = "random init"
+    image_size: int | None = None
+
+
+def part_from_prefix(prefix: str | None) -> str | None:
+    """The export part an old-style state-dict prefix names (``teacher.backbone.`` ->
+    ``teacher_backbone``), None for None."""
+    return None if prefix is None else prefix.strip(".").replace(".", "_")
+
+
+def read_method_backbone(path: str | Path, part: str | None = None) -> tuple[dict[str, torch.Tensor], BackboneExport]:
+    """Backbone tensors and recipe of export ``part`` (default: the method's first) of a midol
+    training checkpoint, through the method's own ``export_modules()``."""
+    from midol.methods.loading import load_method  # methods sit above tasks' loading helpers
+
+    method = load_method(path)
+    parts = method.export_modules()
+    name = part or next(iter(parts))
+    if name not in parts:
+        raise ValueError(f"{path}: no backbone part {name!r}; its method exports {', '.join(parts)}")
+    spec = parts[name]
+    return {k: v.detach().clone() for k, v in spec.module.state_dict().items()}, spec
+
+
+def detect_format(checkpoint: str | Path | None) -> Literal["midol", "exported", "timm"]:
+    """``None`` -> timm (random init); ``*.ckpt`` -> midol; ``*.safetensors`` with a JSON of the
+    same stem beside it -> exported; anything else -> timm (local weights for a named model)."""
+    if checkpoint is None:
+        return "timm"
+    path = Path(checkpoint)
+    if path.suffix == ".ckpt":
+        return "midol"
+    if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+        return "exported"
+    return "timm"
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the backbone built from its recipe: {err}") from err
+
+
+def _check_name(requested: str | None, recorded: str, path: str | Path) -> None:
+    if requested is not None and requested != recorded:
+        raise ValueError(
+            f"{path} holds a {recorded!r} backbone but backbone={requested!r} was requested; "
+            "leave backbone unset (null) to take it from the file"
+        )
+
+
+def load_backbone(
+    backbone: str | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_format: CheckpointFormat = "auto",
+    part: str | None = None,
+    grad_checkpointing: bool = False,
+) -> tuple[nn.Module, BackboneInfo]:
+    """Build a pooled-feature timm backbone and load its weights.
+
+    * ``midol``: a training checkpoint; the method rebuilt from it names its backbones
+      (``export_modules()``): ``part`` (default: its first, M-IDoL's ``teacher_backbone``),
+      with that part's timm recipe, loaded strictly.
+    * ``exported``: architecture from the JSON next to the ``.safetensors``, loaded strictly.
+    * ``timm``: ``backbone`` names the model; ``checkpoint`` (optional) is a local weight file
+      loaded like a pre-training init (prefixes stripped, classifier dropped).
+
+    ``backbone_kwargs`` are added to the recorded overrides (e.g. ``drop_path_rate: 0.1``);
+    keys that change the architecture make the strict load fail with a clear error.
+    """
+    fmt = detect_format(checkpoint) if checkpoint_format == "auto" else checkpoint_format
+    user_kwargs = dict(backbone_kwargs or {})
+    if fmt == "timm":
+        if backbone is None:
+            raise ValueError("name the timm model (backbone: ...) when no midol checkpoint is given")
+        model = build_backbone(backbone, user_kwargs, checkpoint, grad_checkpointing)
+        source = f"timm weights {checkpoint}" if checkpoint else "random init"
+        return model, BackboneInfo(backbone, user_kwargs, source, user_kwargs.get("img_size"))
+    if checkpoint is None:
+        raise ValueError(f"weights format {fmt!r} needs a weights file (init_checkpoint)")
+    path = Path(checkpoint)
+    if fmt == "midol":
+        state, spec = read_method_backbone(path, part)
+        name, overrides = spec.timm_model, dict(spec.overrides)
+        image_size = overrides.get("img_size")
+    elif fmt == "exported":
+        meta = read_export_meta(path)
+        name, overrides = meta["timm_model"], dict(meta.get("overrides") or {})
+        image_size = meta.get("image_size")
+        state = load_state_dict_file(path)
+    else:
+        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
+    _check_name(backbone, name, path)
+    overrides.update(user_kwargs)
+    model = build_backbone(name, overrides, grad_checkpointing=grad_checkpointing)
+    _load_strict(model, state, path)
+    return model, BackboneInfo(name, overrides, f"{fmt} {path}", image_size)

@@ -1,0 +1,79 @@
+"""Multi-label classification (NIH ChestX-ray14, CheXpert): BCE-with-logits; per-label and
+macro AUC (spec §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+
+from midol.tasks.base import FinetuneModule
+from midol.tasks.classification import LinearHead
+from midol.tasks.task_metrics import multilabel_metrics
+
+
+class MultiLabelModule(FinetuneModule):
+    """One sigmoid output per label on pooled backbone features.
+
+    Args:
+        num_labels: number of labels (checked against the datamodule).
+        label_names: names used in per-label metric keys (default: the datamodule's).
+        pos_weight: optional BCE positive weight per label (imbalanced labels).
+        head_norm / head_dropout / head_init_std: as in
+            :class:`~midol.methods.classification.ClassificationModule`.
+        **kwargs: backbone, optimiser and schedule arguments of :class:`FinetuneModule`
+            (the paper: SGD, momentum 0.9, cosine, 50 warm-up steps).
+    """
+
+    monitor = "val/auc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        num_labels: int,
+        label_names: list[str] | None = None,
+        pos_weight: list[float] | None = None,
+        head_norm: bool = False,
+        head_dropout: float = 0.0,
+        head_init_std: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if pos_weight is not None and len(pos_weight) != num_labels:
+            raise ValueError(f"pos_weight has {len(pos_weight)} entries for {num_labels} labels")
+        self.num_labels = num_labels
+        self.label_names = list(label_names) if label_names is not None else None
+        self.head = LinearHead(self.backbone.num_features, num_labels, head_norm, head_dropout, head_init_std)
+        self.register_buffer(
+            "pos_weight", torch.tensor(pos_weight) if pos_weight is not None else None, persistent=False
+        )
+        self.init_metrics(lambda: multilabel_metrics(num_labels))
+
+    def heads(self) -> list[nn.Module]:
+        return [self.head]
+
+    def decode(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        if getattr(datamodule, "task", "multilabel") != "multilabel":
+            raise ValueError("MultiLabelModule needs a datamodule with task: multilabel")
+        n = getattr(datamodule, "num_classes", None)
+        if n is not None and n != self.num_labels:
+            raise ValueError(f"model.num_labels={self.num_labels} but the data have {n} labels")
+        if self.label_names is None and getattr(datamodule, "classes", None):
+            self.label_names = list(datamodule.classes)
+
+    def metric_names(self, name: str) -> list[str] | None:
+        return self.label_names
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, train: bool) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=self.pos_weight)
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, target: torch.Tensor) -> None:
+        metrics.update(logits.float().sigmoid(), target.long())

@@ -1,0 +1,103 @@
+"""Semantic segmentation: a decoder over the backbone's stage maps, Dice + cross-entropy loss;
+Dice and IoU over the foreground classes (spec §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+
+from midol.tasks.base import FinetuneModule
+from midol.tasks.task_metrics import segmentation_metrics
+
+from midol.models.seg_decoder import MultiScaleDecoder, stage_channels, stage_indices, stage_maps
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)`` over the foreground classes
+    c >= 1, summed over the whole batch; pixels equal to ``ignore_index`` are left out."""
+    num_classes = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    valid = (target != ignore_index).unsqueeze(1)
+    onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), num_classes).permute(0, 3, 1, 2)
+    probs, onehot = probs * valid, onehot.float() * valid
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + smooth) / (denom + smooth)
+    return 1 - dice[1:].mean()
+
+
+class SegmentationModule(FinetuneModule):
+    """Per-pixel classes from the backbone's multi-scale features.
+
+    Args:
+        num_classes: classes including background (binary masks: 2).
+        decoder_dim: channels of the decoder.
+        decoder_dropout: dropout before the per-pixel classifier.
+        num_levels: how many stage maps feed the decoder (Swin: 4).
+        ce_weight / dice_weight: loss = ce_weight * CE + dice_weight * (1 - soft Dice).
+        ignore_index: target value left out of loss and metrics (checked against the data).
+        **kwargs: backbone, optimiser and schedule arguments of :class:`FinetuneModule`
+            (the paper: AdamW, wd 0.05, layer decay 0.65, poly, 1500 warm-up iterations).
+    """
+
+    monitor = "val/dice"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        decoder_dim: int = 256,
+        decoder_dropout: float = 0.1,
+        num_levels: int = 4,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        ignore_index: int = 255,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
+            raise ValueError("ce_weight and dice_weight must be >= 0, not both 0")
+        if self.hparams.cache_features:
+            raise ValueError("cache_features is for pooled features (classification), not stage maps")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.stage_ids = stage_indices(self.backbone, num_levels)
+        self.decoder = MultiScaleDecoder(
+            stage_channels(self.backbone, self.stage_ids), num_classes, decoder_dim, decoder_dropout
+        )
+        self.init_metrics(lambda: segmentation_metrics(num_classes, ignore_index))
+
+    def heads(self) -> list[nn.Module]:
+        return [self.decoder]
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return stage_maps(self.backbone, x, self.stage_ids)
+
+    def decode(self, features: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(features, x.shape[-2:])
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        for name in ("num_classes", "ignore_index"):
+            theirs = getattr(datamodule, name, None)
+            if theirs is not None and theirs != getattr(self, name):
+                raise ValueError(f"model.{name}={getattr(self, name)} but data.{name}={theirs}")
+
+    def per_class_values(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value[1:]  # foreground classes
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, train: bool) -> torch.Tensor:
+        h = self.hparams
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if h.ce_weight:
+            loss = loss + h.ce_weight * F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        if h.dice_weight:
+            loss = loss + h.dice_weight * soft_dice_loss(logits, target, self.ignore_index)
+        return loss
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, target: torch.Tensor) -> None:
+        metrics.update(logits.argmax(dim=1), target)

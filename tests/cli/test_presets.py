@@ -1,0 +1,125 @@
+"""Preset composition (``base:``) and the presets' resolved configs.
+
+Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) printed for it
+(``tests/fixtures/print_config``), up to this documented list of renames and new options:
+
+* ``data.init_args.{global,local}_{size,scale}``, ``num_global``, ``num_local`` moved into
+  ``data.init_args.transform`` (a ``MultiCropTransform``, which can now be replaced);
+* ``midol.methods.PretrainModule`` is ``midol.methods.MIDoL`` (the old name is an alias);
+* ``init_prefix: teacher.backbone.`` (the old default) is ``init_part: null`` (the method's
+  first export, the teacher);
+* checkpoint ``dirpath`` / export ``dirpath`` equal to the run folder are left null and filled
+  from ``trainer.default_root_dir`` (checked on the instantiated callbacks below);
+* new options with their defaults (the values that reproduce 0.1.0): ``NEW_OPTIONS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from midol.cli import main, run_lightning
+from midol.config_compose import load_composed, merge
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "print_config"
+MOVED = ("global_size", "local_size", "num_global", "num_local", "global_scale", "local_scale")
+NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
+    "init_args.teacher_mode": "eval", "init_args.lr_batch_size": 256,
+    "init_args.clip_mode": "global", "init_args.idle_repeat_epochs": 5,
+    "init_args.parts": None, "init_args.init_part": None,
+    "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
+}
+
+
+def flat(d: Any, pre: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}.{k}" if pre else k))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            out.update(flat(v, f"{pre}[{i}]"))
+    else:
+        out[pre] = d
+    return out
+
+
+def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
+    root = old.get("trainer.default_root_dir")
+    mapped = {}
+    for key, value in old.items():
+        head, _, leaf = key.rpartition(".")
+        if head == "data.init_args" and leaf in MOVED:
+            key = f"data.init_args.transform.init_args.{leaf}"
+        if key == "model.class_path" and value == "midol.methods.PretrainModule":
+            value = "midol.methods.MIDoL"
+        if key == "model.init_args.init_prefix" and value == "teacher.backbone.":
+            value = None
+        mapped[key] = value
+    return null_run_folders(mapped)
+
+
+def null_run_folders(config: dict[str, Any]) -> dict[str, Any]:
+    """Output folders equal to the run folder (or its checkpoints/) as null: the same run."""
+    root = config.get("trainer.default_root_dir")
+    return {k: None if k.endswith("init_args.dirpath") and v in (root, f"{root}/checkpoints")
+            else v for k, v in config.items()}
+
+
+def print_config(config: Path) -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.mark.parametrize("fixture", sorted(FIXTURES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_preset_resolves_to_what_0_1_0_printed(fixture: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    config = REPO / "configs" / (fixture.stem.replace("__", "/") + ".yaml")
+    new = null_run_folders(flat(print_config(config)))
+    old = old_in_new_terms(flat(yaml.safe_load(fixture.read_text())))
+    changed = {k: (old[k], new.get(k, "<missing>")) for k in old if new.get(k, "<missing>") != old[k]}
+    assert changed == {}
+    added = {k: v for k, v in new.items() if k not in old}
+    unexplained = {k: v for k, v in added.items()
+                   if not any(k.endswith(s) and v == d for s, d in NEW_OPTIONS.items())}
+    assert unexplained == {}
+
+
+def test_null_checkpoint_folders_are_filled_from_the_run_folder(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    cli = run_lightning(["--config", "configs/pretrain/midol_fast.yaml", "--trainer.accelerator",
+                         "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"], run=False)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dirs = {c.dirpath for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)}
+    assert dirs == {str(Path("outputs/midol_fast/checkpoints").resolve())}
+    assert cli.datamodule.transform.local_size == 96  # the preset's one change of the views
+    assert cli.datamodule.transform.global_size == 224  # from its base
+
+
+def test_merge_rules_and_errors(tmp_path: Path) -> None:
+    base = {"a": {"x": 1, "y": [1, 2]}, "m": {"class_path": "A", "init_args": {"p": 1, "q": 2}}}
+    over = {"a": {"y": [3]}, "m": {"init_args": {"q": 5}}, "n": 0}
+    assert merge(base, over) == {"a": {"x": 1, "y": [3]}, "n": 0,
+                                 "m": {"class_path": "A", "init_args": {"p": 1, "q": 5}}}
+    # another class takes other arguments: its mapping replaces the base's whole
+    assert merge(base, {"m": {"class_path": "B"}})["m"] == {"class_path": "B"}
+    (tmp_path / "a.yaml").write_text("base: [b.yaml]\nk: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nk: 2\n")
+    with pytest.raises(ValueError, match="config base cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_composed(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml.*base of"):
+        load_composed(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [e.yaml]\nk: {v: 1}\n")
+    (tmp_path / "e.yaml").write_text("k: {v: 0, w: 2}\nz: 3\n")
+    assert load_composed(tmp_path / "d.yaml") == {"k": {"v": 1, "w": 2}, "z": 3}

@@ -1,0 +1,178 @@
+"""Streaming corpus: WebDataset shards written from the real sample corpus, read back exactly,
+drawn with per-modality weights, split over ranks and workers, resumed mid-epoch, trained on."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.tiny import tiny_module  # noqa: E402
+
+from midol.data import DataSource, MultiCropTransform, UnreadableImageWarning, load_image, resolve_source  # noqa: E402
+from midol.data.shards import (  # noqa: E402
+    ShardedPretrainDataModule,
+    ShardIndex,
+    ShardStream,
+    write_shards,
+)
+from midol.data.image_io import decode_image_bytes  # noqa: E402
+from midol.data.shards.stream import _image_of, _read_shard  # noqa: E402
+from midol.tools import cmd_shard as shard_tool  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {"xray": 60, "pathology": 41, "fundus": 200, "oct": 16}
+
+
+def sample_sources(sample_data: Path) -> list[DataSource]:
+    return [
+        DataSource(str(sample_data / "xray"), "xray"),
+        DataSource(str(sample_data / "pathology"), "pathology"),
+        DataSource(str(sample_data / "fundus_retinamnist.npz"), "fundus"),
+        DataSource(str(sample_data / "oct"), "oct"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> ShardIndex:
+    out = tmp_path_factory.mktemp("shards")
+    return write_shards(sample_sources(sample_data), out, shard_size=20, progress=False)
+
+
+def tiny_dm(index: ShardIndex, **kwargs) -> ShardedPretrainDataModule:
+    sizes = {k: kwargs.pop(k) for k in ("global_size", "local_size", "num_local") if k in kwargs}
+    args = dict(batch_size=8, num_workers=0, samples_per_epoch=96,
+                transform=MultiCropTransform(**{"global_size": 32, "local_size": 16,
+                                                "num_local": 2, **sizes}))
+    args.update(kwargs)
+    return ShardedPretrainDataModule(str(index.root / "index.json"), **args)
+
+
+def test_shards_hold_every_image_bit_exactly(shards: ShardIndex, sample_data: Path) -> None:
+    assert {m: shards.num_samples(m) for m in shards.modalities} == SIZES
+    assert shards.counts["fundus"] == [20] * 10 and shards.counts["pathology"] == [20, 20, 1]
+    assert ShardIndex.load(shards.root).counts == shards.counts  # index.json round trip
+    fundus = resolve_source(sample_sources(sample_data)[2])
+    for modality in ("xray", "fundus"):
+        seen = 0
+        for shard in shards.shards[modality]:
+            for sample in _read_shard(shards.url(shard)):
+                data, origin = _image_of(sample)
+                decoded = decode_image_bytes(data, origin)
+                if modality == "xray":  # the file's own bytes, decoded like load_image
+                    assert "png" in sample and data == Path(origin).read_bytes()
+                    expected = load_image(origin)
+                else:  # npz rows: lossless PNG of the array row
+                    row = int(origin.rsplit("[", 1)[1].rstrip("]"))
+                    expected = fundus.load(row)
+                assert decoded.dtype == np.uint8 and np.array_equal(decoded, expected)
+                assert json.loads(sample["json"])["modality"] == modality
+                seen += 1
+        assert seen == SIZES[modality]
+
+
+def test_unreadable_files_are_skipped_and_listed(tmp_path: Path, sample_data: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted((sample_data / "oct").rglob("*.png"))[:2]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UnreadableImageWarning, match="broken.png"):
+        index = write_shards([DataSource(str(folder), "oct")], tmp_path / "out", progress=False)
+    assert index.counts == {"oct": [2]}
+    assert len(index.skipped) == 1 and "broken.png" in index.skipped[0]
+    with pytest.raises(FileExistsError):
+        write_shards([DataSource(str(folder), "oct")], tmp_path / "out", progress=False)
+
+
+def test_modality_weights_set_the_share_of_draws(shards: ShardIndex) -> None:
+    dm = tiny_dm(shards, modality_weights={"xray": 3.0, "oct": 1.0}, samples_per_epoch=480,
+                 batch_size=16, global_size=16, local_size=8, num_local=1)
+    assert dm.expected_shares() == {"xray": 0.75, "pathology": 0.0, "fundus": 0.0, "oct": 0.25}
+    mods = torch.cat([b["modality"] for b in dm.train_dataloader()])
+    assert len(mods) == 480
+    counts = collections.Counter(dm.modalities[i] for i in mods.tolist())
+    assert set(counts) == {"xray", "oct"}
+    assert counts["xray"] / 480 == pytest.approx(0.75, abs=0.06)  # 3 sigma of 480 draws
+    # default: every image equally likely, so modalities in proportion to their sizes
+    assert tiny_dm(shards).expected_shares()["fundus"] == pytest.approx(200 / 317)
+
+
+def test_ranks_and_workers_read_disjoint_parts(shards: ShardIndex) -> None:
+    """4 slots (2 ranks x 2 workers): fundus (10 shards) is split by shard, xray (3 shards)
+    by sample; in both, one pass of every slot covers each image exactly once."""
+    stream = ShardStream(shards, lambda x: x, {m: 1.0 for m in shards.modalities}, 8, 1,
+                         shuffle_buffer=0)
+    for m, name in enumerate(shards.modalities):
+        if name not in ("fundus", "xray"):
+            continue
+        parts = []
+        for slot in range(4):
+            if name == "fundus":
+                supply = sum(c for c in shards.counts[name][slot::4])
+            else:
+                supply = len(range(slot, SIZES[name], 4))
+            gen = stream._modality_stream(m, epoch=0, slot=slot, slots=4)
+            parts.append({_image_of(next(gen))[1] for _ in range(supply)})
+        assert sum(len(p) for p in parts) == SIZES[name]
+        assert len(set().union(*parts)) == SIZES[name]  # disjoint and complete
+
+
+@pytest.mark.timeout(120)
+def test_resume_mid_epoch_matches_uninterrupted_run(shards: ShardIndex) -> None:
+    dm = tiny_dm(shards, num_workers=2, persistent_workers=False)
+    full = list(dm.train_dataloader())
+    assert len(full) == 12
+    again = list(dm.train_dataloader())  # a fresh loader replays epoch 0 exactly
+    assert all(torch.equal(a["views"][0], b["views"][0]) for a, b in zip(full, again))
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "batches_done": 5, "world_size": 1, "num_workers": 2,
+                            "batch_size": 8})
+    resumed = list(loader)
+    assert len(resumed) == 7
+    for a, b in zip(resumed, full[5:]):
+        assert torch.equal(a["index"], b["index"])
+        assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"]))
+    nxt = list(loader)  # the loader goes on with epoch 1: other draws
+    assert not torch.equal(nxt[0]["views"][0], full[0]["views"][0])
+
+
+@pytest.mark.timeout(120)
+def test_pretrain_module_trains_from_shards(shards: ShardIndex) -> None:
+    torch.manual_seed(0)
+    module = tiny_module()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    dm = tiny_dm(shards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, dm)
+    assert trainer.global_step == 3 and dm.collate.num_global == 2  # the batches carry it
+    assert int(module.images_seen) == 24
+
+
+def test_shard_tool_and_errors(tmp_path: Path, sample_data: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)  # the demo config's sources are relative to the repository
+    out = tmp_path / "demo_shards"
+    assert shard_tool.main(["--from-config", "configs/pretrain/demo.yaml", "--out", str(out),
+                            "--shard-size", "50", "--no-progress"]) == 0
+    index = ShardIndex.load(out / "index.json")
+    assert index.modalities == ["xray", "pathology", "oct", "fundus"]
+    assert index.counts["fundus"] == [50] * 4
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        shard_tool.main(["--out", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="not in the shards"):
+        ShardedPretrainDataModule(str(out), modality_weights={"mri": 1.0})
+    with pytest.raises(ValueError, match="positive sum"):
+        ShardedPretrainDataModule(str(out), modality_weights={"xray": 0.0})
+    with pytest.raises(FileNotFoundError, match="midol shard"):
+        ShardedPretrainDataModule(str(tmp_path / "missing"))

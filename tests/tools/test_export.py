@@ -1,0 +1,50 @@
+"""`midol export`: the teacher backbone of a pre-training checkpoint as safetensors + JSON,
+loadable into timm with strict=True and giving the teacher's features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.finetune import SAMPLE_DATA, pretrain_checkpoint
+from midol.cli import main
+from midol.data import EvalTransform, load_image
+from midol.methods import PretrainModule
+
+
+def real_batch(size: int = 32) -> torch.Tensor:
+    transform = EvalTransform(size)
+    files = sorted((SAMPLE_DATA / "xray").rglob("*.png"))[::15] + sorted((SAMPLE_DATA / "pathology").rglob("*.jpg"))[::10]
+    return torch.stack([transform(load_image(f)) for f in files])
+
+
+def test_export_reloads_into_timm_strictly_with_the_teachers_features(tmp_path_factory, tmp_path):
+    ckpt = pretrain_checkpoint(tmp_path_factory)
+    assert main(["export", str(ckpt), "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "teacher_backbone.json").read_text())
+    assert meta["timm_model"] == "swin_tiny_patch4_window7_224" and meta["image_size"] == 32
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["overrides"])
+    state = load_file(str(tmp_path / "teacher_backbone.safetensors"))
+    model.load_state_dict(state, strict=True)
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in state.items():
+        assert torch.equal(value, saved[f"teacher.backbone.{key}"]), key
+    # The EMA teacher is not the student: exporting the wrong one would show here.
+    assert any(not torch.equal(v, saved[f"student.backbone.{k}"]) for k, v in state.items())
+
+    images = real_batch(meta["image_size"])
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        exported = model.eval()(((images.float() / 255) - mean) / std)
+    teacher = PretrainModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    expected = teacher.teacher_features(images)
+    torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-5)
+    assert exported.shape == (len(images), model.num_features) and np.isfinite(exported.numpy()).all()
