@@ -36,3 +36,11 @@ def batches_trained(trainer: Any) -> int:
     if done >= trainer.num_training_batches:
         return max(done, len(trainer.train_dataloader))
     return done
+
+
+def check_loader_args(batch_size: int, num_workers: int) -> None:
+    """One-line errors for a batch size below 1 or a negative worker count."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from midol.data.corpus import Corpus, unique_modalities
-from midol.data.loader_utils import batches_trained, worker_init
+from midol.data.loader_utils import worker_init
 from midol.data.pretrain_datasets import PretrainDataset, RoutingCollate, RoutingDataset
 from midol.data.sampler import ResumableDataLoader, WeightedSourceSampler
 from midol.data.sources import DataSource
@@ -93,18 +93,9 @@ class PretrainDataModule(ViewDataModule):
                 "(batches are dropped when incomplete); lower batch_size or raise samples_per_epoch"
             )
         return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            drop_last=True,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=worker_init,
+            dataset, sampler=sampler, **self.train_loader_kwargs(),
             # Its own generator: worker seeds then never consume the global torch RNG.
             generator=torch.Generator().manual_seed(self.seed),
-            batches_done=lambda: batches_trained(self.trainer),
         )
 
     def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from midol.data.loader_utils import worker_init
+from midol.data.loader_utils import check_loader_args, worker_init
 from midol.data.splits import seeded_split
 
 
@@ -30,10 +30,7 @@ class TaskDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_loader_args(batch_size, num_workers)
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be >= 0 "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
+from typing import Any
 
+import lightning as L
+import torch
+
+from midol.data.loader_utils import batches_trained, check_loader_args, worker_init
 from midol.data.pretrain_datasets import ViewCollate
 from midol.data.transforms.base import ViewTransform
 from midol.data.transforms.multicrop import MultiCropTransform
@@ -28,10 +32,7 @@ class ViewDataModule(L.LightningDataModule):
         eval_size: int | None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_loader_args(batch_size, num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -46,6 +47,20 @@ class ViewDataModule(L.LightningDataModule):
         self.transform.set_base_seed(seed)
         self.eval_size = eval_size if eval_size is not None else self.transform.global_size
         self.collate = ViewCollate(self.transform.num_global)
+
+    def train_loader_kwargs(self) -> dict[str, Any]:
+        """The training loader's settings every view datamodule shares (batches of
+        ``batch_size``, incomplete ones dropped; resumable mid-epoch via ``batches_done``)."""
+        return dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            drop_last=True,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=worker_init,
+            batches_done=lambda: batches_trained(self.trainer),
+        )
 
     @property
     def global_size(self) -> int:

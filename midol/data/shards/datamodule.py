@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
-from midol.data.loader_utils import batches_trained, worker_init
+from midol.data.loader_utils import worker_init
 from midol.data.pretrain_datasets import RoutingCollate
 from midol.data.shards.index import ShardIndex
 from midol.data.shards.stream import ShardLoader, ShardStream, EvalStream
@@ -100,17 +99,7 @@ class ShardedPretrainDataModule(ViewDataModule):
             self.shard_index, self.transform, self.weights, self.batch_size, batches,
             seed=self.seed, shuffle_buffer=self.shuffle_buffer,
         )
-        return ShardLoader(
-            stream,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            drop_last=True,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=worker_init,
-            batches_done=lambda: batches_trained(self.trainer),
-        )
+        return ShardLoader(stream, **self.train_loader_kwargs())
 
     def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[dict[str, Any]]:
         """Every sample once, as ``eval_size`` centre crops (batches as
