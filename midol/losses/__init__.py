@@ -8,13 +8,20 @@ from midol.losses.routing import (
     routing_cross_entropy,
     teacher_routing_log_probs,
 )
-from midol.losses.sinkhorn import log_sinkhorn_knopp, sinkhorn_knopp
+from midol.losses.sinkhorn import (
+    log_balanced_routing,
+    log_sinkhorn_knopp,
+    log_sinkhorn_knopp_authors,
+    sinkhorn_knopp,
+)
 
 __all__ = [
     "DINOLoss",
     "dino_cross_entropy",
     "expert_infonce_loss",
+    "log_balanced_routing",
     "log_sinkhorn_knopp",
+    "log_sinkhorn_knopp_authors",
     "routing_consistency_loss",
     "routing_cross_entropy",
     "sinkhorn_knopp",

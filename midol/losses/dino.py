@@ -24,11 +24,15 @@ def dino_cross_entropy(
     if len(student_out) == 0 or len(teacher_out) == 0:
         raise ValueError("dino_cross_entropy needs at least one student and one teacher view")
     pairs = count_cross_view_pairs(len(student_out), len(teacher_out), "dino_cross_entropy")
-    # float32: softmax over 65536 logits sharpened by 1/0.04 is not safe in bf16.
+    # At least float32: softmax over 65536 logits sharpened by 1/0.04 is not safe in bf16;
+    # float64 inputs (gradient checks) stay float64, and the centre follows the inputs.
+    dtype = torch.promote_types(torch.promote_types(teacher_out[0].dtype, student_out[0].dtype),
+                                torch.float32)
+    center = center.to(dtype)
     targets = torch.stack(
-        [((t.detach().float() - center) / teacher_temp).softmax(dim=-1) for t in teacher_out]
+        [((t.detach().to(dtype) - center) / teacher_temp).softmax(dim=-1) for t in teacher_out]
     )
-    log_probs = torch.stack([(s.float() / student_temp).log_softmax(dim=-1) for s in student_out])
+    log_probs = torch.stack([(s.to(dtype) / student_temp).log_softmax(dim=-1) for s in student_out])
     cross = -torch.einsum("gbd,jbd->jg", targets, log_probs)
     return sum_over_cross_view_pairs(cross) / (pairs * log_probs.shape[1])
 
@@ -64,7 +68,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[torch.Tensor]) -> None:
-        stacked = torch.cat([t.detach().float() for t in teacher_out])
+        stacked = torch.cat([t.detach().to(self.center.dtype) for t in teacher_out])
         batch_center = all_reduce_sum(stacked.sum(dim=0, keepdim=True)) / (
             stacked.shape[0] * world_size()
         )

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from midol.losses.sinkhorn import log_sinkhorn_knopp
+from midol.losses.sinkhorn import SinkhornImpl, log_balanced_routing
 from midol.losses.views import check_views, count_cross_view_pairs, sum_over_cross_view_pairs
 
 RouteForm = Literal["student_weighted", "teacher_target"]
@@ -18,11 +18,14 @@ def teacher_routing_log_probs(
     teacher_temp: float = 0.04,
     eps: float = 0.05,
     iters: int = 3,
+    impl: SinkhornImpl = "swav",
 ) -> torch.Tensor:
     """log a_T for every teacher view: Sinkhorn-Knopp on ``logits / teacher_temp``, applied to
-    each view separately. Returns Mt x B x N (float32, no gradient)."""
+    each view separately (``impl``: SwAV's exact balancing or the authors' code's variant).
+    Returns Mt x B x N (float32, no gradient)."""
     check_views("teacher_logits", teacher_logits)
-    return torch.stack([log_sinkhorn_knopp(t / teacher_temp, eps, iters) for t in teacher_logits])
+    return torch.stack([log_balanced_routing(t / teacher_temp, eps, iters, impl)
+                        for t in teacher_logits])
 
 
 def routing_cross_entropy(

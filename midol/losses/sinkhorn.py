@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from midol.utils.dist import all_reduce_max, all_reduce_sum
+from typing import Literal
+
+from midol.utils.dist import all_reduce_max, all_reduce_sum, world_size
+
+SinkhornImpl = Literal["swav", "authors"]
+# The floor the M-IDoL authors' code applies to Q (so -log a_T <= -log 1e-12 ~ 27.6).
+AUTHORS_FLOOR = 1e-12
 
 
 def _logsumexp_over_global_batch(x: torch.Tensor) -> torch.Tensor:
@@ -53,3 +59,46 @@ def sinkhorn_knopp(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) -> t
     on the concatenated global batch. No gradient flows through.
     """
     return log_sinkhorn_knopp(logits, eps=eps, iters=iters).exp()
+
+
+@torch.no_grad()
+def log_sinkhorn_knopp_authors(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """log a_T as the M-IDoL authors' released code computes it (main_MoE_Uni.py,
+    ``_sinkhorn_knopp`` and ``_routing_consistency_loss``, commit cacb728); restated here.
+
+    It differs from SwAV's exact balancing (:func:`log_sinkhorn_knopp`) in two ways that
+    change the result, not only its numerics: every image's logits are shifted by that
+    image's maximum before ``exp`` (a per-image factor, which the per-expert normalisation
+    that follows does not cancel), and ``Q`` is floored at 1e-12 after ``exp``, after each
+    iteration and before the log, which caps ``-log a_T`` near 27.6. As in that code the
+    total-mass normalisation uses the local batch and the per-expert sums are all-reduced.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp expects B x N logits, got shape {tuple(logits.shape)}")
+    if iters < 1 or eps <= 0:
+        raise ValueError(f"sinkhorn_knopp needs iters >= 1 and eps > 0, got {iters}, {eps}")
+    tiny = AUTHORS_FLOOR
+    x = logits.detach().float()
+    x = x - x.amax(dim=1, keepdim=True)
+    q = torch.exp(x / eps).clamp_min(tiny)  # B x N (their Q is its transpose)
+    q = q / (q.sum() + tiny)
+    num_experts, global_batch = q.shape[1], q.shape[0] * world_size()
+    for _ in range(iters):
+        q = q / (all_reduce_sum(q.sum(dim=0, keepdim=True)) + tiny) / num_experts
+        q = q / (q.sum(dim=1, keepdim=True) + tiny) / global_batch
+        q = q.clamp_min(tiny)
+    q = (q * global_batch).clamp_min(tiny)
+    q = (q / (q.sum(dim=1, keepdim=True) + tiny)).clamp_min(tiny)
+    return q.log()
+
+
+def log_balanced_routing(
+    logits: torch.Tensor, eps: float = 0.05, iters: int = 3, impl: SinkhornImpl = "swav"
+) -> torch.Tensor:
+    """log a_T by the chosen Sinkhorn variant: ``swav`` (exact, log space, default) or
+    ``authors`` (the released M-IDoL code's, :func:`log_sinkhorn_knopp_authors`)."""
+    if impl == "swav":
+        return log_sinkhorn_knopp(logits, eps, iters)
+    if impl == "authors":
+        return log_sinkhorn_knopp_authors(logits, eps, iters)
+    raise ValueError(f"sinkhorn_impl must be 'swav' or 'authors', got {impl!r}")

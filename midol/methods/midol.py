@@ -77,6 +77,9 @@ class MIDoL(MomentumMethod):
         warmup_teacher_temp_epochs: Length of that warm-up (0 = none).
         sinkhorn_eps: Sinkhorn-Knopp epsilon (0.05).
         sinkhorn_iters: Sinkhorn-Knopp iterations (3).
+        sinkhorn_impl: ``swav``: exact SwAV balancing in log space (default); ``authors``: the
+            released code's variant (per-image max shift before ``exp``, Q floored at 1e-12,
+            so ``-log a_T`` stays below ~27.6; see ``losses/sinkhorn.py``).
         infonce_temp: tau of Eq. 19 (0.04).
         infonce_expert_mean: Average L_cst^i over the experts that received images
             (``nonempty``, default) or divide by N as Eq. 20 prints it (``all``).
@@ -121,6 +124,7 @@ class MIDoL(MomentumMethod):
         warmup_teacher_temp_epochs: int = 0,
         sinkhorn_eps: float = 0.05,
         sinkhorn_iters: int = 3,
+        sinkhorn_impl: Literal["swav", "authors"] = "swav",
         infonce_temp: float = 0.04,
         infonce_expert_mean: Literal["nonempty", "all"] = "nonempty",
         center_momentum: float = 0.9,
@@ -230,7 +234,8 @@ class MIDoL(MomentumMethod):
         if s_out.router_logits is not None:
             n = self.num_experts
             t_logits = t_out.router_logits.view(num_teacher, batch_size, n)
-            log_a_t = teacher_routing_log_probs(t_logits, teacher_temp, h.sinkhorn_eps, h.sinkhorn_iters)
+            log_a_t = teacher_routing_log_probs(t_logits, teacher_temp, h.sinkhorn_eps, h.sinkhorn_iters,
+                                                h.sinkhorn_impl)
             # One expert per image for L_cst: the teacher's balanced routing, averaged over views.
             assignment = log_a_t.exp().mean(dim=0).argmax(dim=-1)
             l_route = routing_cross_entropy(

@@ -30,7 +30,8 @@ class MoEProjector(nn.Module):
 
     Top-1 output is ``e_i(h)`` itself (Eq. 11); ``gate_weighted_output`` multiplies it by its
     routing probability (Switch Transformer), which lets the representation loss train the
-    router too. With ``top_k > 1`` the selected outputs are mixed with renormalised gates.
+    router too; with ``l2_norm`` the gate multiplies the normalised output
+    (``p_i * e_i(h) / ||e_i(h)||``), since a gate applied before the norm cancels. With ``top_k > 1`` the selected outputs are mixed with renormalised gates.
     ``router_noise`` adds Gaussian noise of that standard deviation to the router logits in
     training mode (noisy top-k gating), an optional counter to expert collapse.
     """
@@ -92,7 +93,12 @@ class MoEProjector(nn.Module):
         every_expert = self.experts(x)  # N x B x E
         rows = torch.arange(x.shape[0], device=x.device)
         chosen = every_expert[index.T, rows]  # k x B x E
-        h = (chosen * gate.T.unsqueeze(-1)).sum(dim=0)
-        if self.l2_norm:
-            h = F.normalize(h, dim=-1)
+        if self.top_k == 1 and self.gate_weighted_output and self.l2_norm:
+            # Gate after the L2 norm: before it, the norm divides the gate out again and the
+            # router gets no gradient from the representation loss (midol 0.1.0's bug).
+            h = F.normalize(chosen[0], dim=-1) * gate
+        else:
+            h = (chosen * gate.T.unsqueeze(-1)).sum(dim=0)
+            if self.l2_norm:
+                h = F.normalize(h, dim=-1)
         return MoEOutput(self.projection(h), logits, index)

@@ -207,3 +207,20 @@ def test_dino_loss_no_pair_raises() -> None:
     student, teacher, _ = _make(1, 1, 4, 6, seed=7)
     with pytest.raises(ValueError):
         DINOLoss(out_dim=6)(student, teacher, teacher_temp=0.04)
+
+
+def test_dino_loss_in_float64_matches_the_equation_and_keeps_its_centre_float64() -> None:
+    """``DINOLoss(...).double()`` on float64 inputs (failed in 0.1.0: the centre was not cast)."""
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    teacher = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    loss_fn = DINOLoss(6, student_temp=0.1, center_momentum=0.9).double()
+    loss_fn.center.copy_(torch.randn(1, 6, generator=g, dtype=torch.float64))
+    center = loss_fn.center.clone()
+    loss = loss_fn(student, teacher, teacher_temp=0.04)
+    terms = [-(((t - center) / 0.04).softmax(-1) * (s / 0.1).log_softmax(-1)).sum(-1).mean()
+             for j, s in enumerate(student) for g_, t in enumerate(teacher) if j != g_]
+    assert loss.dtype == torch.float64 and loss_fn.center.dtype == torch.float64
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
+    expected_center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, expected_center, rtol=1e-12, atol=1e-12)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -247,3 +248,39 @@ def test_sinkhorn_does_not_modify_input_and_no_grad_needed() -> None:
     sinkhorn_knopp(logits, eps=0.05, iters=3)
     log_sinkhorn_knopp(logits, eps=0.05, iters=3)
     assert torch.equal(logits, before)
+
+
+def authors_reference(logits: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """The released M-IDoL code's teacher Sinkhorn, restated in NumPy float64 loops
+    (our restatement of main_MoE_Uni.py at commit cacb728: Q is N x B there)."""
+    tiny = 1e-12
+    x = logits - logits.max(axis=1, keepdims=True)
+    Q = np.maximum(np.exp(x / eps).T, tiny)
+    Q = Q / (Q.sum() + tiny)
+    K, B = Q.shape
+    for _ in range(iters):
+        Q = Q / (Q.sum(axis=1, keepdims=True) + tiny) / K
+        Q = Q / (Q.sum(axis=0, keepdims=True) + tiny) / B
+        Q = np.maximum(Q, tiny)
+    out = np.maximum((Q * B).T, tiny)
+    out = out / (out.sum(axis=1, keepdims=True) + tiny)
+    return np.log(np.maximum(out, tiny))
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_authors_sinkhorn_matches_a_restatement_of_the_released_code(scale: float) -> None:
+    from midol.losses import log_balanced_routing, log_sinkhorn_knopp_authors
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(32, 5, generator=g, dtype=torch.float64) * scale / 0.04
+    ours = log_sinkhorn_knopp_authors(logits, eps=0.05, iters=3)
+    ref = authors_reference(logits.numpy(), 0.05, 3)
+    # float32 inside (as there); compare probabilities, and logs where they are not floored
+    np.testing.assert_allclose(ours.exp().numpy(), np.exp(ref), atol=2e-6)
+    assert float(-ours.min()) <= -math.log(1e-12) + 1e-3  # the floor caps -log a_T
+    torch.testing.assert_close(log_balanced_routing(logits, 0.05, 3, "authors"), ours)
+    # it is not SwAV's matrix: the per-image shift changes the balancing
+    swav = log_balanced_routing(logits, 0.05, 3, "swav")
+    assert not torch.allclose(swav.exp(), ours.exp(), atol=1e-3)
+    with pytest.raises(ValueError, match="sinkhorn_impl"):
+        log_balanced_routing(logits, 0.05, 3, "other")  # type: ignore[arg-type]

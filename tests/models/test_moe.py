@@ -119,3 +119,22 @@ def test_router_noise_only_in_training_mode():
         torch.testing.assert_close(proj(x).router_logits, clean)
     with pytest.raises(ValueError):
         MoEProjector(8, router_noise=-1.0)
+
+
+def test_gate_weighted_output_trains_the_router_through_the_default_l2_norm_head():
+    """With the default head (L2 norm + weight-normalised layer) the gate must survive the
+    norm: output = l(p_i * e_i(h) / ||e_i(h)||). In 0.1.0 the norm cancelled it (router
+    gradient ~1e-17)."""
+    torch.manual_seed(0)
+    moe = MoEProjector(16, num_experts=4, hidden_dim=24, bottleneck_dim=8, out_dim=32,
+                       gate_weighted_output=True)
+    x = torch.randn(6, 16)
+    out = moe(x)
+    probs = moe.router(x).softmax(-1)
+    p, i = probs.max(-1)
+    experts = moe.experts(x)  # N x B x E
+    e = experts[i, torch.arange(6)]
+    expected = moe.projection(F.normalize(e, dim=-1) * p.unsqueeze(-1))
+    torch.testing.assert_close(out.representation, expected)
+    out.representation.square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 1e-4
