@@ -3,7 +3,7 @@ Dice and IoU over the foreground classes (spec §4)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ class SegmentationModule(FinetuneModule):
         num_levels: how many stage maps feed the decoder (Swin: 4).
         ce_weight / dice_weight: loss = ce_weight * CE + dice_weight * (1 - soft Dice).
         ignore_index: target value left out of loss and metrics (checked against the data).
+        select_metric: the validation metric that picks the best checkpoint: ``dice`` (pooled
+            over all pixels) or ``dice_per_image`` (per image, empty-mask rule; the paper's
+            comparisons). Both are always logged.
         **kwargs: backbone, optimiser and schedule arguments of :class:`FinetuneModule`
             (the paper: AdamW, wd 0.05, layer decay 0.65, poly, 1500 warm-up iterations).
     """
@@ -57,9 +60,13 @@ class SegmentationModule(FinetuneModule):
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
         ignore_index: int = 255,
+        select_metric: Literal["dice", "dice_per_image"] = "dice",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if select_metric not in ("dice", "dice_per_image"):
+            raise ValueError(f"select_metric must be 'dice' or 'dice_per_image', got {select_metric!r}")
+        self.monitor = f"val/{select_metric}"
         if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
             raise ValueError("ce_weight and dice_weight must be >= 0, not both 0")
         if self.hparams.cache_features:

@@ -128,3 +128,29 @@ def test_soft_dice_loss_matches_formula_and_ignores_pixels():
     perfect = torch.where(target == 1, 20.0, -20.0).unsqueeze(1)
     perfect = torch.cat([-perfect, perfect], dim=1)
     assert soft_dice_loss(perfect, target, 255).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_per_image_uses_the_empty_mask_rule_and_differs_from_pooled_dice():
+    """Restated per image: 2|P∩T| / (|P|+|T|); empty T scores 1 if P is empty too, else 0."""
+    from midol.tasks.task_metrics import DicePerClass, DicePerImage
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(10, 8, 8, dtype=torch.long)
+    target[:2, 2:6, 2:6] = 1  # 2 of 10 masks have foreground (SIIM-like)
+    preds = (torch.rand(10, 8, 8, generator=g) > 0.85).long()
+    preds[2:6] = 0  # 4 empty masks predicted empty
+    preds[0, 2:6, 2:6] = 1
+    metric = DicePerImage(2, ignore_index=255)
+    metric.update(preds[:4], target[:4])
+    metric.update(preds[4:], target[4:])
+    expected = []
+    for p, t in zip(preds, target):
+        p1, t1 = p == 1, t == 1
+        if t1.sum() == 0:
+            expected.append(1.0 if p1.sum() == 0 else 0.0)
+        else:
+            expected.append(float(2 * (p1 & t1).sum() / (p1.sum() + t1.sum())))
+    assert float(metric.compute()[1]) == pytest.approx(sum(expected) / 10, abs=1e-6)
+    pooled = DicePerClass(2, ignore_index=255)
+    pooled.update(preds, target)
+    assert abs(float(pooled.compute()[1]) - float(metric.compute()[1])) > 0.05
