@@ -183,7 +183,7 @@ def main() -> int:
             raise SystemExit(f"unknown rows {sorted(unknown)}")
         rows = [r for r in rows if r["name"] in wanted]
 
-    size = base["data"]["init_args"]["global_size"]
+    size = base["data"]["init_args"]["transform"]["init_args"]["global_size"]
     sources = [DataSource(**s) for s in base["data"]["init_args"]["sources"]]
     routing = routing_set(sources, size, ns.per_modality, ns.seed)
     probes = {name: folder_classes(SHARED_DATA / rel, size) for name, rel in PROBES.items()}
