@@ -170,6 +170,8 @@ class MIDoL(MomentumMethod):
             raise ValueError(f"cst_loss must be 'infonce' or 'dino_ce', got {h.cst_loss!r}")
         if h.infonce_expert_mean not in ("nonempty", "all"):
             raise ValueError(f"infonce_expert_mean must be 'nonempty' or 'all', got {h.infonce_expert_mean!r}")
+        if h.sinkhorn_impl not in ("swav", "authors"):
+            raise ValueError(f"sinkhorn_impl must be 'swav' or 'authors', got {h.sinkhorn_impl!r}")
         if h.teacher_views not in ("global", "all"):
             raise ValueError(f"teacher_views must be 'global' or 'all', got {h.teacher_views!r}")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "infonce_temp",

@@ -252,3 +252,30 @@ def test_load_balance_term_is_added_to_the_loss():
     row = rec.rows[-1]
     assert 1.0 <= row["train/l_balance"] <= 3.0
     assert row["train/loss"] == pytest.approx(row["train/l_route"] + row["train/l_cst"] + 0.5 * row["train/l_balance"], rel=1e-5)
+
+
+def test_sinkhorn_impl_reaches_l_route_and_the_authors_floor_bounds_it(monkeypatch):
+    """``sinkhorn_impl: authors`` floors a_T at 1e-12, so L_route = -sum a_S log a_T <= 27.63
+    for any logits; SwAV's exact a_T has no such bound (and gives another value)."""
+    import midol.methods.midol as method_mod
+
+    seen: dict[str, float] = {}
+    real = method_mod.routing_cross_entropy
+
+    def record(*args, **kwargs):
+        value = real(*args, **kwargs)
+        seen[current] = float(value.detach())
+        return value
+
+    monkeypatch.setattr(method_mod, "routing_cross_entropy", record)
+    dm = tiny_datamodule()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    for current in ("swav", "authors"):
+        torch.manual_seed(0)
+        module = tiny_module(sinkhorn_impl=current, teacher_temp=0.01, warmup_teacher_temp=0.01)
+        module.training_step(batch, 0)
+    assert seen["authors"] <= -math.log(1e-12) + 1e-3
+    assert seen["authors"] != pytest.approx(seen["swav"], rel=1e-3)
+    with pytest.raises(ValueError, match="sinkhorn_impl"):
+        tiny_module(sinkhorn_impl="other")
