@@ -227,7 +227,8 @@ def main() -> int:
                         "eval": evaluate(module, routing, probes, ns.seed), "minutes": (time.time() - start) / 60})
         save(False)
     for row in rows:
-        out = REPO / "outputs" / "ablations" / row["name"]
+        # one folder per row and seed: runs of several seeds at once must not share checkpoints
+        out = REPO / "outputs" / "ablations" / f"{row['name']}_seed{ns.seed}"
         cfg = row_config(base, row, out, ns.max_epochs, ns.seed)
         ckpt, monitor_warnings, seconds = train_row(cfg, out)
         start = time.time()
