@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import PROBES, evaluate, folder_classes, routing_set  # noqa: E402
 
+from midol.config_compose import merge  # noqa: E402
 from midol.methods.loading import load_pretrain_module  # noqa: E402
 from midol.cli import main as midol_main  # noqa: E402
 from midol.data.sources import DataSource  # noqa: E402
@@ -47,19 +48,9 @@ ROWS = REPO / "experiments/ablations/rows.yaml"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; lists and scalars of ``update`` replace those of ``base``."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def row_config(base: dict[str, Any], row: dict[str, Any], out: Path, epochs: int, seed: int) -> dict[str, Any]:
-    cfg = merge(base, {"model": {"init_args": row.get("model", {})}})
+    # a deep copy: the row's trainer and callbacks are edited below, the base is shared
+    cfg = copy.deepcopy(merge(base, {"model": {"init_args": row.get("model", {})}}))
     cfg["seed_everything"] = seed
     trainer = cfg["trainer"]
     trainer.update(max_epochs=epochs, default_root_dir=str(out), enable_progress_bar=False,
