@@ -20,6 +20,7 @@ from torch import nn
 
 from midol.data.normalize import PixelNormalizer
 from midol.optim.clipping import clip_grad_norm_per_param
+from midol.optim.grad_norms import term_grad_norms, total_norm
 from midol.optim.param_groups import decay_groups, set_lr_and_wd
 from midol.optim.schedules import cosine_schedule, warmup_cosine_schedule
 from midol.utils.dist import all_reduce_max, rank, world_size
@@ -52,6 +53,11 @@ class BaseMethod(L.LightningModule):
             step (no parameter, teacher or optimiser-moment update; the step still counts for
             the schedules). The check reads one bool per step back to the host.
         max_nonfinite_skips: With ``skip``, stop anyway after this many consecutive skipped steps.
+        grad_norm_every: Every this many optimiser steps log ``grad/norm_before_clip`` and
+            ``grad/norm_after_clip`` (all trainable parameters) and, where the method names
+            its loss terms (M-IDoL: L_route, L_cst), each weighted term's gradient norm on the
+            backbone (``grad/backbone_<term>``, one extra backward per term on those steps,
+            this rank's batch only). 0 = off.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class BaseMethod(L.LightningModule):
         compile: bool = False,
         nonfinite: NonFinite = "raise",
         max_nonfinite_skips: int = 10,
+        grad_norm_every: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -94,6 +101,7 @@ class BaseMethod(L.LightningModule):
             ("weight_decay_end", h.weight_decay_end >= 0, ">= 0"),
             ("betas", len(h.betas) == 2 and all(0 <= b < 1 for b in h.betas), "two values in [0, 1)"),
             ("max_nonfinite_skips", h.max_nonfinite_skips >= 0, ">= 0"),
+            ("grad_norm_every", h.grad_norm_every >= 0, ">= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -169,11 +177,33 @@ class BaseMethod(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        measure = self.grad_norm_due()
+        if measure:
+            before = total_norm(p.grad for p in params)
         if self.hparams.clip_mode == "per_param" and gradient_clip_val:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
             clip_grad_norm_per_param(params, float(gradient_clip_val))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if measure:
+            after = total_norm(p.grad for p in params)
+            self.log_dict({"grad/norm_before_clip": before, "grad/norm_after_clip": after},
+                          on_step=True, on_epoch=False)
+
+    def grad_norm_due(self) -> bool:
+        """Whether this optimiser step measures gradient norms (``grad_norm_every``)."""
+        every = int(self.hparams.grad_norm_every)
+        return self.training and every > 0 and self.global_step % every == 0
+
+    def log_term_grad_norms(self, terms: dict[str, torch.Tensor], module: nn.Module) -> None:
+        """Log each weighted loss term's gradient norm on ``module`` when due (a method calls
+        this from ``training_step`` with its terms before returning the loss)."""
+        if not (self.grad_norm_due() and torch.is_grad_enabled()):
             return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for p in module.parameters() if p.requires_grad]
+        norms = term_grad_norms(terms, params)
+        self.log_dict({f"grad/backbone_{k}": v for k, v in norms.items()}, on_step=True,
+                      on_epoch=False)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Any = None) -> None:

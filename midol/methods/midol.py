@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from midol.analysis.cluster_metrics import distribution_stats, mean_pairwise_cosine
 from midol.io.export import BackboneExport
 from midol.losses import (
     DINOLoss,
@@ -23,7 +24,6 @@ from midol.methods.momentum import MomentumMethod, frozen_copy
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
 from midol.optim.schedules import linear_warmup
-from midol.analysis.cluster_metrics import distribution_stats, mean_pairwise_cosine
 
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -62,7 +62,12 @@ class MIDoL(MomentumMethod):
             (a plain linear l, Eq. 11).
         norm_last_layer: Freeze the norm of the weight-normalised projection (DINO).
         gate_weighted_output: Multiply the top-1 expert output by its routing probability.
-        router_noise: Std of Gaussian noise on the student's router logits (0 = off).
+        router_noise: Std of Gaussian noise on the student's router logits, also seen by L_route
+            (0 = off; midol's option, not the authors').
+        gate_noise: The released code's Tutel gate noise: std ``gate_noise / N`` on the logits
+            that choose and weight experts in training mode (student, and the teacher with
+            ``teacher_mode: train``); L_route gets the noise-free logits (authors: 1.0).
+        router_bias: A bias in the router's linear layer (the authors' Tutel router has none).
         cst_loss: ``infonce`` (paper Eq. 19-20, default) or ``dino_ce`` (authors' code).
         route_weight: Weight of L_route in L = route_weight L_route + cst_weight L_cst (Eq. 21);
             L_route is computed and logged even with weight 0 (so routing stays visible).
@@ -113,6 +118,8 @@ class MIDoL(MomentumMethod):
         norm_last_layer: bool = True,
         gate_weighted_output: bool = False,
         router_noise: float = 0.0,
+        gate_noise: float = 0.0,
+        router_bias: bool = True,
         cst_loss: Literal["infonce", "dino_ce"] = "infonce",
         route_weight: float = 1.0,
         cst_weight: float = 1.0,
@@ -150,6 +157,8 @@ class MIDoL(MomentumMethod):
             norm_last_layer=norm_last_layer,
             gate_weighted_output=gate_weighted_output,
             router_noise=router_noise,
+            gate_noise=gate_noise,
+            router_bias=router_bias,
         )
         self.student = nn.ModuleDict({"backbone": student_backbone, "projector": projector})
         self.teacher = frozen_copy(self.student)
@@ -178,7 +187,7 @@ class MIDoL(MomentumMethod):
                      "sinkhorn_eps"):
             if not h[name] > 0:
                 raise ValueError(f"{name} must be > 0, got {h[name]}")
-        for name in ("route_weight", "cst_weight", "load_balance_weight", "router_noise",
+        for name in ("route_weight", "cst_weight", "load_balance_weight", "router_noise", "gate_noise",
                      "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
             if not h[name] >= 0:
                 raise ValueError(f"{name} must be >= 0, got {h[name]}")
@@ -284,6 +293,10 @@ class MIDoL(MomentumMethod):
         logs.update({f"route/expert_{i}": usage[i] for i in range(self.num_experts)})
         logs.update({"train/loss": loss, "train/l_cst": l_cst})
         self.log_dict(logs, on_step=True, on_epoch=False)
+        weighted = {"l_cst": h.cst_weight * l_cst}
+        if s_out.router_logits is not None:
+            weighted["l_route"] = h.route_weight * l_route
+        self.log_term_grad_norms(weighted, self.student["backbone"])
         self.log_progress(loss)
         self.mark_trained(batch_size)
         return {"loss": loss, "routing": routing, "health": health}

@@ -33,7 +33,14 @@ class MoEProjector(nn.Module):
     router too; with ``l2_norm`` the gate multiplies the normalised output
     (``p_i * e_i(h) / ||e_i(h)||``), since a gate applied before the norm cancels. With ``top_k > 1`` the selected outputs are mixed with renormalised gates.
     ``router_noise`` adds Gaussian noise of that standard deviation to the router logits in
-    training mode (noisy top-k gating), an optional counter to expert collapse.
+    training mode (noisy top-k gating), an optional counter to expert collapse; those noisy
+    logits are also what the routing loss sees.
+
+    ``gate_noise`` is the released code's Tutel gate noise instead: in training mode (student,
+    and the teacher when it runs in train mode) the logits used to choose and weight the
+    experts get Gaussian noise of std ``gate_noise / num_experts``, while the noise-free logits
+    are returned for L_route (Tutel ``moe_layer.py``: ``logits + gate_noise * randn / E``;
+    the authors set 1.0). ``router_bias=False`` is their bias-free Tutel router.
     """
 
     def __init__(
@@ -50,6 +57,8 @@ class MoEProjector(nn.Module):
         norm_last_layer: bool = True,
         gate_weighted_output: bool = False,
         router_noise: float = 0.0,
+        gate_noise: float = 0.0,
+        router_bias: bool = True,
     ):
         super().__init__()
         if num_experts < 1:
@@ -63,7 +72,11 @@ class MoEProjector(nn.Module):
         if router_noise < 0:
             raise ValueError(f"router_noise must be >= 0, got {router_noise}")
         self.router_noise = router_noise
-        self.router = init_linear_(nn.Linear(in_dim, num_experts)) if num_experts > 1 else None
+        if gate_noise < 0:
+            raise ValueError(f"gate_noise must be >= 0, got {gate_noise}")
+        self.gate_noise = gate_noise
+        self.router = (init_linear_(nn.Linear(in_dim, num_experts, bias=router_bias))
+                       if num_experts > 1 else None)
         self.experts = ExpertBank(num_experts, in_dim, hidden_dim, bottleneck_dim, num_layers)
         if projection == "weightnorm":
             self.projection: nn.Module = NormedLinear(bottleneck_dim, out_dim, norm_last_layer)
@@ -73,14 +86,18 @@ class MoEProjector(nn.Module):
             raise ValueError(f"unknown projection {projection!r}")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Router logits, top-k expert indices (B x k) and their output weights (B x k)."""
+        """Router logits (the ones L_route sees), top-k expert indices (B x k) and their output
+        weights (B x k)."""
         if self.router is None:
             index = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
             return None, index, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
         logits = self.router(x)
         if self.training and self.router_noise > 0:
             logits = logits + self.router_noise * torch.randn_like(logits)
-        probs = logits.float().softmax(dim=-1)
+        gate_logits = logits.float()
+        if self.training and self.gate_noise > 0:
+            gate_logits = gate_logits + (self.gate_noise / self.num_experts) * torch.randn_like(gate_logits)
+        probs = gate_logits.softmax(dim=-1)
         gate, index = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)

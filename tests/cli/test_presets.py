@@ -35,6 +35,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.teacher_mode": "eval", "init_args.lr_batch_size": 256,
     "init_args.clip_mode": "global", "init_args.idle_repeat_epochs": 5,
     "init_args.parts": None, "init_args.init_part": None, "init_args.sinkhorn_impl": "swav",
+    "init_args.gate_noise": 0.0, "init_args.router_bias": True, "init_args.grad_norm_every": 0,
     "init_args.select_metric": "dice",
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
 }
@@ -44,6 +45,7 @@ AUTHORS_CODE_CHANGES = {
     "model.init_args.num_experts": 4, "model.init_args.top_k": 4,
     "model.init_args.sinkhorn_impl": "authors", "model.init_args.clip_mode": "per_param",
     "model.init_args.betas": [0.9, 0.999], "model.init_args.teacher_mode": "train",
+    "model.init_args.gate_noise": 1.0, "model.init_args.router_bias": False,
     "data.init_args.transform.init_args.num_local": 2,
 }
 
