@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import normalized_mutual_info_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
@@ -31,6 +31,13 @@ PROBES: dict[str, str] = {
     "isic9 (dermoscopy)": "dermoscopy/isic_9class_180px",
     "odir6 (fundus)": "fundus/odir_disease_eye",
     "kermany2 (x-ray)": "chest_xray/kermany_pneumonia_testsplit_224",
+}
+
+# Labelled sets that are NOT in the pre-training corpus of experiments/ablations/shared_data.yaml
+# (MedMNIST v2 test splits, 28 px, upsampled): the probe that no row was tuned on.
+HELDOUT_PROBES: dict[str, str] = {
+    "pneumoniamnist (x-ray, held out)": "medmnist/pneumoniamnist.npz",
+    "retinamnist (fundus, held out)": "medmnist/retinamnist.npz",
 }
 
 
@@ -53,6 +60,16 @@ def folder_classes(root: Path, size: int) -> EvalSet:
             images.append(transform(load_image(path)))
             labels.append(k)
     return EvalSet(torch.stack(images), np.array(labels), classes)
+
+
+def npz_classes(path: Path, size: int, split: str = "test") -> EvalSet:
+    """A MedMNIST ``.npz`` split (``<split>_images``, ``<split>_labels``), resized to ``size``."""
+    data = np.load(path)
+    raw, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
+    transform = EvalTransform(size)
+    images = [transform(np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im) for im in raw]
+    return EvalSet(torch.stack(images), labels.astype(np.int64),
+                   [str(k) for k in sorted(set(labels.tolist()))])
 
 
 def routing_set(sources: list[DataSource], size: int, per_modality: int, seed: int) -> EvalSet:
@@ -86,7 +103,18 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, seed: int, folds: int
     return float(scores.mean()), float(scores.std())
 
 
-def evaluate(module: Any, routing: EvalSet, probes: dict[str, EvalSet], seed: int) -> dict[str, Any]:
+def probe_auc(features: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5) -> float:
+    """Macro one-vs-rest ROC AUC of the same probe, from out-of-fold probabilities."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    proba = cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(labels, proba[:, 1]))
+    return float(roc_auc_score(labels, proba, multi_class="ovr", average="macro"))
+
+
+def evaluate(module: Any, routing: EvalSet, probes: dict[str, EvalSet], seed: int,
+             heldout: dict[str, EvalSet] | None = None) -> dict[str, Any]:
     """Routing report (per-image router top-1 vs modality), k-means NMI of the features
     (k = number of modalities) and the probe accuracies."""
     feats, experts = teacher_pass(module, routing.images)
@@ -102,4 +130,12 @@ def evaluate(module: Any, routing: EvalSet, probes: dict[str, EvalSet], seed: in
         mean, std = linear_probe(probe_feats, data.labels, seed)
         result["probes"][name] = {"acc": mean, "std": std, "images": len(data.labels)}
     result["probe_mean_acc"] = float(np.mean([p["acc"] for p in result["probes"].values()]))
+    if heldout:
+        result["heldout"] = {}
+        for name, data in heldout.items():
+            probe_feats, _ = teacher_pass(module, data.images)
+            mean, std = linear_probe(probe_feats, data.labels, seed)
+            result["heldout"][name] = {"acc": mean, "std": std, "images": len(data.labels),
+                                       "auc": probe_auc(probe_feats, data.labels, seed)}
+        result["heldout_mean_auc"] = float(np.mean([p["auc"] for p in result["heldout"].values()]))
     return result

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import PROBES, evaluate, folder_classes, routing_set  # noqa: E402
+from evaluate import HELDOUT_PROBES, PROBES, evaluate, folder_classes, npz_classes, routing_set  # noqa: E402
 
 from midol.config_compose import merge  # noqa: E402
 from midol.methods.loading import load_pretrain_module  # noqa: E402
@@ -61,6 +61,7 @@ def row_config(base: dict[str, Any], row: dict[str, Any], out: Path, epochs: int
             callback["init_args"]["dirpath"] = str(out / "checkpoints")
         if callback["class_path"].endswith("RoutingMonitor"):
             callback["init_args"]["image_dir"] = str(out / "routing")
+    trainer["callbacks"].append({"class_path": "teacher_drift.TeacherDrift"})
     return cfg
 
 
@@ -72,6 +73,17 @@ def last_values(metrics_csv: Path, keys: list[str], tail: int = 5) -> dict[str, 
     for key in keys:
         values = [float(r[key]) for r in rows if r.get(key)]
         out[key] = sum(values[-tail:]) / len(values[-tail:]) if values else None
+    return out
+
+
+def first_values(metrics_csv: Path, keys: list[str], head: int = 5) -> dict[str, float | None]:
+    """Mean of the first ``head`` logged values of each key (None when never logged)."""
+    with open(metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(r[key]) for r in rows if r.get(key)][:head]
+        out[key] = sum(values) / len(values) if values else None
     return out
 
 
@@ -118,22 +130,30 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any], done: bool) ->
         "cross-validation (seed 0), on " + ", ".join(f"{k} ({v})" for k, v in PROBES.items())
         + ". These labelled images are also in the (unlabelled) pre-training corpus. Chance "
         "(majority class): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["majority"].items()) + ".",
+        "- Held-out probe: the same probe on MedMNIST test splits that are not in the pre-training "
+        "corpus (" + ", ".join(HELDOUT_PROBES) + "; 28 px upsampled to the view size), scored by "
+        "macro one-vs-rest ROC AUC from out-of-fold probabilities; no setting was chosen on it.",
+        "- Teacher change: ||theta_T(end) - theta_T(0)|| / ||theta_T(0)|| of the teacher backbone "
+        "(teacher_drift.TeacherDrift); L start / end: mean of the first / last 5 logged steps.",
         "- Warnings: RoutingMonitor collapse warnings during the run (expert share > 0.9 of a "
         "batch for 20 consecutive steps; teacher collapse).",
         "",
-        "| row | probe mean acc | " + " | ".join(probes)
-        + " | routing NMI | purity | experts used | max load | k-means NMI | train-assignment NMI (last epoch) | L_route (end) | L_cst (end) | warnings | min |",
-        "|" + "---|" * (12 + len(probes)),
+        "| row | held-out AUC mean | " + " | ".join(f"{h} AUC" for h in HELDOUT_PROBES)
+        + " | corpus probe mean acc | " + " | ".join(probes)
+        + " | routing NMI | purity | experts used | max load | k-means NMI | train-assignment NMI (last epoch) | L_route (start -> end) | L_cst (start -> end) | teacher change | warnings | min |",
+        "|" + "---|" * (14 + len(probes) + len(HELDOUT_PROBES)),
     ]
     for r in results:
         ev, route = r["eval"], r["eval"]["routing"]
         lines.append(
-            f"| {r['label']} | {fmt(ev['probe_mean_acc'])} | "
+            f"| {r['label']} | {fmt(ev.get('heldout_mean_auc'))} | "
+            + " | ".join(fmt(ev.get("heldout", {}).get(h, {}).get("auc")) for h in HELDOUT_PROBES)
+            + f" | {fmt(ev['probe_mean_acc'])} | "
             + " | ".join(f"{fmt(ev['probes'][p]['acc'])} ± {fmt(ev['probes'][p]['std'], 2)}" for p in probes)
             + f" | {fmt(route.get('nmi')) if route['experts_used'] > 1 else fmt(route.get('nmi')) + ' (1 expert)'}"
             f" | {fmt(route.get('purity'))} | {route['experts_used']}/{route['experts']} | {fmt(route['max_load'], 2)}"
-            f" | {fmt(ev['kmeans_nmi'])} | {fmt(r.get('train_nmi')) if route['experts'] > 1 else 'n/a'} | {fmt(r.get('l_route'))} | {fmt(r.get('l_cst'))}"
-            f" | {len(r.get('warnings', []))} | {r['minutes']:.1f} |"
+            f" | {fmt(ev['kmeans_nmi'])} | {fmt(r.get('train_nmi')) if route['experts'] > 1 else 'n/a'} | {fmt(r.get('l_route_start'))} -> {fmt(r.get('l_route'))} | {fmt(r.get('l_cst_start'))} -> {fmt(r.get('l_cst'))}"
+            f" | {fmt(r.get('teacher_change'), 4)} | {len(r.get('warnings', []))} | {r['minutes']:.1f} |"
         )
     lines += ["", "Per-row routing counts (rows = experts, columns = " + ", ".join(meta["modalities"]) + "):", ""]
     for r in results:
@@ -178,6 +198,7 @@ def main() -> int:
     sources = [DataSource(**s) for s in base["data"]["init_args"]["sources"]]
     routing = routing_set(sources, size, ns.per_modality, ns.seed)
     probes = {name: folder_classes(SHARED_DATA / rel, size) for name, rel in PROBES.items()}
+    heldout = {name: npz_classes(SHARED_DATA / rel, size) for name, rel in HELDOUT_PROBES.items()}
     from midol.data import Corpus
 
     corpus = Corpus(sources)
@@ -215,7 +236,7 @@ def main() -> int:
         start = time.time()
         module = PretrainModule(**base["model"]["init_args"])
         results.append({"name": "random_init", "label": "0. random init, no pre-training (reference)",
-                        "eval": evaluate(module, routing, probes, ns.seed), "minutes": (time.time() - start) / 60})
+                        "eval": evaluate(module, routing, probes, ns.seed, heldout), "minutes": (time.time() - start) / 60})
         save(False)
     for row in rows:
         # one folder per row and seed: runs of several seeds at once must not share checkpoints
@@ -226,15 +247,20 @@ def main() -> int:
         module = load_pretrain_module(ckpt)
         result: dict[str, Any] = {"name": row["name"], "label": row["label"], "group": row["group"],
                                   "overrides": row.get("model", {}), "warnings": monitor_warnings}
-        result["eval"] = evaluate(module, routing, probes, ns.seed)
+        result["eval"] = evaluate(module, routing, probes, ns.seed, heldout)
         metrics = sorted(out.glob("logs/version_*/metrics.csv"))[-1]
         last = last_values(metrics, ["train/l_route", "train/l_cst"], tail=5)
+        first = first_values(metrics, ["train/l_route", "train/l_cst"])
+        drift = json.loads((out / "teacher_drift.json").read_text())
         result.update(l_route=last["train/l_route"], l_cst=last["train/l_cst"],
+                      l_route_start=first["train/l_route"], l_cst_start=first["train/l_cst"],
+                      teacher_change=drift["backbone_relative_change"],
                       train_nmi=last_values(metrics, ["route_epoch/nmi"], tail=1)["route_epoch/nmi"])
         result["minutes"] = (seconds + time.time() - start) / 60
         results.append(result)
         save(False)
         print(f"[ablation] {row['name']}: probe {result['eval']['probe_mean_acc']:.3f}, "
+              f"held-out AUC {result['eval']['heldout_mean_auc']:.3f}, "
               f"routing NMI {result['eval']['routing'].get('nmi', float('nan')):.3f}, "
               f"{result['minutes']:.1f} min", flush=True)
     meta["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
