@@ -22,6 +22,10 @@ def heatmap_file(prefix: str, epoch: int) -> str:
     return f"{stem}_epoch{epoch:03d}.png"
 
 
+DEFAULT_HINT = ("model.init_args.load_balance_weight, router_noise, more sinkhorn_iters, a softer "
+                "teacher_temp (see docs/analysis.md).")
+
+
 class RoutingMonitor(L.Callback):
     """Routing and collapse monitor for any method whose ``training_step`` returns a
     :class:`~midol.methods.interfaces.StepOutput`.
@@ -229,8 +233,7 @@ class RoutingMonitor(L.Callback):
                             f"{self.collapse_share:.0%} of the batch ({share:.0%} now) for "
                             f"{self._streaks[key]} consecutive batches (step {trainer.global_step}). "
                             "The MoE is acting as one expert; counter-measures: "
-                            "model.init_args.load_balance_weight, router_noise, more "
-                            "sinkhorn_iters, a softer teacher_temp (see docs/analysis.md)."
+                            + getattr(trainer.lightning_module, "collapse_hint", lambda: DEFAULT_HINT)()
                         )
                         self._collapse_warned[key] = True
                 else:

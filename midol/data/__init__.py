@@ -25,6 +25,7 @@ from midol.data.transforms import (
     IMAGENET_STD,
     EvalTransform,
     MultiCropTransform,
+    SingleViewTransform,
     ViewTransform,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "RoutingDataset",
     "SegmentationDataModule",
     "SegmentationSource",
+    "SingleViewTransform",
     "UnreadableImageError",
     "UnreadableImageWarning",
     "ViewBatch",

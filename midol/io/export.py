@@ -35,6 +35,10 @@ class BackboneExport:
     overrides: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None
     description: str = ""
+    # DEX routed-experts backbones: the DEX layers to inject into the timm model before the
+    # strict load (``blocks``, ``num_experts``, ``top_k``, ``temperature``, ``token_routing``);
+    # None for a plain timm backbone
+    dex: dict[str, Any] | None = None
 
 
 def export_backbone(
@@ -66,6 +70,7 @@ def export_backbone(
         "std": list(IMAGENET_STD),
         "input": "RGB scaled to [0, 1], then (x - mean) / std",
         "description": part.description,
+        **({"dex": part.dex} if part.dex else {}),
         "source": source,
         "midol_version": midol.__version__,
     }

@@ -5,6 +5,7 @@ The downstream task modules live in :mod:`midol.tasks`; their old names here are
 """
 
 from midol.methods.base import BaseMethod
+from midol.methods.dex import DEX
 from midol.methods.interfaces import ExpertChoice, Pretrained, Routed, Routing, StepOutput
 from midol.methods.loading import load_method
 from midol.methods.midol import MIDoL, PretrainModule
@@ -13,6 +14,7 @@ from midol.tasks import ClassificationModule, FinetuneModule, MultiLabelModule, 
 
 __all__ = [
     "BaseMethod",
+    "DEX",
     "ClassificationModule",
     "ExpertChoice",
     "FinetuneModule",

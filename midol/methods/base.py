@@ -114,6 +114,12 @@ class BaseMethod(L.LightningModule):
                                                          "weight_decay_end", "warmup_epochs")):
             raise ValueError("base_lr, min_lr, weight_decay(_end) and warmup_epochs must be finite")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # LightningCLI records the class; a checkpoint from a plain Trainer would otherwise load
+        # back as the default method (M-IDoL) in load_method.
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+
     # ------------------------------------------------------------------ what a method defines
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimiser updates (no-decay groups are made from them)."""

@@ -29,6 +29,7 @@ class BackboneInfo:
     overrides: dict[str, Any] = field(default_factory=dict)
     source: str = "random init"
     image_size: int | None = None
+    dex: dict[str, Any] | None = None  # DEX routed-experts recipe, when the backbone has one
 
 
 def part_from_prefix(prefix: str | None) -> str | None:
@@ -64,6 +65,22 @@ def detect_format(checkpoint: str | Path | None) -> Literal["midol", "exported",
     return "timm"
 
 
+def with_dex_layers(model: nn.Module, dex: dict[str, Any] | None) -> nn.Module:
+    """Inject the DEX layers a routed-experts export records (for fine-tuning: no routing noise,
+    no director update; the experts and router train, top-k routing as in pre-training)."""
+    if not dex:
+        return model
+    from midol.models.dex import inject_dex
+
+    recipe = dict(dex)
+    blocks = recipe.pop("blocks")
+    for layer in inject_dex(model, blocks, **recipe):
+        layer.noise_std = 0.0
+        layer.update_director = False
+        layer.compute_director_out = False
+    return model
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
@@ -86,6 +103,7 @@ def load_backbone(
     checkpoint_format: CheckpointFormat = "auto",
     part: str | None = None,
     grad_checkpointing: bool = False,
+    dex_mode: Literal["director", "experts"] | None = None,
 ) -> tuple[nn.Module, BackboneInfo]:
     """Build a pooled-feature timm backbone and load its weights.
 
@@ -98,8 +116,22 @@ def load_backbone(
 
     ``backbone_kwargs`` are added to the recorded overrides (e.g. ``drop_path_rate: 0.1``);
     keys that change the architecture make the strict load fail with a clear error.
+
+    ``dex_mode`` picks a DEX checkpoint's ``director_backbone`` or ``experts_backbone`` (and
+    checks that an exported file is that kind).
     """
     fmt = detect_format(checkpoint) if checkpoint_format == "auto" else checkpoint_format
+    if dex_mode is not None:
+        if dex_mode not in ("director", "experts"):
+            raise ValueError(f"dex_mode must be 'director' or 'experts', got {dex_mode!r}")
+        if fmt == "timm":
+            raise ValueError(f"dex_mode={dex_mode!r} needs a DEX checkpoint or export, got "
+                             f"{checkpoint or 'random init'}")
+        wanted = f"{dex_mode}_backbone"
+        if fmt == "midol":
+            if part is not None and part != wanted:
+                raise ValueError(f"init_part={part!r} contradicts dex_mode={dex_mode!r} ({wanted})")
+            part = wanted
     user_kwargs = dict(backbone_kwargs or {})
     if fmt == "timm":
         if backbone is None:
@@ -114,15 +146,21 @@ def load_backbone(
         state, spec = read_method_backbone(path, part)
         name, overrides = spec.timm_model, dict(spec.overrides)
         image_size = overrides.get("img_size")
+        dex = spec.dex
     elif fmt == "exported":
         meta = read_export_meta(path)
         name, overrides = meta["timm_model"], dict(meta.get("overrides") or {})
         image_size = meta.get("image_size")
         state = load_state_dict_file(path)
+        dex = meta.get("dex")
+        if dex_mode is not None and (dex_mode == "experts") != bool(dex):
+            kind = "a routed-experts DEX backbone" if dex else "a dense backbone (no DEX layers)"
+            raise ValueError(f"{path} holds {kind}, not dex_mode={dex_mode!r}; export the other "
+                             "part with `midol export CKPT --parts director_backbone|experts_backbone`")
     else:
         raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
     _check_name(backbone, name, path)
     overrides.update(user_kwargs)
-    model = build_backbone(name, overrides, grad_checkpointing=grad_checkpointing)
+    model = with_dex_layers(build_backbone(name, overrides, grad_checkpointing=grad_checkpointing), dex)
     _load_strict(model, state, path)
-    return model, BackboneInfo(name, overrides, f"{fmt} {path}", image_size)
+    return model, BackboneInfo(name, overrides, f"{fmt} {path}", image_size, dex)

@@ -40,7 +40,12 @@ class FinetuneModule(L.LightningModule):
         init_format: ``auto`` (by file name), ``midol``, ``exported`` or ``timm``.
         init_part: Which backbone of a midol training checkpoint: a name its method exports
             (M-IDoL: ``teacher_backbone``, the default, or ``student_backbone``; DEX:
-            ``director`` or ``experts``); None takes the method's first.
+            ``director_backbone``, the default, or ``experts_backbone``); None takes the
+            method's first.
+        dex_mode: For a DEX backbone: ``director`` (the dense director-only ViT) or
+            ``experts`` (the routed experts, top-k per image, no routing noise); None: the
+            file's own (a DEX checkpoint's default is ``director``). A clear error when the
+            weights are not DEX's or do not hold that mode.
         init_prefix: Deprecated spelling of ``init_part`` (midol <= 0.1.0): the state-dict
             prefix ``teacher.backbone.`` or ``student.backbone.``.
         grad_checkpointing: activation checkpointing in the backbone.
@@ -74,6 +79,7 @@ class FinetuneModule(L.LightningModule):
         init_format: CheckpointFormat = "auto",
         init_part: str | None = None,
         init_prefix: str | None = None,
+        dex_mode: Literal["director", "experts"] | None = None,
         grad_checkpointing: bool = False,
         linear_probe: bool = False,
         optimizer: Literal["adamw", "sgd"] = "adamw",
@@ -95,7 +101,7 @@ class FinetuneModule(L.LightningModule):
         self._validate_common()
         self.backbone, self.backbone_info = load_backbone(
             backbone, backbone_kwargs, init_checkpoint, init_format,
-            init_part or part_from_prefix(init_prefix), grad_checkpointing,
+            init_part or part_from_prefix(init_prefix), grad_checkpointing, dex_mode,
         )
         if linear_probe:
             self.backbone.requires_grad_(False)

@@ -176,8 +176,9 @@ def embedding_stage(routed: RoutedImages, ns: argparse.Namespace, out: Path) -> 
     return result
 
 
-def loss_curve_stage(ns: argparse.Namespace, out: Path) -> dict[str, Any] | None:
-    """``loss_curves.png`` from ``--metrics`` or the run's newest metrics.csv; None if none."""
+def loss_curve_stage(ns: argparse.Namespace, out: Path, keys: list[str] | None = None) -> dict[str, Any] | None:
+    """``loss_curves.png`` of ``keys`` (default: M-IDoL's L_route and L_cst; a method's own
+    ``summary_metrics()``) from ``--metrics`` or the run's newest metrics.csv; None if none."""
     from midol.analysis.curves import DEFAULT_KEYS, find_metrics, loss_curves, read_metrics
 
     found = find_metrics(ns.checkpoint)
@@ -185,8 +186,9 @@ def loss_curve_stage(ns: argparse.Namespace, out: Path) -> dict[str, Any] | None
     if not files:
         return None
     series = read_metrics(files)
-    save_figure(loss_curves(series, DEFAULT_KEYS, ns.smoothing), out / "loss_curves.png")
-    finals = {f"final_{k.split('/')[-1]}": float(series[k][1][-1]) for k in DEFAULT_KEYS if k in series}
+    keys = keys or list(DEFAULT_KEYS)
+    save_figure(loss_curves(series, keys, ns.smoothing), out / "loss_curves.png")
+    finals = {f"final_{k.split('/')[-1]}": float(series[k][1][-1]) for k in keys if k in series}
     return {"file": "loss_curves.png", "metrics": [str(m) for m in files], **finals}
 
 
@@ -238,15 +240,17 @@ def main(argv: list[str]) -> int:
     summary["embedding"] = embedding_stage(routed, ns, out)
     done("embedding")
 
-    curves = loss_curve_stage(ns, out)
+    curves = loss_curve_stage(ns, out, getattr(module, "summary_metrics", lambda: None)())
     if curves is None:
         summary["skipped"]["loss_curves"] = "no metrics.csv under the checkpoint's run folder (pass --metrics)"
     else:
         summary["loss_curves"] = curves
     done("loss curves")
 
-    if ns.gradcam_per_modality:
+    if ns.gradcam_per_modality and getattr(module, "gradcam_supported", True):
         summary["gradcam"] = pretrained_gradcam(module, corpus, routed, ns, size, out)
+    elif ns.gradcam_per_modality:
+        summary["skipped"]["gradcam"] = f"Grad-CAM needs a spatial feature map; {type(module).__name__}'s backbone has none"
     else:
         summary["skipped"]["gradcam"] = "--gradcam-per-modality 0"
     done("grad-cam")

@@ -26,8 +26,24 @@ def test_every_config_parses_and_instantiates(config, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name paths relative to the repository root
     cli = run_lightning(["--config", str(config), *ON_CPU], run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    if config.name == "dex_vit_base.yaml":
+        check_dex_settings(cli)
     if config.name == "midol_swin_base.yaml":
         check_paper_settings(cli)
+
+
+def check_dex_settings(cli) -> None:
+    """The DEX preset: ViT-B/16 at 256 px, every block 8 experts top-2, the code's recipe."""
+    model, h = cli.model, cli.model.hparams
+    layers = model.dex_layers()
+    assert len(layers) == 12 and all(la.num_experts == 8 and la.top_k == 2 for la in layers)
+    assert layers[0].temperature == 0.5 and layers[0].experts[0].fc1.out_features == 3072
+    assert model.vit.patch_embed.img_size == (256, 256) and len(model.decoder.blocks) == 8
+    assert model.decoder.embed.out_features == 512
+    assert (h.mask_ratio, h.co_weight, h.bal_weight, h.co_form, h.bal_schedule) == (0.75, 0.01, 0.01, "ce", "constant")
+    assert (tuple(h.betas), h.weight_decay, h.lr_batch_size, h.warmup_epochs) == ((0.9, 0.999), 1e-6, 512, 10)
+    assert cli.trainer.max_epochs == 200 and cli.trainer.gradient_clip_val == 1.0
+    assert cli.datamodule.transform.global_size == 256 and cli.datamodule.num_views == 1
 
 
 def check_paper_settings(cli) -> None:

@@ -5,6 +5,7 @@ from midol.data.transforms.base import ViewTransform
 from midol.data.transforms.common import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from midol.data.transforms.eval import EvalTransform
 from midol.data.transforms.multicrop import MultiCropTransform
+from midol.data.transforms.single_view import SingleViewTransform
 from midol.data.transforms.task import (
     ClassificationTrainTransform,
     SegmentationEvalTransform,
@@ -19,6 +20,7 @@ __all__ = [
     "MultiCropTransform",
     "SegmentationEvalTransform",
     "SegmentationTrainTransform",
+    "SingleViewTransform",
     "ViewTransform",
     "to_tensor",
 ]
