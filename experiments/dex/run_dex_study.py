@@ -135,6 +135,8 @@ def main() -> int:
         cfg["seed_everything"] = ns.seed
         cfg["trainer"].update(max_epochs=ns.max_epochs, default_root_dir=str(out))
         cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out)
+        if (out / "checkpoints").exists():
+            raise SystemExit(f"{out}/checkpoints exists from an earlier run: remove it first")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         start = time.time()

@@ -233,7 +233,8 @@ class RoutingMonitor(L.Callback):
                             f"{self.collapse_share:.0%} of the batch ({share:.0%} now) for "
                             f"{self._streaks[key]} consecutive batches (step {trainer.global_step}). "
                             "The MoE is acting as one expert; counter-measures: "
-                            + getattr(trainer.lightning_module, "collapse_hint", lambda: DEFAULT_HINT)()
+                            + getattr(getattr(trainer, "lightning_module", None), "collapse_hint",
+                                      lambda: DEFAULT_HINT)()
                         )
                         self._collapse_warned[key] = True
                 else:

@@ -117,8 +117,9 @@ class BaseMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # LightningCLI records the class; a checkpoint from a plain Trainer would otherwise load
         # back as the default method (M-IDoL) in load_method.
-        hparams = checkpoint.setdefault("hyper_parameters", {})
-        hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+        # (a top-level key: ``_class_path`` among the hyper-parameters would reach __init__ in
+        # Lightning's own load_from_checkpoint)
+        checkpoint["midol_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ------------------------------------------------------------------ what a method defines
     def trainable_modules(self) -> list[nn.Module]:

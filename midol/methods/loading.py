@@ -79,7 +79,8 @@ def load_method(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["hyper_parameters"])
-    class_path = hparams.get("_class_path") or DEFAULT_CLASS_PATH  # written by LightningCLI
+    # LightningCLI writes _class_path; BaseMethod writes midol_class_path (a plain Trainer)
+    class_path = hparams.get("_class_path") or ckpt.get("midol_class_path") or DEFAULT_CLASS_PATH
     cls = import_class(class_path, str(path), extra=trusted_class_paths)
     if not issubclass(cls, L.LightningModule):
         raise ValueError(f"{path}: trained with {class_path}, which is not a LightningModule")
