@@ -234,6 +234,9 @@ class DEX(BaseMethod):
                 co.append(coherence_loss(last.expert_out.float(), last.director_out.float(), h.co_form,
                                          h.co_director_temp, h.co_expert_temp))
                 bal.append(balance_loss(last.probs))
+                with torch.no_grad():  # director-expert alignment, what L_co drives up
+                    logs[f"dex/alignment_block{block:02d}"] = torch.nn.functional.cosine_similarity(
+                        last.expert_out.float(), last.director_out.float(), dim=-1).mean()
                 if not layer.token_routing:
                     routing[f"route_block{block:02d}"] = ExpertChoice(
                         last.indices[:, 0], layer.num_experts, collapse_check=True, idle_check=True,

@@ -65,6 +65,8 @@ def test_training_step_loss_is_mae_plus_weighted_co_and_bal(monkeypatch) -> None
     l_mae = masked_mae_loss(seen["pred"], seen["target"], seen["mask"], True)
     torch.testing.assert_close(out["loss"], l_mae + 0.3 * l_co + 0.2 * l_bal)
     torch.testing.assert_close(logged["train/l_co"], l_co)
+    cos = torch.nn.functional.cosine_similarity(lasts[2].expert_out, lasts[2].director_out, dim=-1).mean()
+    torch.testing.assert_close(logged["dex/alignment_block02"], cos)
     # 75 % of the 16 patches masked per image; the target is the normalised image's patches
     assert seen["mask"].sum(dim=1).tolist() == [12.0] * 8
     torch.testing.assert_close(seen["target"], patchify(module.normalizer(batch["views"][0]), 8))
