@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
+from midol.models.seg_decoder import MultiScaleDecoder, stage_channels, stage_indices, stage_maps
+from midol.models.unetr_decoder import UNETRDecoder
 from midol.tasks.base import FinetuneModule
 from midol.tasks.task_metrics import segmentation_metrics
-
-from midol.models.seg_decoder import MultiScaleDecoder, stage_channels, stage_indices, stage_maps
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, smooth: float = 1.0) -> torch.Tensor:
@@ -38,7 +38,11 @@ class SegmentationModule(FinetuneModule):
         num_classes: classes including background (binary masks: 2).
         decoder_dim: channels of the decoder.
         decoder_dropout: dropout before the per-pixel classifier.
-        num_levels: how many stage maps feed the decoder (Swin: 4).
+        num_levels: how many stage maps feed the decoder (Swin: 4; ViT-B: blocks 3/6/9/12).
+        decoder_type: ``fpn`` (the light multi-scale fusion, any backbone) or ``unetr`` (a
+            UNETR-style decoder for plain ViTs, as DEX's supplement uses; ``decoder_dim`` is
+            the width of its full-resolution stage and doubles per coarser stage, so use ~32
+            there, not the FPN's 256).
         ce_weight / dice_weight: loss = ce_weight * CE + dice_weight * (1 - soft Dice).
         ignore_index: target value left out of loss and metrics (checked against the data).
         select_metric: the validation metric that picks the best checkpoint: ``dice`` (pooled
@@ -61,6 +65,7 @@ class SegmentationModule(FinetuneModule):
         dice_weight: float = 1.0,
         ignore_index: int = 255,
         select_metric: Literal["dice", "dice_per_image"] = "dice",
+        decoder_type: Literal["fpn", "unetr"] = "fpn",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -74,9 +79,18 @@ class SegmentationModule(FinetuneModule):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.stage_ids = stage_indices(self.backbone, num_levels)
-        self.decoder = MultiScaleDecoder(
-            stage_channels(self.backbone, self.stage_ids), num_classes, decoder_dim, decoder_dropout
-        )
+        channels = stage_channels(self.backbone, self.stage_ids)
+        if decoder_type == "unetr":
+            patch = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+            if patch is None or getattr(self.backbone, "layers", None) is not None:
+                raise ValueError("decoder_type: unetr needs a plain ViT backbone (one patch size); "
+                                 "use decoder_type: fpn for Swin, ConvNeXt, ResNet")
+            self.decoder: nn.Module = UNETRDecoder(channels, num_classes, int(patch[0]), decoder_dim,
+                                                   decoder_dropout)
+        elif decoder_type == "fpn":
+            self.decoder = MultiScaleDecoder(channels, num_classes, decoder_dim, decoder_dropout)
+        else:
+            raise ValueError(f"decoder_type must be 'fpn' or 'unetr', got {decoder_type!r}")
         self.init_metrics(lambda: segmentation_metrics(num_classes, ignore_index))
 
     def heads(self) -> list[nn.Module]:
@@ -86,6 +100,8 @@ class SegmentationModule(FinetuneModule):
         return stage_maps(self.backbone, x, self.stage_ids)
 
     def decode(self, features: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.decoder, UNETRDecoder):
+            return self.decoder(features, x)
         return self.decoder(features, x.shape[-2:])
 
     def check_datamodule(self, datamodule: Any) -> None:

@@ -36,7 +36,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.clip_mode": "global", "init_args.idle_repeat_epochs": 5,
     "init_args.parts": None, "init_args.init_part": None, "init_args.sinkhorn_impl": "swav",
     "init_args.gate_noise": 0.0, "init_args.router_bias": True, "init_args.grad_norm_every": 0,
-    "init_args.select_metric": "dice", "init_args.dex_mode": None,
+    "init_args.select_metric": "dice", "init_args.dex_mode": None, "init_args.decoder_type": "fpn",
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
 }
 
