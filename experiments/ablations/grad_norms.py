@@ -14,15 +14,18 @@ import argparse
 import datetime
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from midol.data import DataSource, MultiCropTransform, PretrainDataModule
 from midol.methods import MIDoL
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sample_batch import sample_batch  # noqa: E402
 
 
 def backbone_grad(module: MIDoL, batch: dict, route_w: float, cst_w: float) -> tuple[torch.Tensor, dict]:
@@ -42,12 +45,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="model initialisations to measure")
     ns = p.parse_args()
     base = yaml.safe_load((REPO / "configs/ablations/base.yaml").read_text())["model"]["init_args"]
-    sources = [DataSource(str(REPO / "sample_data" / m), m) for m in ("xray", "pathology", "oct")]
-    sources.append(DataSource(str(REPO / "sample_data/fundus_retinamnist.npz"), "fundus"))
-    dm = PretrainDataModule(sources, MultiCropTransform(64, 32, 2, 6), batch_size=ns.batch_size,
-                            num_workers=0, seed=0)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = sample_batch(ns.batch_size, num_local=6)
     rows = []
     for seed in [int(s) for s in ns.seeds.split(",")]:
         for impl in ("swav", "authors"):

@@ -92,7 +92,8 @@ def evaluate(module: DEX, routing: EvalSet, probes: dict[str, EvalSet], heldout:
             rep = routing_report(counts, routing.names)
             blocks[name] = {k: rep[k] for k in ("nmi", "purity", "experts_used", "max_load")}
         out["blocks"] = blocks
-    module.set_mode("director") if module.dex_layers() else None
+    if module.dex_layers():
+        module.set_mode("director")
     return out
 
 

@@ -184,11 +184,13 @@ class BaseMethod(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         measure = self.grad_norm_due()
+        per_param = self.hparams.clip_mode == "per_param" and bool(gradient_clip_val)
+        # the parameter list only on the steps that need it (every step for per_param)
+        params = [p for group in optimizer.param_groups for p in group["params"]] if measure or per_param else []
         if measure:
             before = total_norm(p.grad for p in params)
-        if self.hparams.clip_mode == "per_param" and gradient_clip_val:
+        if per_param:
             clip_grad_norm_per_param(params, float(gradient_clip_val))
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -9,6 +9,8 @@ the monolithic pre-training DEX claims to improve on. Facts and the code-vs-supp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import timm
@@ -297,15 +299,22 @@ class DEX(BaseMethod):
         """``experts``: routed experts (top-k, no noise in eval); ``director``: dense directors."""
         set_dex_mode(self.vit, mode)
 
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled (class-token) features of uint8 images with the current mode's MLPs (eval)."""
+    @contextlib.contextmanager
+    def _eval_vit(self) -> Iterator[None]:
+        """The ViT in eval mode (no routing noise, no frequency or director update), restored
+        afterwards."""
         was_training = self.vit.training
         self.vit.eval()
         try:
-            return self.vit(self.normalizer(images))
+            yield
         finally:
             self.vit.train(was_training)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled (class-token) features of uint8 images with the current mode's MLPs (eval)."""
+        with self._eval_vit():
+            return self.vit(self.normalizer(images))
 
     def routers(self) -> dict[str, int]:
         return {f"block{b:02d}": self.num_experts for b in self.dex_layer_blocks}
@@ -317,13 +326,11 @@ class DEX(BaseMethod):
         noise); ``temperature`` defaults to the routing temperature."""
         layers = self.dex_layers()
         previous = [layer.mode for layer in layers]
-        was_training = self.vit.training
         self.set_mode("experts")
-        self.vit.eval()  # inference routing: no noise, no frequency or director update
         try:
-            features = self.vit(self.normalizer(images))
+            with self._eval_vit():
+                features = self.vit(self.normalizer(images))
         finally:
-            self.vit.train(was_training)
             for layer, mode in zip(layers, previous, strict=True):
                 layer.mode = mode
         out: dict[str, Routing] = {}

@@ -185,7 +185,7 @@ class DEXLayer(nn.Module):
                 director_out = self.director(x)
 
         mass = self.gate_mass(gates, indices)
-        count = torch.tensor([float(gates.shape[0])], device=mass.device)
+        count = mass.new_full((1,), float(gates.shape[0]))  # no host-to-device copy per block
         if self.training and torch.is_grad_enabled():
             # one collective for both: every rank gets the whole batch's shares
             total = all_reduce_sum(torch.cat([mass, count]))
