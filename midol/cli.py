@@ -18,7 +18,8 @@ from midol.config_compose import expand_bases
 
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
 TOOLS: dict[str, str] = {"export": "midol.tools.cmd_export", "route": "midol.tools.cmd_route",
-                         "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard"}
+                         "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard",
+                         "robustness": "midol.tools.cmd_robustness"}
 
 
 class MidolCLI(LightningCLI):

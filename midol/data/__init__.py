@@ -14,6 +14,7 @@ from midol.data.image_io import (
 )
 from midol.data.labelled import LabelledDataModule, LabelledSource
 from midol.data.normalize import PixelNormalizer
+from midol.data.patient_datamodule import PatientDataModule
 from midol.data.pretrain import PretrainDataModule
 from midol.data.pretrain_datasets import PretrainDataset, RoutingCollate, RoutingDataset, ViewCollate
 from midol.data.readers import ImageList
@@ -42,6 +43,7 @@ __all__ = [
     "LabelledDataModule",
     "LabelledSource",
     "MultiCropTransform",
+    "PatientDataModule",
     "PixelNormalizer",
     "PretrainDataModule",
     "PretrainDataset",

@@ -8,6 +8,7 @@ from midol.methods.base import BaseMethod
 from midol.methods.dex import DEX
 from midol.methods.interfaces import ExpertChoice, Pretrained, Routed, Routing, StepOutput
 from midol.methods.loading import load_method
+from midol.methods.medmix import MedMIX
 from midol.methods.midol import MIDoL, PretrainModule
 from midol.methods.momentum import MomentumMethod
 from midol.tasks import ClassificationModule, FinetuneModule, MultiLabelModule, SegmentationModule
@@ -18,6 +19,7 @@ __all__ = [
     "ClassificationModule",
     "ExpertChoice",
     "FinetuneModule",
+    "MedMIX",
     "MIDoL",
     "MomentumMethod",
     "MultiLabelModule",

@@ -19,7 +19,7 @@ from midol.data.normalize import PixelNormalizer
 from midol.optim.layer_decay import layer_decay_param_groups
 from midol.optim.schedules import poly_schedule, warmup_cosine_schedule
 from midol.tasks.backbones import CheckpointFormat, load_backbone, part_from_prefix
-from midol.tasks.task_metrics import macro
+from midol.tasks.task_metrics import stage_results
 from midol.utils.dist import world_size
 
 STAGES = ("train", "val", "test")
@@ -286,23 +286,8 @@ class FinetuneModule(L.LightningModule):
     def stage_results(self, stage: str) -> dict[str, float]:
         """Compute and reset the stage's metrics: scalars as they are, per-class vectors as
         ``name_<class>`` plus their macro mean (undefined entries left out) under ``name``."""
-        out: dict[str, float] = {}
-        for name, metric in self._metrics(stage).items():
-            metric: Metric
-            if metric.update_count == 0:
-                continue
-            value = metric.compute()
-            if value.ndim == 0:
-                out[f"{stage}/{name}"] = float(value)
-            else:
-                labels = self.metric_names(name) or [str(i) for i in range(value.numel())]
-                values = self.per_class_values(name, value)
-                out[f"{stage}/{name}"] = float(macro(values, f"{stage}/{name}"))
-                for label, v in zip(labels, value.tolist(), strict=False):
-                    if math.isfinite(v):
-                        out[f"{stage}/{name}_{label}"] = v
-            metric.reset()
-        return out
+        return stage_results(self._metrics(stage), stage, names_of=self.metric_names,
+                             macro_values=self.per_class_values)
 
     def per_class_values(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Entries of a per-class metric that enter its macro mean (segmentation: foreground)."""

@@ -7,7 +7,9 @@ so a tiny validation split without one class does not drag the macro AUC down.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,3 +157,32 @@ def segmentation_metrics(num_classes: int, ignore_index: int | None = 255) -> di
         "dice_per_image": DicePerImage(num_classes, ignore_index),
         "iou": IoUPerClass(num_classes, ignore_index),
     }
+
+
+def stage_results(
+    metrics: Any,
+    stage: str,
+    names: list[str] | None = None,
+    names_of: Callable[[str], list[str] | None] | None = None,
+    macro_values: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Compute and reset a stage's metrics (a ``MetricCollection``): scalars as they are,
+    per-class vectors as ``name_<class>`` plus their macro mean (undefined entries left out)
+    under ``name``. Class names come from ``names_of(metric)`` or ``names`` (default: numbers);
+    ``macro_values`` picks the entries that enter the mean (segmentation: the foreground)."""
+    out: dict[str, float] = {}
+    for name, metric in metrics.items():
+        if metric.update_count == 0:
+            continue
+        value = metric.compute()
+        if value.ndim == 0:
+            out[f"{stage}/{name}"] = float(value)
+        else:
+            labels = (names_of(name) if names_of else None) or names or [str(i) for i in range(value.numel())]
+            values = macro_values(name, value) if macro_values else value
+            out[f"{stage}/{name}"] = float(macro(values, f"{stage}/{name}"))
+            for label, v in zip(labels, value.tolist(), strict=False):
+                if math.isfinite(v):
+                    out[f"{stage}/{name}_{label}"] = v
+        metric.reset()
+    return out

@@ -1,11 +1,12 @@
 """``midol export CKPT --out DIR``: the backbone(s) a pre-training checkpoint's method names as
-worth keeping (M-IDoL: the teacher backbone) -> safetensors + JSON."""
+worth keeping (M-IDoL: the teacher backbone) -> safetensors + JSON; for a MedMIX fusion
+checkpoint, the deployable model (experts + fusion network, no teacher)."""
 
 from __future__ import annotations
 
 import argparse
 
-from midol.io.export import export_checkpoint
+from midol.io.export import export_method
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +21,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--parts", nargs="+", default=None,
                         help="export names (default: the method's first, e.g. teacher_backbone; "
                         "M-IDoL also has student_backbone)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing MedMIX export (backbone exports are always replaced)")
     ns = parser.parse_args(argv)
-    for path in export_checkpoint(ns.checkpoint, ns.out, ns.image_size, ns.parts):
+    from midol.methods.loading import load_method
+
+    method = load_method(ns.checkpoint)
+    if hasattr(method, "deployable"):  # a fusion model: experts + fusion network, no teacher
+        from midol.io.medmix_export import export_deployable
+
+        print(f"wrote {export_deployable(method, ns.out, overwrite=ns.overwrite)}")
+        return 0
+    for path in export_method(method, ns.out, ns.parts, ns.image_size, str(ns.checkpoint)):
         print(f"wrote {path}")
     return 0

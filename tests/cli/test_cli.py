@@ -14,9 +14,11 @@ from midol.loggers import WandbLogger
 
 REPO = Path(__file__).resolve().parents[2]
 # Sweeps are checked in test_sweeps.py; downstream configs name a pre-training run's output, so
-# test_finetune_configs.py instantiates each of them with a real tiny checkpoint in its place.
+# test_finetune_configs.py instantiates each of them with a real tiny checkpoint in its place;
+# fusion presets name pre-trained exports too (test_fusion_configs.py).
 CONFIGS = sorted(
-    p for p in (REPO / "configs").rglob("[!_]*.yaml") if not {"sweeps", "finetune"} & set(p.parts)
+    p for p in (REPO / "configs").rglob("[!_]*.yaml")
+    if not {"sweeps", "finetune", "fusion"} & set(p.parts)
 )
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
 

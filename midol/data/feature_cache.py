@@ -1,0 +1,414 @@
+"""An on-disk cache of frozen-backbone image features (MedMIX fusion training).
+
+A frozen expert backbone gives the same features for the same pixels forever, so each
+(backbone, image file, transform) is encoded once and the fusion head then trains on cached
+vectors in seconds per epoch. One cache entry (a folder named by ``encoder_key`` and
+``transform_key``) holds:
+
+* ``features.npy``: ``K x D`` float32, one row per cached file;
+* ``files.json``: the ``K`` file fingerprints (``realpath|size|mtime_ns``), in row order;
+* ``meta.json``: ``encoder_key``, ``transform_key``, ``dim``, ``midol_version``, ``rows``.
+
+Rows are only ever appended; an edited image gets a new fingerprint and so a new row (its old
+row stays, unused). ``features.npy`` is always written before the two JSON files, so a crash
+leaves at worst extra unindexed rows, never an index pointing past the end of the array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import midol
+from midol.data.image_io import UnreadableImageError, UnreadableImageWarning, load_image
+from midol.data.loader_utils import check_loader_args, worker_init
+from midol.io.atomic import atomic_path, atomic_write_text
+
+try:  # POSIX only; elsewhere concurrent writers to one entry are simply not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CachedFeatures", "FeatureCache", "file_fingerprint", "weights_fingerprint"]
+
+_CHUNK = 1 << 20
+# file_fingerprint -> sha256: a multi-GB checkpoint is hashed once per process, and an edited
+# file (new size/mtime) is hashed again.
+_WEIGHTS_DIGESTS: dict[str, str] = {}
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """``'<realpath>|<size>|<mtime_ns>'`` of an existing file; FileNotFoundError otherwise."""
+    real = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {os.fspath(path)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(f"not a regular file: {os.fspath(path)}")
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def weights_fingerprint(path: str | os.PathLike[str] | None) -> str:
+    """sha256 hex digest of a weights file's bytes, hashed once per process per file version;
+    ``None`` -> ``'none'``."""
+    if path is None:
+        return "none"
+    key = file_fingerprint(path)
+    digest = _WEIGHTS_DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                h.update(chunk)
+        digest = _WEIGHTS_DIGESTS[key] = h.hexdigest()
+    return digest
+
+
+@dataclass
+class CachedFeatures:
+    """Features of ``files`` in their order.
+
+    ``computed`` and ``reused`` count distinct files (a path listed twice is encoded once).
+    """
+
+    features: torch.Tensor  # N x D float32; NaN rows where ok is False
+    ok: torch.Tensor  # N bool: a file was given and its image was readable
+    computed: int  # distinct files encoded by this call
+    reused: int  # distinct files read from the cache
+    unreadable: list[str] = field(default_factory=list)  # not cached, so a fixed file is retried
+
+
+@dataclass
+class _Entry:
+    features: np.ndarray  # K x D float32
+    files: list[str]
+    dim: int | None  # None: empty entry, any D accepted
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {fp: i for i, fp in enumerate(self.files)}
+
+
+def _empty_entry() -> _Entry:
+    return _Entry(np.zeros((0, 0), dtype=np.float32), [], None)
+
+
+class _DecodeDataset(Dataset):
+    """``(position, uint8 3 x S x S tensor or None, reason or None)`` per path.
+
+    Failures come back as values rather than warnings because warnings raised in DataLoader
+    workers never reach the caller."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor]):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_image(self.paths[i])
+        except UnreadableImageError as err:
+            return i, None, err.reason
+        return i, self.transform(image), None
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    # Failures are dropped from the stack but reported, so the caller can warn in its process.
+    good = [(i, x) for i, x, _ in items if x is not None]
+    failed = [(i, reason or "unreadable") for i, x, reason in items if x is None]
+    stacked = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], stacked, failed
+
+
+class FeatureCache:
+    """Features of frozen encoders, cached under ``root`` per (encoder, transform, file)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def entry_dir(self, encoder_key: str, transform_key: str) -> Path:
+        """``root / sha256(encoder_key + '\\n' + transform_key).hexdigest()[:20]``."""
+        name = hashlib.sha256(f"{encoder_key}\n{transform_key}".encode()).hexdigest()[:20]
+        return self.root / name
+
+    def features(
+        self,
+        encoder: Callable[[torch.Tensor], torch.Tensor],
+        encoder_key: str,
+        files: Sequence[str | None],
+        transform: Callable[[np.ndarray], torch.Tensor],
+        transform_key: str,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        desc: str = "features",
+    ) -> CachedFeatures:
+        """Features of ``files`` (``N x D`` float32 CPU), encoding only files not yet cached.
+
+        ``encoder`` maps a uint8 ``B x 3 x S x S`` batch to ``B x D`` (normalisation and eval
+        mode are the caller's); it runs under ``torch.no_grad()``. ``None`` entries, missing
+        files and undecodable images give ``ok`` False and NaN rows (the latter two warned
+        about with :class:`UnreadableImageWarning`).
+
+        Raises:
+            ValueError: encoder output not 2-D or of another width than the cached entry, or
+                no row could be computed or reused.
+        """
+        check_loader_args(batch_size, num_workers)
+        n = len(files)
+        entry_dir = self.entry_dir(encoder_key, transform_key)
+        entry = self._load(entry_dir, encoder_key, transform_key, warn=True)
+        cached = entry.index
+
+        # Files are keyed by fingerprint, so a file listed twice (or via a symlink) is encoded once.
+        fingerprints: list[str | None] = []
+        todo: dict[str, str] = {}  # fingerprint -> path to decode
+        bad_paths: dict[str, None] = {}  # ordered set of unreadable paths
+        for f in files:
+            if f is None:
+                fingerprints.append(None)
+                continue
+            try:
+                fp = file_fingerprint(f)
+            except OSError as err:
+                if str(f) not in bad_paths:
+                    why = "no such file" if isinstance(err, FileNotFoundError) else repr(err)
+                    warnings.warn(
+                        f"{desc}: skipping unreadable image {f}: {why}",
+                        UnreadableImageWarning,
+                        stacklevel=2,
+                    )
+                    bad_paths[str(f)] = None
+                fingerprints.append(None)
+                continue
+            fingerprints.append(fp)
+            if fp not in cached and fp not in todo:
+                todo[fp] = str(f)
+
+        new_rows, failed_fps = self._encode(
+            encoder,
+            encoder_key,
+            transform,
+            transform_key,
+            entry,
+            entry_dir,
+            todo,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            desc=desc,
+        )
+        # Every path spelling of a file that failed to decode is reported, in input order.
+        for f, maybe_fp in zip(files, fingerprints, strict=True):
+            if maybe_fp is not None and maybe_fp in failed_fps:
+                bad_paths.setdefault(str(f), None)
+
+        dim = entry.dim if entry.dim is not None else _first_dim(new_rows)
+        reused_fps = {fp for fp in fingerprints if fp is not None and fp in cached}
+        if dim is None or (not new_rows and not reused_fps):
+            raise ValueError(f"no readable image among {n} files for {desc}")
+
+        out = torch.full((n, dim), math.nan, dtype=torch.float32)
+        ok = torch.zeros(n, dtype=torch.bool)
+        stored = torch.from_numpy(entry.features) if reused_fps else None
+        for i, maybe_fp in enumerate(fingerprints):
+            if maybe_fp is None:
+                continue
+            if maybe_fp in new_rows:
+                out[i] = new_rows[maybe_fp]
+                ok[i] = True
+            elif maybe_fp in cached and stored is not None:
+                out[i] = stored[cached[maybe_fp]]
+                ok[i] = True
+        return CachedFeatures(out, ok, len(new_rows), len(reused_fps), list(bad_paths))
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def _encode(
+        self,
+        encoder: Callable[[torch.Tensor], torch.Tensor],
+        encoder_key: str,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        transform_key: str,
+        entry: _Entry,
+        entry_dir: Path,
+        todo: dict[str, str],
+        batch_size: int,
+        num_workers: int,
+        desc: str,
+    ) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """Encode ``todo`` (fingerprint -> path) and append the rows to the entry; returns the
+        new rows (fingerprint -> D float32) and the fingerprints whose image failed to decode."""
+        new_rows: dict[str, torch.Tensor] = {}
+        failed: set[str] = set()
+        if not todo:
+            return new_rows, failed
+        fps = list(todo)
+        paths = [todo[fp] for fp in fps]
+        loader = DataLoader(
+            _DecodeDataset(paths, transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            worker_init_fn=worker_init if num_workers > 0 else None,
+        )
+        dim = entry.dim
+        try:
+            with torch.no_grad():
+                for positions, images, failures in tqdm(
+                    loader, total=len(loader), desc=desc, unit="batch", disable=None
+                ):
+                    for pos, reason in failures:
+                        warnings.warn(
+                            f"{desc}: skipping unreadable image {paths[pos]}: {reason}",
+                            UnreadableImageWarning,
+                            stacklevel=3,
+                        )
+                        failed.add(fps[pos])
+                    if images is None:
+                        continue
+                    feats = _check_output(encoder(images), len(positions), encoder_key)
+                    if dim is None:
+                        dim = feats.shape[1]
+                    elif feats.shape[1] != dim:
+                        raise ValueError(
+                            f"encoder {encoder_key!r} gives {feats.shape[1]}-dim features but "
+                            f"the cache entry {entry_dir} holds {dim}-dim ones"
+                        )
+                    for pos, row in zip(positions, feats, strict=True):
+                        new_rows[fps[pos]] = row
+        except BaseException:
+            # Keep what was encoded before the failure: an interrupted hour-long pass resumes.
+            if new_rows:
+                with contextlib.suppress(Exception):
+                    self._append(entry_dir, encoder_key, transform_key, new_rows)
+            raise
+        if new_rows:
+            self._append(entry_dir, encoder_key, transform_key, new_rows)
+        return new_rows, failed
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def _load(self, entry_dir: Path, encoder_key: str, transform_key: str, warn: bool) -> _Entry:
+        """The entry in ``entry_dir``; an empty one when absent or inconsistent (warned)."""
+        paths = [entry_dir / name for name in ("meta.json", "features.npy", "files.json")]
+        present = [p.is_file() for p in paths]
+        if not any(present):
+            return _empty_entry()
+
+        def broken(why: str) -> _Entry:
+            if warn:
+                warnings.warn(
+                    f"feature cache entry {entry_dir} is unusable ({why}); recomputing it",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return _empty_entry()
+
+        if not all(present):
+            missing = ", ".join(p.name for p, ok in zip(paths, present, strict=True) if not ok)
+            return broken(f"missing {missing}")
+        try:
+            meta = json.loads(paths[0].read_text(encoding="utf-8"))
+            index = json.loads(paths[2].read_text(encoding="utf-8"))
+            feats = np.load(paths[1], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:  # truncated JSON/npy, bad UTF-8
+            return broken(f"{type(err).__name__}: {err}")
+        if not isinstance(meta, dict) or not isinstance(index, list):
+            return broken("malformed meta.json or files.json")
+        if not all(isinstance(fp, str) for fp in index):
+            return broken("files.json is not a list of fingerprints")
+        if meta.get("encoder_key") != encoder_key or meta.get("transform_key") != transform_key:
+            return broken("meta.json names another encoder or transform")
+        if feats.ndim != 2 or feats.dtype != np.float32:
+            return broken(f"features.npy is {feats.dtype} with shape {feats.shape}")
+        if len(index) > feats.shape[0]:
+            return broken(
+                f"files.json lists {len(index)} rows, features.npy holds {feats.shape[0]}"
+            )
+        if meta.get("dim") != feats.shape[1]:
+            return broken(f"meta.json dim {meta.get('dim')} != features.npy width {feats.shape[1]}")
+        # Rows past the index are from a write that crashed before files.json: drop them.
+        return _Entry(feats[: len(index)], index, int(feats.shape[1]))
+
+    def _append(
+        self,
+        entry_dir: Path,
+        encoder_key: str,
+        transform_key: str,
+        new_rows: dict[str, torch.Tensor],
+    ) -> None:
+        entry_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(entry_dir / ".lock"):
+            # Reload under the lock so rows another process appended meanwhile are kept.
+            entry = self._load(entry_dir, encoder_key, transform_key, warn=False)
+            dim = next(iter(new_rows.values())).shape[0]
+            if entry.dim is not None and entry.dim != dim:
+                raise ValueError(
+                    f"encoder {encoder_key!r} gives {dim}-dim features but the cache entry "
+                    f"{entry_dir} holds {entry.dim}-dim ones"
+                )
+            known = set(entry.files)
+            add = [fp for fp in new_rows if fp not in known]
+            if not add:
+                return
+            block = torch.stack([new_rows[fp] for fp in add]).numpy().astype(np.float32)
+            feats = np.concatenate([entry.features.reshape(-1, dim), block], axis=0)
+            files = entry.files + add
+            with atomic_path(entry_dir / "features.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, feats, allow_pickle=False)  # a file object: np.save adds no suffix
+            atomic_write_text(entry_dir / "files.json", json.dumps(files))
+            meta: dict[str, Any] = {
+                "encoder_key": encoder_key,
+                "transform_key": transform_key,
+                "dim": dim,
+                "midol_version": midol.__version__,
+                "rows": len(files),
+            }
+            atomic_write_text(entry_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+
+def _check_output(out: Any, batch: int, encoder_key: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"encoder {encoder_key!r} must return a {batch} x D tensor for a batch of {batch} "
+            f"images, got {shape}"
+        )
+    return out.detach().to(device="cpu", dtype=torch.float32)
+
+
+def _first_dim(rows: dict[str, torch.Tensor]) -> int | None:
+    return next(iter(rows.values())).shape[0] if rows else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (serialises writers of one entry)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,204 @@
+"""MedMIX end to end on real ODIR patients with tiny random experts: fit, checkpoint round trip,
+cached features, training-split statistics, the one-input drop, the deployable export without
+the teacher path, and the robustness report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from midol.analysis.robustness import Protocols, evaluate, write_report
+from midol.data.feature_cache import FeatureCache
+from midol.io.medmix_export import export_deployable, inference_cost, load_deployable
+from midol.methods.loading import load_method
+from midol.methods.medmix import MedMIX, patient_batch
+from midol.methods.medmix_experts import encoder_key
+from tests.helpers.medmix import ODIR, datamodule, medmix, odir_subset
+
+pytestmark = pytest.mark.skipif(not (ODIR / "patients.csv").is_file(), reason="ODIR patients not found")
+
+
+def trainer(tmp_path: Path, epochs: int = 2) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path),
+                     enable_checkpointing=False, num_sanity_val_steps=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("medmix")
+    manifest = odir_subset(tmp)
+    dm = datamodule(manifest)
+    L.seed_everything(0)
+    model = medmix(tmp / "cache", train_drop_rate=0.2, aux_heads=True)
+    t = trainer(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny val split: undefined labels
+        t.fit(model, datamodule=dm)
+    ckpt = tmp / "medmix.ckpt"
+    t.save_checkpoint(ckpt)
+    return {"tmp": tmp, "manifest": manifest, "dm": dm, "model": model, "trainer": t, "ckpt": ckpt}
+
+
+def test_fit_trains_on_cached_features_and_logs_macro_auc(fitted):
+    model, t = fitted["model"], fitted["trainer"]
+    metrics = t.callback_metrics
+    assert torch.isfinite(metrics["train/l_task_epoch"]) and torch.isfinite(metrics["train/l_distill_epoch"])
+    assert 0.0 <= float(metrics["train/auc"]) <= 1.0
+    assert "val/loss" in metrics
+    # batches carried no pixels: the model read its features from the cache
+    assert fitted["dm"].load_images is False
+    table = model.table
+    assert model._features["left_fundus"][0].shape == (len(table.patient_ids), 48)
+    assert model._features["left_fundus"][1].shape == (len(table.patient_ids), 32)
+    # absent eyes are absent, not zero rows
+    absent = ~torch.as_tensor(table.present[:, 0])
+    assert absent.any() and torch.isnan(model._features["left_fundus"][0][absent]).all()
+
+
+def test_second_setup_reuses_the_cache(fitted):
+    model, table = fitted["model"], fitted["model"].table
+    spec = model.expert_specs["fundus"][0]
+    cache = FeatureCache(model.hparams.cache_dir)
+    called = []
+    result = cache.features(lambda x: called.append(x) or torch.zeros(len(x), 48), encoder_key(spec),
+                            table.image_files("left_fundus"), lambda a: torch.zeros(3, 32, 32, dtype=torch.uint8),
+                            "EvalTransform(32)")
+    assert result.computed == 0 and not called
+    torch.testing.assert_close(result.features, model._features["left_fundus"][0], equal_nan=True)
+
+
+def test_tabular_statistics_come_from_training_rows_only(fitted):
+    model = fitted["model"]
+    with open(fitted["manifest"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train_ages = np.array([float(r["age"]) for r in rows if r["split"] == "train"])
+    encoder = model.net.tabular["demographics"]
+    assert encoder.mean.item() == pytest.approx(train_ages.mean(), rel=1e-5)
+    assert encoder.std.item() == pytest.approx(train_ages.std(), rel=1e-5)
+    all_ages = np.array([float(r["age"]) for r in rows])
+    assert abs(all_ages.mean() - train_ages.mean()) > 1e-3  # the test would notice a leak
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(fitted):
+    model = fitted["model"]
+    rebuilt = load_method(fitted["ckpt"])
+    assert isinstance(rebuilt, MedMIX) and rebuilt.net is not None
+    dm = datamodule(fitted["manifest"])
+    dm.setup("test")
+    rebuilt.attach(dm, fit=False)
+    rows = model.table.rows("test")
+    torch.testing.assert_close(rebuilt.predict_rows(rows), model.predict_rows(rows))
+    # tabular statistics come back from the checkpoint, not from refitting
+    assert rebuilt.net.tabular["demographics"].mean.item() == pytest.approx(
+        model.net.tabular["demographics"].mean.item())
+
+
+def test_rebuilt_model_refuses_data_of_another_shape(fitted):
+    rebuilt = load_method(fitted["ckpt"])
+    dm = datamodule(fitted["manifest"], label_columns=["N", "D", "G"])
+    dm.setup("test")
+    with pytest.raises(ValueError, match="label_names"):
+        rebuilt.attach(dm)
+
+
+def test_teacher_is_not_in_the_state_dict_and_not_exported(fitted, tmp_path):
+    model = fitted["model"]
+    keys = list(model.state_dict())
+    assert any(k.startswith("projections.") for k in keys)  # P_m trains ...
+    assert not any("teacher" in k for k in keys)  # ... the teacher itself is never a module
+    path = export_deployable(model, tmp_path / "export")
+    deployed = load_deployable(path)
+    exported = [k for k in deployed.state_dict()]
+    assert not any(k.startswith("projections") or "teacher" in k for k in exported)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    params = sum(p.numel() for p in model.experts.parameters()) + sum(p.numel() for p in model.net.parameters())
+    assert meta["parameters"] == params == sum(p.numel() for p in deployed.parameters())
+    with pytest.raises(FileExistsError):
+        export_deployable(model, tmp_path / "export")
+
+
+def test_deployable_on_pixels_equals_the_cached_training_path(fitted):
+    model = fitted["model"]
+    deployed = model.deployable().eval()
+    table = model.table
+    dm = datamodule(fitted["manifest"], load_images=True)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    inputs = {"left_fundus": batch["image"]["left_fundus"], "right_fundus": batch["image"]["right_fundus"],
+              "demographics": batch["tabular"]["demographics"]}
+    with torch.no_grad():
+        pixels = deployed(inputs, batch["present"])
+        cached = model.eval()(patient_batch(table, batch["index"]))
+    torch.testing.assert_close(pixels, cached, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_cost_counts_the_teacher_path_separately(fitted):
+    model = fitted["model"]
+    cost = inference_cost(model, patients=8, batch_size=4, repeats=1)
+    projections = sum(p.numel() for p in model.projections.parameters())
+    assert cost["training_only_parameters"] > projections > 0  # teacher backbone + P_m
+    assert cost["deployable_parameters"] == sum(p.numel() for p in model.deployable().parameters())
+    assert cost["deployable_patients_per_s"] > 0 and cost["with_teacher_patients_per_s"] > 0
+
+
+def test_robustness_report_on_the_same_masks(fitted, tmp_path):
+    model = fitted["model"]
+    rows = model.table.rows("test")
+    protocols = Protocols(rates=(0.0, 0.3, 0.6), seeds=(0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = evaluate(model, "medmix", rows, protocols)
+        again = evaluate(model, "medmix", rows, protocols)
+    # fixed seeds (NaN where a small subset has no defined label)
+    np.testing.assert_array_equal([s.macro_auc for s in scores], [s.macro_auc for s in again])
+    kinds = {(s.protocol, s.setting) for s in scores}
+    assert ("sweep", "0.3") in kinds and ("drop_input", "demographics") in kinds
+    assert ("not_at_random", "left_fundus") in kinds and ("natural_incomplete", "some input missing") in kinds
+    sweep0 = next(s for s in scores if s.protocol == "sweep" and s.setting == "0")
+    probs = model.predict_rows(rows)
+    from midol.analysis.robustness import macro_auc
+
+    assert sweep0.macro_auc == pytest.approx(macro_auc(probs, torch.as_tensor(model.table.targets[rows]),
+                                                       model.table.label_names)[0])
+    paths = write_report(scores, tmp_path)
+    assert paths["png"].stat().st_size > 1000
+    assert "| sweep | drop rate 0.3 |" in paths["md"].read_text()
+
+
+def test_one_input_drop_never_trains_on_that_input(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 24, "val": 8, "test": 8})
+    model = medmix(tmp_path / "cache", teachers=None, train_drop_input="demographics")
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest))
+    # the tabular encoder's gradient was exactly zero at every step (AdamW's first moment
+    # stays 0), while the image pooling trained
+    state = t.optimizers[0].state
+    for name, p in model.net.tabular["demographics"].named_parameters():
+        if p in state:
+            assert torch.count_nonzero(state[p]["exp_avg"]) == 0, name
+    pool = next(model.net.pools["fundus"].parameters())
+    assert torch.count_nonzero(state[pool]["exp_avg"]) > 0
+
+
+def test_bad_expert_configs_fail_early(tmp_path):
+    with pytest.raises(FileNotFoundError, match="README"):
+        MedMIX(experts={"fundus": [{"name": "x", "checkpoint": str(tmp_path / "missing.safetensors")}]})
+    with pytest.raises(ValueError, match="unknown expert key"):
+        MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18", "weights": "a"}]})
+    with pytest.raises(ValueError, match="teachers for modalities"):
+        MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18"}]},
+               teachers={"oct": {"name": "t", "backbone": "resnet18"}})
+    with pytest.raises(ValueError, match="fusion must be"):
+        MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18"}]}, fusion="max")
+    with pytest.raises(ValueError, match="kd_weight"):
+        MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18"}]}, kd_weight=1.0)
