@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv demo test test-all typecheck clean-demo
+.PHONY: .venv demo medmix-demo test test-all typecheck clean-demo
 
 .venv: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/midol fit --config configs/pretrain/demo.yaml
+
+# MedMIX on real ODIR patients with random experts (CPU, about a minute): fit, then the report
+medmix-demo: $(STAMP)
+	$(BIN)/midol fit --config configs/fusion/medmix_demo.yaml
+	$(BIN)/midol robustness outputs/medmix_demo/checkpoints/best.ckpt --out outputs/medmix_demo/robustness --cost
 
 test: $(STAMP) typecheck
 	$(BIN)/python -m pytest -m "not slow" -q

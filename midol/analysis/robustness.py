@@ -106,7 +106,8 @@ def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | Non
     scores: list[Score] = []
 
     def score(protocol: str, setting: str, masks: list[torch.Tensor], subset: np.ndarray | None = None) -> None:
-        values, per_label = [], {}
+        values: list[float] = []
+        per_label: dict[str, float] = {}
         sel = slice(None) if subset is None else torch.as_tensor(subset)
         for mask in masks:
             probs = model.predict_rows(rows[sel], mask[sel])
@@ -174,12 +175,12 @@ def write_report(scores: list[Score], out_dir: str | Path, title: str = "Robustn
         best = max((lookup[(m, protocol, setting)].macro_auc for m in models
                     if (m, protocol, setting) in lookup), default=float("nan"))
         for m in models:
-            s = lookup.get((m, protocol, setting))
-            if s is None:
+            found = lookup.get((m, protocol, setting))
+            if found is None:
                 cells.append("")
                 continue
-            text = f"{s.macro_auc:.3f}" + (f" ± {s.std:.3f}" if s.std else "")
-            cells.append(f"**{text}**" if s.macro_auc == best and len(models) > 1 else text)
+            text = f"{found.macro_auc:.3f}" + (f" ± {found.std:.3f}" if found.std else "")
+            cells.append(f"**{text}**" if found.macro_auc == best and len(models) > 1 else text)
         label = "drop rate " + setting if protocol == "sweep" else setting
         lines.append(f"| {protocol} | {label} | {count} | " + " | ".join(cells) + " |")
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")

@@ -187,6 +187,10 @@ class TabularEncoder(nn.Module):
     concatenation to ``dim``, the scale of :class:`ExpertPooling`'s ``h_k``.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(
         self,
         num_numeric: int,
@@ -218,6 +222,10 @@ class TabularEncoder(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim), nn.LayerNorm(dim)
         )
+
+    def embed_dtype(self) -> torch.dtype:
+        """The parameters' dtype (inputs are cast to it)."""
+        return next(self.mlp.parameters()).dtype
 
     def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Use given per-column statistics (e.g. computed elsewhere on the training split)."""
@@ -285,7 +293,7 @@ class TabularEncoder(nn.Module):
                     raise ValueError(f"categorical column {c}: codes must lie in "
                                      f"[{MISSING_CODE}, {card})")
                 parts.append(embedding(codes + 1))  # MISSING_CODE -> row 0
-        dtype = self.mlp[0].weight.dtype
+        dtype = self.embed_dtype()
         return self.mlp(torch.cat([p.to(dtype) for p in parts], dim=1))
 
 

@@ -202,3 +202,85 @@ def test_bad_expert_configs_fail_early(tmp_path):
         MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18"}]}, fusion="max")
     with pytest.raises(ValueError, match="kd_weight"):
         MedMIX(experts={"fundus": [{"name": "x", "backbone": "resnet18"}]}, kd_weight=1.0)
+
+
+def test_robustness_and_export_commands_on_a_checkpoint(fitted, tmp_path, capsys):
+    from midol.cli import main
+
+    out = tmp_path / "report"
+    # the data come back from the checkpoint's datamodule settings (relative cache dir: absolute here)
+    assert main(["robustness", str(fitted["ckpt"]), "--out", str(out), "--rates", "0", "0.5",
+                 "--seeds", "0"]) == 0
+    text = (out / "robustness.md").read_text()
+    assert "| sweep | drop rate 0.5 |" in text and (out / "robustness.png").is_file()
+    rows = json.loads((out / "robustness.json").read_text())
+    direct = evaluate(fitted["model"], "medmix", fitted["model"].table.rows("test"),
+                      Protocols(rates=(0.0, 0.5), seeds=(0,)))
+    assert rows[0]["macro_auc"] == pytest.approx(direct[0].macro_auc)
+    assert main(["export", str(fitted["ckpt"]), "--out", str(tmp_path / "dep")]) == 0
+    assert (tmp_path / "dep" / "medmix.safetensors").is_file()
+
+
+def test_teacher_logits_enter_as_a_kl_term(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 24, "val": 8, "test": 8})
+    with open(manifest, newline="") as fh:
+        ids = [r["patient_id"] for r in csv.DictReader(fh)]
+    logits = tmp_path / "teacher_logits.csv"
+    labels = ["N", "D", "G", "C", "A", "H", "M", "O"]
+    with open(logits, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["patient_id", *labels])
+        for i, pid in enumerate(ids):
+            writer.writerow([pid, *[(i + k) % 3 - 1.0 for k in range(8)]])
+    model = medmix(tmp_path / "cache", teachers=None, teacher_logits=str(logits), kd_weight=1.0)
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest))
+    assert float(t.callback_metrics["train/l_kd_epoch"]) > 0
+    first = ids[0]
+    rows = model._teacher_logits[model.table.patient_ids.index(first)]
+    torch.testing.assert_close(rows, torch.tensor([(0 + k) % 3 - 1.0 for k in range(8)]))
+    # a patient without teacher logits is a clear error
+    with open(logits, "w", newline="") as fh:
+        csv.writer(fh).writerow(["patient_id", *labels])
+    fresh = medmix(tmp_path / "cache", teachers=None, teacher_logits=str(logits), kd_weight=1.0)
+    with pytest.raises(ValueError, match="no teacher logits"):
+        fresh.attach(datamodule(manifest))
+
+
+def test_finetune_experts_trains_them_on_pixels_without_the_cache(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 16, "val": 8, "test": 8})
+    model = medmix(tmp_path / "cache", teachers=None, finetune_experts=True)
+    dm = datamodule(manifest, batch_size=8)
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.attach(dm, fit=False)
+        before = [p.detach().clone() for p in model.experts.parameters()]
+        t.fit(model, datamodule=dm)
+    assert dm.load_images is True and not model._features
+    assert not (tmp_path / "cache").exists()  # no expert feature was cached
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.experts.parameters(), strict=True)]
+    assert any(changed) and all(p.requires_grad for p in model.experts.parameters())
+
+
+def test_multiclass_labels_give_accuracy_and_auc(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 24, "val": 8, "test": 8})
+    with open(manifest, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    for r in rows:  # one class per patient: normal or not
+        r["grade"] = "normal" if r["N"] == "1" else "abnormal"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, [*header, "grade"])
+        writer.writeheader()
+        writer.writerows(rows)
+    model = medmix(tmp_path / "cache", teachers=None)
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest, label_columns=["grade"], task="multiclass"))
+    assert model.structure["label_names"] == ["abnormal", "normal"]
+    assert 0 <= float(t.callback_metrics["train/acc"]) <= 1
+    assert "train/auc" in t.callback_metrics
