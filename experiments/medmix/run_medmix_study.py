@@ -114,7 +114,10 @@ COLUMNS = [("sweep", "0", "all inputs (q=0)"), ("sweep", "0.3", "q=0.3"), ("swee
 
 
 def cell(stats: dict, key: tuple[str, str, str]) -> str:
-    if key not in stats:
+    row, protocol, setting = key
+    single = ROWS[row][1] is not None
+    # one input: nothing can be dropped (a patient keeps at least one input), so only q=0 is a result
+    if key not in stats or (single and (protocol, setting) != ("sweep", "0")):
         return "–"
     mean, std, _, _ = stats[key]
     return f"{mean:.3f} ± {std:.3f}"
@@ -207,7 +210,8 @@ def main() -> int:
         lines += ["", f"![macro AUC vs drop rate]({png.name})"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    raw = [{k: v for k, v in r.items() if k != "model"} for r in runs]
+    raw = {"runs": [{k: v for k, v in r.items() if k != "model"} for r in runs], "inference_cost": cost,
+           "command": command, "commit": commit, "date": f"{started:%Y-%m-%d}"}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

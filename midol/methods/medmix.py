@@ -306,9 +306,12 @@ class MedMIX(BaseMethod):
                 holder["model"] = build_expert(spec)[0].to(self.device)
             return feature_encoder(holder["model"])(images)
 
-        result = self._cache().features(encode, encoder_key(spec), files, EvalTransform(size),
-                                        f"EvalTransform({size})", h.feature_batch_size,
-                                        h.feature_workers, desc)
+        # A cache miss builds loaders and models, which draw from the global RNG: without the
+        # fork, the fusion network's initialisation would depend on whether the cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            result = self._cache().features(encode, encoder_key(spec), files, EvalTransform(size),
+                                            f"EvalTransform({size})", h.feature_batch_size,
+                                            h.feature_workers, desc)
         return result.features, result.ok
 
     def _compute_features(self, table: Any) -> None:

@@ -284,3 +284,15 @@ def test_multiclass_labels_give_accuracy_and_auc(tmp_path):
     assert model.structure["label_names"] == ["abnormal", "normal"]
     assert 0 <= float(t.callback_metrics["train/acc"]) <= 1
     assert "train/auc" in t.callback_metrics
+
+
+def test_initialisation_does_not_depend_on_a_warm_cache(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 12, "val": 4, "test": 4})
+    states = []
+    for _ in range(2):  # first attach: cold cache (computes features); second: warm
+        torch.manual_seed(0)
+        model = medmix(tmp_path / "cache")
+        model.attach(datamodule(manifest), fit=False)
+        states.append({k: v.clone() for k, v in model.net.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
