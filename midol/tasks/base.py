@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
@@ -296,7 +297,26 @@ class FinetuneModule(L.LightningModule):
     def _log_stage(self, stage: str) -> None:
         results = self.stage_results(stage)
         if results:
-            self.log_dict(results, on_epoch=True, prog_bar=False)
+            # the number that selects checkpoints goes on the progress bar
+            shown = {k: v for k, v in results.items() if k == self.monitor}
+            rest = {k: v for k, v in results.items() if k != self.monitor}
+            if shown:
+                self.log_dict(shown, on_epoch=True, prog_bar=True)
+            if rest:
+                self.log_dict(rest, on_epoch=True, prog_bar=False)
+
+    def on_fit_end(self) -> None:
+        """One line with the best checkpoint's score, epoch and path; a warning when the run
+        ended without any validated checkpoint (e.g. validation every 5 epochs, 3 epochs run)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        report = best_checkpoint_report(self.trainer)
+        if report is None:
+            return
+        if report.startswith("warning: "):
+            rank_zero_warn(report[len("warning: "):])
+        else:
+            print(report)
 
     def on_train_epoch_end(self) -> None:
         self._log_stage("train")
@@ -306,3 +326,35 @@ class FinetuneModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_stage("test")
+
+
+def best_checkpoint_report(trainer: Any) -> str | None:
+    """``best <monitor> = <score> at epoch <e>: <path>`` for each ModelCheckpoint that
+    monitors a metric; ``warning: ...`` when none of them saved a validated checkpoint; None
+    without such a callback."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+    if not checkpoints:
+        return None
+    lines = []
+    for cb in checkpoints:
+        if cb.best_model_path and cb.best_model_score is not None:
+            epoch = _checkpoint_epoch(cb.best_model_path)
+            where = f" at epoch {epoch}" if epoch is not None else ""
+            lines.append(f"best {cb.monitor} = {float(cb.best_model_score):.4f}{where}: {cb.best_model_path}")
+    if not lines:
+        monitors = ", ".join(sorted({cb.monitor for cb in checkpoints}))
+        return (f"warning: the run ended without a validated checkpoint ({monitors} was never "
+                f"computed: {trainer.current_epoch} epoch(s) run, validation every "
+                f"{trainer.check_val_every_n_epoch} epoch(s)); lower check_val_every_n_epoch or "
+                "train longer")
+    return "\n".join(lines)
+
+
+def _checkpoint_epoch(path: str) -> int | None:
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch")
+    except (OSError, RuntimeError, ValueError, AttributeError):  # vanished or another format
+        return None
+    return epoch if isinstance(epoch, int) else None

@@ -181,8 +181,17 @@ def stage_results(
             labels = (names_of(name) if names_of else None) or names or [str(i) for i in range(value.numel())]
             values = macro_values(name, value) if macro_values else value
             out[f"{stage}/{name}"] = float(macro(values, f"{stage}/{name}"))
+            if _same_pair(value):
+                continue  # binary one-vs-rest AUC: both classes score the same, log it once
             for label, v in zip(labels, value.tolist(), strict=False):
                 if math.isfinite(v):
                     out[f"{stage}/{name}_{label}"] = v
         metric.reset()
     return out
+
+
+def _same_pair(value: torch.Tensor) -> bool:
+    """Two finite per-class entries that are equal (one number, not three identical columns)."""
+    if value.numel() != 2 or not bool(torch.isfinite(value).all()):
+        return False
+    return abs(float(value[0]) - float(value[1])) < 1e-6
