@@ -16,7 +16,8 @@ Conversion rules (one place, so every loader in midol treats pixels the same way
   some 16-bit files this way), otherwise min-max scaled over the image.
 * ``F`` (32-bit float): min-max scaled over the finite values (NaN/inf -> 0); a constant image -> 0.
 
-Multi-frame files (GIF, TIFF stacks) give their first frame.
+Multi-frame files (GIF, TIFF stacks) give their first frame. DICOM and NIfTI files are read by
+:mod:`midol.data.medical_io` (intensity windowing; optional pydicom / nibabel).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from midol.data.medical_io import MEDICAL_EXTENSIONS, MedicalReadError, is_medical_file, read_medical
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png",
@@ -55,8 +58,9 @@ class UnreadableImageWarning(UserWarning):
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file name ends with one of ``IMAGE_EXTENSIONS`` (any case)."""
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+    """True when the file name ends with one of ``IMAGE_EXTENSIONS`` or a DICOM / NIfTI
+    extension (any case)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS)
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -65,6 +69,11 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         UnreadableImageError: missing file, unknown format, truncated or corrupt data.
     """
+    if is_medical_file(path):  # DICOM / NIfTI: windowed by midol.data.medical_io's rules
+        try:
+            return read_medical(path)
+        except MedicalReadError as err:
+            raise UnreadableImageError(path, str(err)) from err
     return _decode(Path(path), str(path))
 
 
