@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/midol fit --config configs/pretrain/demo.yaml
 
-# MedMIX on real ODIR patients with random experts (CPU, about a minute): fit, then the report
+# MedMIX on real ODIR patients with random experts (CPU, about 2 minutes from a cold feature cache): fit, then the report
 medmix-demo: $(STAMP)
 	$(BIN)/midol fit --config configs/fusion/medmix_demo.yaml
 	$(BIN)/midol robustness outputs/medmix_demo/checkpoints/best.ckpt --out outputs/medmix_demo/robustness --cost
