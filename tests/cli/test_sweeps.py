@@ -76,7 +76,9 @@ def test_sampled_sweep_command_parses(path: Path, tmp_path_factory, monkeypatch)
                          "--trainer.accelerator=cpu"], run=False)
     assert isinstance(cli.trainer.logger, WandbLogger)
     monitor = cli.trainer.checkpoint_callback.monitor
-    assert monitor == sweep["metric"]["name"], "the sweep must optimise what the checkpoint keeps"
+    # the sweep ranks on the best epoch's value of what the checkpoint keeps (WandbLogger's best/)
+    assert sweep["metric"]["name"] == f"best/{monitor}", "the sweep must optimise what the checkpoint keeps"
+    assert cli.trainer.logger._best.direction(monitor) == ("max" if sweep["metric"]["goal"] == "maximize" else "min")
     for key, value in params.items():
         section, _, name = key.partition(".init_args.")
         if section == "model":
