@@ -11,6 +11,15 @@ from matplotlib.figure import Figure
 from midol.analysis.plotting import new_figure
 
 DEFAULT_KEYS = ("train/l_route", "train/l_cst")
+# Human names of the logged keys for titles and y-axes (a raw key is shown as it is).
+KEY_NAMES: dict[str, str] = {
+    "train/l_route": "routing-consistency loss L_route",
+    "train/l_cst": "intra-expert contrastive loss L_cst",
+    "train/loss": "total training loss",
+    "train/l_mae": "MAE reconstruction loss L_MAE",
+    "train/l_co": "director-expert coherence loss L_co",
+    "train/l_bal": "balance loss L_bal",
+}
 
 
 def read_metrics(paths: list[str | Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -71,7 +80,9 @@ def loss_curves(metrics: dict[str, tuple[np.ndarray, np.ndarray]],
         ax.plot(steps, smooth(values, window), color="tab:blue", linewidth=2,
                 label=f"moving average ({window})")
         ax.set_xlabel("optimiser step")
-        ax.set_title(key, fontsize=10)
+        name = KEY_NAMES.get(key, key)
+        ax.set_ylabel(name.split(" L_")[0] if key in KEY_NAMES else key, fontsize=9)
+        ax.set_title(f"{name}\n({key})" if key in KEY_NAMES else key, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -57,6 +58,12 @@ def grad_cam(backbone: nn.Module, images: torch.Tensor, score_fn: ScoreFn, stage
         activation, grads = activation.permute(0, 3, 1, 2), grads.permute(0, 3, 1, 2)
     if activation.ndim != 4:
         raise ValueError(f"stage output must be a 4-D feature map, got {tuple(activation.shape)}")
+    grid = tuple(activation.shape[-2:])
+    if min(grid) < 7:
+        warnings.warn(
+            f"Grad-CAM grid is {grid[0]}x{grid[1]} (stage {stage} of a {tuple(images.shape[-2:])} "
+            "input): too coarse to localise anything; use an earlier stage (--gradcam-stage -2) "
+            "or larger images", stacklevel=2)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -76,7 +83,8 @@ def top_logit_score(head: nn.Module) -> ScoreFn:
 
 def gradcam_figure(images: np.ndarray, cams: np.ndarray, titles: list[str], heading: str) -> Figure:
     """Two rows (image; image with the map over it) and one column per image; 1.9 x 4.2 inches
-    per column. ``images`` are uint8 ``B x 3 x H x W``."""
+    per column. ``images`` are uint8 ``B x 3 x H x W``. Maps in the perceptually uniform
+    ``inferno`` colour map (jet's bands read as edges that are not there), with a colour bar."""
     b = len(images)
     if b == 0 or len(cams) != b or len(titles) != b:
         raise ValueError("need as many maps and titles as images (at least one)")
@@ -89,8 +97,9 @@ def gradcam_figure(images: np.ndarray, cams: np.ndarray, titles: list[str], head
         top.set_title(titles[i], fontsize=7)
         bottom = fig.add_subplot(2, b, b + i + 1)
         bottom.imshow(rgb)
-        bottom.imshow(cams[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        overlay = bottom.imshow(cams[i], cmap="inferno", alpha=0.5, vmin=0, vmax=1)
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.colorbar(overlay, ax=fig.axes[-1], shrink=0.8, label="Grad-CAM (per image, 0-1)")
     return fig

@@ -44,6 +44,8 @@ def routing_heatmap(
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xticks(range(n_mod), labels=modalities, rotation=30, ha="right")
     ax.set_yticks(range(n_exp), labels=[f"expert {i}" for i in range(n_exp)])
+    ax.set_xlabel("modality (source label)")
+    ax.set_ylabel("expert (top-1 routing)")
     top = shown.max() if shown.size else 0
     for i in range(n_exp):
         for j in range(n_mod):

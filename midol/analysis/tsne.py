@@ -50,8 +50,9 @@ def _embed(features: np.ndarray, method: Method, seed: int, perplexity: float) -
     raise ValueError(f"method must be 'tsne', 'umap' or 'pca', got {method!r}")
 
 
-def _scatter(ax, points: np.ndarray, labels: np.ndarray, names: list[str], title: str) -> None:
-    cmap = "tab10" if len(names) <= 10 else "tab20"
+def _scatter(ax, points: np.ndarray, labels: np.ndarray, names: list[str], title: str,
+             palette: str | None = None) -> None:
+    cmap = palette or ("tab10" if len(names) <= 10 else "tab20")
     colours = np.asarray(matplotlib.colormaps[cmap].colors)
     for k, name in enumerate(names):
         keep = labels == k
@@ -74,6 +75,8 @@ def embedding_figure(points: np.ndarray, modality: np.ndarray, modalities: list[
     _scatter(fig.add_subplot(1, panels, 1), points, modality, modalities,
              f"{method} of teacher features, by modality")
     if panels == 2:
+        # another palette than the modalities', so expert 0 is not read as modality 0
         _scatter(fig.add_subplot(1, 2, 2), points, expert, [f"expert {i}" for i in range(num_experts)],
-                 f"{method} of teacher features, by routed expert")
+                 f"{method} of teacher features, by routed expert",
+                 palette="Dark2" if num_experts <= 8 else "tab20b")
     return fig
