@@ -202,8 +202,9 @@ class LabelledDataModule(TaskDataModule):
 
     Args:
         train: The training source.
-        val / test: Their sources; when absent, ``val_fraction``/``test_fraction`` of ``train``
-            are split off with ``split_seed`` (stratified by class for multi-class).
+        val: The validation source; when absent, ``val_fraction`` of ``train`` is split off
+            with ``split_seed`` (stratified by class for multi-class).
+        test: The test source; when absent, ``test_fraction`` of ``train`` is split off.
         task: ``multiclass`` (one class id per image) or ``multilabel`` (0/1 per label column).
         classes: Class names in id order (multi-class; default: sorted class-folder names or
             label values of ``train``; integer labels are used as ids). For multi-label: names
@@ -211,13 +212,23 @@ class LabelledDataModule(TaskDataModule):
         num_classes: Number of classes (default: from ``classes`` or the largest train id + 1);
             a label outside ``[0, num_classes)`` is an error naming the file.
         image_size: Side of the square network input.
-        crop_scale / hflip / vflip / color_jitter: training augmentation (random-resized crop
-            area range, flip probabilities, colour jitter strength).
+        crop_scale: training random-resized-crop area range.
+        hflip: training horizontal-flip probability.
+        vflip: training vertical-flip probability.
+        color_jitter: training colour-jitter strength (0 = off).
         train_augment: False trains on the evaluation transform (resize + centre crop).
         uncertain_label: multi-label cells ``-1`` or empty (CheXpert's uncertain): ``error``,
             ``zero`` (U-Zeros) or ``one`` (U-Ones).
-        val_fraction / test_fraction / split_seed / batch_size / eval_batch_size / num_workers /
-        drop_last / pin_memory / persistent_workers: splitting and loading.
+        val_fraction: fraction of the training source split off as validation when no val
+            source is given.
+        test_fraction: fraction split off as test when no test source is given.
+        split_seed: seed of those splits (stratified by class where labels allow).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: data-loader worker processes.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: pinned host memory for faster copies (only with CUDA).
+        persistent_workers: keep workers alive between epochs.
     """
 
     def __init__(

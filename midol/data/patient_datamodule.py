@@ -122,14 +122,20 @@ class PatientDataModule(TaskDataModule):
         id_column: Column of patient ids (absent: 1-based row numbers).
         split_column: Column of each patient's split (train/val/valid/validation/test); None or
             absent from the CSV: a seeded split with val_fraction/test_fraction/split_seed.
-        val_fraction / test_fraction / split_seed: the seeded split (stratified by class, or
-            for multilabel by "has any positive label"); unused with a split column.
+        val_fraction: validation fraction of the seeded split (stratified by class, or for
+            multilabel by "has any positive label"); unused with a split column.
+        test_fraction: test fraction of the seeded split.
+        split_seed: seed of the seeded split.
         root: Base folder of relative paths in the manifest (default: the CSV's folder).
         image_size: Side of the square image input (pixel mode only).
         load_images: False leaves pixels out of the batches (a model that reads cached expert
             features calls :meth:`set_load_images`).
-        batch_size / eval_batch_size / num_workers / drop_last / pin_memory /
-        persistent_workers: loading.
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: data-loader worker processes.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: pinned host memory for faster copies (only with CUDA).
+        persistent_workers: keep workers alive between epochs.
     """
 
     def __init__(

@@ -32,12 +32,15 @@ class SegmentationSource:
 
     Attributes:
         path: A ``.csv`` of pairs, or a folder holding ``image_dir`` and ``mask_dir``.
-        image_column / mask_column: CSV columns with the image and mask paths.
+        image_column: CSV column with the image paths.
+        mask_column: CSV column with the mask paths.
         region_column: Optional CSV column with a region mask (non-zero = evaluated); pixels
             outside it become ``ignore_index`` (DRIVE: ``fov_mask``).
-        split_column / split: keep only CSV rows whose ``split_column`` equals ``split``.
+        split_column: CSV column naming each row's split.
+        split: keep only CSV rows whose ``split_column`` equals this (None keeps all rows).
         root: base folder of the CSV's relative paths (default: the CSV's folder).
-        image_dir / mask_dir: folder layout: sub-folders with the images and the masks.
+        image_dir: folder layout: the sub-folder with the images.
+        mask_dir: folder layout: the sub-folder with the masks.
         mask_suffix: folder layout: mask of ``images/x.jpg`` is ``masks/x<mask_suffix>.<any
             image extension>`` (e.g. ``_lesion`` for PH2, ``_segmentation`` for ISIC 2018).
     """
@@ -201,15 +204,27 @@ class SegmentationDataModule(TaskDataModule):
     """Image/mask pairs for semantic segmentation.
 
     Args:
-        train / val / test: Sources; missing ones are split off ``train`` (``val_fraction``,
-            ``test_fraction``, ``split_seed``).
+        train: The training source.
+        val: The validation source; when absent, ``val_fraction`` of ``train`` is split off.
+        test: The test source; when absent, ``test_fraction`` of ``train`` is split off.
         num_classes: Classes including background (binary masks: 2).
         mask_mode: ``binary`` (foreground where gray >= ``mask_threshold``) or ``index``.
         mask_threshold: Threshold of binary masks (0-255).
         ignore_index: Target value excluded from loss and metrics (outside ``region_column``).
         image_size: Side of the square network input (training crops and evaluation resize).
-        crop_scale / hflip / vflip: training augmentation.
-        Loader arguments as in :class:`~midol.data.labelled.LabelledDataModule`.
+        crop_scale: training random-resized-crop area range.
+        hflip: training horizontal-flip probability.
+        vflip: training vertical-flip probability.
+        val_fraction: fraction of the training source split off as validation when no val
+            source is given.
+        test_fraction: fraction split off as test when no test source is given.
+        split_seed: seed of those splits (stratified by class where labels allow).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: data-loader worker processes.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: pinned host memory for faster copies (only with CUDA).
+        persistent_workers: keep workers alive between epochs.
     """
 
     def __init__(

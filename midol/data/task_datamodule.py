@@ -15,7 +15,20 @@ from midol.data.splits import seeded_split
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Loader settings and split handling shared by the labelled datamodules."""
+    """Loader settings and split handling shared by the labelled datamodules.
+
+    Args:
+        val_fraction: fraction of the training source split off as validation when no val
+            source is given.
+        test_fraction: fraction split off as test when no test source is given.
+        split_seed: seed of those splits (stratified by class where labels allow).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: data-loader worker processes.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: pinned host memory for faster copies (only with CUDA).
+        persistent_workers: keep workers alive between epochs.
+    """
 
     def __init__(
         self,

@@ -78,15 +78,16 @@ class MedMIX(BaseMethod):
         distill_weight: ``lambda_f`` of the feature distillation ``1 - cos(P_m z_m, t_m)``.
         teacher_logits: optional CSV of a teacher classifier's logits (the manifest's id column
             plus one column per label or class, named like them) for the logit KL term.
-        kd_weight / kd_temperature: weight and temperature of that KL term.
+        kd_weight: weight of that KL term.
+        kd_temperature: its temperature T (the term is scaled by T^2).
         train_drop_rate: train-time multi-random drop: each present input of a training sample
             is dropped with this probability (at least one kept).
         train_drop_input: train-time one-input drop: this input is never seen in training
             (training samples that have nothing else are left out of the loss).
         finetune_experts: train the experts too (pixels every step, no feature cache).
         cache_dir: folder of the on-disk feature cache.
-        feature_batch_size / feature_workers: batch size and loader workers when computing
-            features for the cache.
+        feature_batch_size: images per forward pass when computing features for the cache.
+        feature_workers: data-loader workers when computing features for the cache.
         structure: filled from the data when the model is set up and saved with checkpoints
             (inputs, expert recipes, labels); leave it unset.
         base_lr, lr_batch_size, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,

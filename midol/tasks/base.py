@@ -30,7 +30,9 @@ Schedule = Literal["cosine", "poly"]
 class FinetuneModule(L.LightningModule):
     """Backbone + task head trained on labelled images.
 
-    Args (shared by every downstream task):
+    Shared by every downstream task.
+
+    Args:
         backbone: timm model name. Leave null with a midol checkpoint or an exported backbone
             (the architecture is read from the file); required otherwise.
         backbone_kwargs: extra ``timm.create_model`` keywords (e.g. ``drop_path_rate: 0.1``; a
@@ -58,11 +60,13 @@ class FinetuneModule(L.LightningModule):
         min_lr: final learning rate of the schedule.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay; not on norms/biases/position
             tables.
-        betas / momentum: AdamW betas / SGD momentum.
+        betas: AdamW betas.
+        momentum: SGD momentum.
         layer_decay: layer-wise lr decay factor (1 = off): layer ``i`` of ``n`` learns at
             ``lr * layer_decay ** (n - 1 - i)``.
         schedule: ``cosine`` (classification) or ``poly`` (segmentation), after warm-up.
-        warmup_epochs / warmup_steps: linear warm-up length (``warmup_steps`` wins when set).
+        warmup_epochs: linear warm-up length in epochs.
+        warmup_steps: linear warm-up length in optimiser steps (wins over ``warmup_epochs`` when set).
         poly_power: exponent of the poly schedule.
         cache_features: linear probing only: keep each image's backbone features after their
             first computation and reuse them in later epochs (exact when the training

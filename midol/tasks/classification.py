@@ -35,9 +35,10 @@ class ClassificationModule(FinetuneModule):
     Args:
         num_classes: number of classes (checked against the datamodule).
         label_smoothing: cross-entropy label smoothing (also applied to Mixup/CutMix targets).
-        mixup_alpha / cutmix_alpha: Beta(alpha, alpha) parameters; both 0 turns mixing off.
-        mix_prob: probability of mixing a batch; mix_switch_prob: probability of CutMix
-            instead of Mixup when both are on (timm ``Mixup``). Needs even batch sizes.
+        mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 (with cutmix_alpha 0) turns mixing off.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) parameter; 0 turns CutMix off.
+        mix_prob: probability of mixing a batch (timm ``Mixup``; needs even batch sizes).
+        mix_switch_prob: probability of CutMix instead of Mixup when both are on.
         head_norm: BatchNorm (no affine) before the linear head, as MAE's linear probe.
         head_dropout: dropout before the linear head.
         head_init_std: std of the head's truncated-normal initialisation.

@@ -22,8 +22,9 @@ class MultiLabelModule(FinetuneModule):
         num_labels: number of labels (checked against the datamodule).
         label_names: names used in per-label metric keys (default: the datamodule's).
         pos_weight: optional BCE positive weight per label (imbalanced labels).
-        head_norm / head_dropout / head_init_std: as in
-            :class:`~midol.methods.classification.ClassificationModule`.
+        head_norm: BatchNorm (no affine) before the linear head, as MAE's linear probe.
+        head_dropout: dropout before the linear head.
+        head_init_std: std of the head's truncated-normal initialisation.
         **kwargs: backbone, optimiser and schedule arguments of :class:`FinetuneModule`
             (the paper: SGD, momentum 0.9, cosine, 50 warm-up steps).
     """

@@ -43,7 +43,8 @@ class SegmentationModule(FinetuneModule):
             UNETR-style decoder for plain ViTs, as DEX's supplement uses; ``decoder_dim`` is
             the width of its full-resolution stage and doubles per coarser stage, so use ~32
             there, not the FPN's 256).
-        ce_weight / dice_weight: loss = ce_weight * CE + dice_weight * (1 - soft Dice).
+        ce_weight: weight of the cross-entropy term (loss = ce_weight * CE + dice_weight * (1 - soft Dice)).
+        dice_weight: weight of the soft-Dice term.
         ignore_index: target value left out of loss and metrics (checked against the data).
         select_metric: the validation metric that picks the best checkpoint: ``dice`` (pooled
             over all pixels) or ``dice_per_image`` (per image, empty-mask rule; the paper's
