@@ -11,7 +11,9 @@ from midol.methods.interfaces import Pretrained
 
 class ExportBackbone(L.Callback):
     """After ``fit``, save ``dirpath/<part>.safetensors`` plus its JSON for every part (default:
-    the method's first ``export_modules()`` entry, M-IDoL's ``teacher_backbone``).
+    the method's first ``export_modules()`` entry, M-IDoL's ``teacher_backbone``). Warns when
+    the model has not trained (``max_steps: 0``, or every step skipped): the files then hold its
+    initial weights.
 
     Args:
         dirpath: Output folder (default: the trainer's ``default_root_dir``).

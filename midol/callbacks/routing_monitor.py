@@ -58,8 +58,9 @@ class RoutingMonitor(L.Callback):
     * expert collapse: one expert takes more than ``collapse_share`` of a batch for
       ``collapse_patience`` consecutive training batches (assignments with ``collapse_check``);
     * idle experts: at an epoch end some experts received fewer than ``min_expert_share`` of the
-      epoch's images (assignments with ``idle_check``); repeated when more experts fall idle, and
-      every ``idle_repeat_epochs`` epochs while any stays idle, so silence means recovery;
+      epoch's images (assignments with ``idle_check``); repeated whenever an expert falls idle
+      that the last warning did not name, and every ``idle_repeat_epochs`` epochs while any
+      stays idle, so silence means recovery;
     * teacher collapse, for ``teacher_patience`` consecutive checks: ``teacher/info`` below
       ``min_teacher_info`` when the method reports it (the teacher's output no longer depends on
       the image: DINO's constant or uniform collapse), else ``teacher/mean_cosine`` above
@@ -157,7 +158,8 @@ class RoutingMonitor(L.Callback):
         self._shares: dict[str, list[torch.Tensor]] = {}  # per batch: (max share, its expert)
         self._streaks: dict[str, int] = {}
         self._collapse_warned: dict[str, bool] = {}
-        self._idle: dict[str, tuple[int, int]] = {}  # idle experts, epoch of the last warning
+        # per key: experts named by the last warning, its epoch, first epoch of the idle spell
+        self._idle: dict[str, tuple[frozenset[int], int, int]] = {}
         self._teacher_values: list[torch.Tensor] = []
         self._teacher_key: str | None = None
         self._teacher_streak = 0
@@ -287,20 +289,26 @@ class RoutingMonitor(L.Callback):
 
     def _check_idle(self, key: str, label: str, report: dict[str, Any], epoch: int) -> None:
         idle = [i for i, share in enumerate(report["expert_load"]) if share < self.min_expert_share]
-        warned, last_epoch = self._idle.get(key, (0, -10**9))
-        if not idle:
-            self._idle[key] = (0, last_epoch)
+        if not idle:  # recovered: the next idle epoch warns at once
+            self._idle.pop(key, None)
             return
-        if len(idle) > warned or epoch - last_epoch >= self.idle_repeat_epochs:
-            self._idle[key] = (len(idle), epoch)
-            self._warn(
-                f"idle experts: in epoch {epoch} the {label} gave experts {idle} "
-                f"less than {self.min_expert_share:.0%} of the images (only "
-                f"{report['experts'] - len(idle)} of {report['experts']} in use; loads "
-                + ", ".join(f"{x:.2f}" for x in report["expert_load"])
-                + "). Modalities are being merged onto fewer experts; see docs/analysis.md for "
-                "counter-measures."
-            )
+        warned, last_epoch, since = self._idle.get(key, (frozenset(), -10**9, epoch))
+        new = not set(idle) <= warned
+        if not (new or epoch - last_epoch >= self.idle_repeat_epochs):
+            # a shrinking set is partial recovery: an expert that comes back idle warns again
+            self._idle[key] = (warned & frozenset(idle), last_epoch, since)
+            return
+        self._idle[key] = (frozenset(idle), epoch, since)
+        spell = f"; idle since epoch {since}" if since < epoch else ""
+        self._warn(
+            f"idle experts: in epoch {epoch} the {label} gave experts {idle} "
+            f"less than {self.min_expert_share:.0%} of the images (only "
+            f"{report['experts'] - len(idle)} of {report['experts']} in use; loads "
+            + ", ".join(f"{x:.2f}" for x in report["expert_load"])
+            + f"{spell}). Modalities are being merged onto fewer experts; see docs/analysis.md "
+            f"for counter-measures. Repeated every {self.idle_repeat_epochs} epoch(s) while "
+            "experts stay idle and whenever another falls idle; silence means recovery."
+        )
 
     def _log_report(self, pl_module: L.LightningModule, prefix: str, report: dict[str, Any]) -> None:
         values = {f"{prefix}/{key}": float(report[key])

@@ -7,6 +7,7 @@ this module only writes files: ``<name>.safetensors`` and ``<name>.json`` per ex
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,31 @@ def export_method(
     if unknown:
         raise ValueError(f"unknown export part(s) {unknown}; {type(method).__name__} exports "
                          f"{', '.join(available)}")
+    untrained = untrained_reason(method)
+    if untrained:
+        warnings.warn(
+            f"exporting an untrained model: {type(method).__name__} {untrained}, so "
+            f"{', '.join(chosen)} hold(s) its initial weights (random, or init_checkpoint's), "
+            "not pre-trained ones. Check trainer.max_steps / max_epochs (0 trains nothing), "
+            "the data, and whether every step was skipped (nonfinite: skip).",
+            UserWarning, stacklevel=2,
+        )
     return [export_backbone(available[p], out_dir, p, image_size, source, overwrite) for p in chosen]
+
+
+def untrained_reason(method: Any) -> str | None:
+    """Why ``method`` has not been trained, or None: no image counted in its ``images_seen``
+    (a checkpoint keeps it; BaseMethod counts only batches whose loss was finite), or, in a
+    live Trainer, global step 0."""
+    seen = getattr(method, "images_seen", None)
+    trainer = getattr(method, "_trainer", None)
+    step = getattr(trainer, "global_step", None) if trainer is not None else None
+    at_step = f" (global step {step})" if step is not None else ""
+    if seen is not None and int(seen) == 0:
+        return f"has trained on 0 images{at_step}"
+    if step == 0:
+        return "has taken no optimiser step (global step 0)"
+    return None
 
 
 def export_checkpoint(

@@ -10,6 +10,7 @@ the monolithic pre-training DEX claims to improve on. Facts and the code-vs-supp
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -29,11 +30,23 @@ from midol.optim.schedules import cosine_schedule
 CoForm = Literal["ce", "cosine"]
 BalSchedule = Literal["constant", "cosine"]
 DEXMode = Literal["experts", "director"]
+# The lowest temperature accepted (as M-IDoL's): below it the losses reach ~1/temperature.
+MIN_TEMPERATURE = 1e-3
+TEMPERATURE_RANGE = f"finite and >= {MIN_TEMPERATURE:g} (lower values make the losses explode)"
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 class DEX(BaseMethod):
     """DEX: MAE pre-training of a ViT with Director-Experts MLPs; defaults follow the released
-    pre-training code (``YutingHe-list/DEX`` at dc1afc6), the supplement where marked.
+    pre-training code (``YutingHe-list/DEX`` at dc1afc6), the supplement where marked. Values
+    that would train silently wrong (temperatures below 1e-3, negative or non-finite weights and
+    noise, momenta outside [0, 1], sizes below 1) raise a ValueError naming the option and range.
 
     Args:
         backbone: timm ViT name (DEX: ``vit_base_patch16_224``, run at ``img_size`` 256).
@@ -151,23 +164,31 @@ class DEX(BaseMethod):
 
     def _validate(self) -> None:
         h = self.hparams
+        if h.use_dex and h.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {h.num_experts!r}")
         if h.use_dex and not 1 <= h.top_k <= h.num_experts:
             raise ValueError(f"top_k must lie in [1, num_experts={h.num_experts}], got {h.top_k}")
         if h.co_form not in ("ce", "cosine"):
             raise ValueError(f"co_form must be 'ce' or 'cosine', got {h.co_form!r}")
         if h.bal_schedule not in ("constant", "cosine"):
             raise ValueError(f"bal_schedule must be 'constant' or 'cosine', got {h.bal_schedule!r}")
-        for name in ("co_weight", "bal_weight", "noise_start", "noise_end"):
-            if not h[name] >= 0:
-                raise ValueError(f"{name} must be >= 0, got {h[name]}")
-        for name in ("routing_temperature", "co_director_temp", "co_expert_temp"):
-            if not h[name] > 0:
-                raise ValueError(f"{name} must be > 0, got {h[name]}")
-        for name in ("director_momentum_start", "director_momentum_end"):
-            if not 0 <= h[name] <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {h[name]}")
-        if not 0 <= h.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must lie in [0, 1), got {h.mask_ratio}")
+        checks = [(name, h[name] >= 1, ">= 1") for name in ("img_size", "decoder_dim", "decoder_heads")]
+        checks.append(("decoder_depth", h.decoder_depth >= 0, ">= 0"))
+        checks += [(name, _finite(h[name]) and h[name] >= 0, "finite and >= 0")
+                   for name in ("co_weight", "bal_weight", "noise_start", "noise_end")]
+        # Below the floor the softmaxes saturate and L_co reaches ~1/temperature: finite, so the
+        # non-finite check never stops the run.
+        checks += [(name, _finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
+                   for name in ("routing_temperature", "co_director_temp", "co_expert_temp")]
+        checks += [(name, 0 <= h[name] <= 1, "in [0, 1]")
+                   for name in ("freq_momentum", "director_momentum_start", "director_momentum_end")]
+        checks.append(("mask_ratio", 0 <= h.mask_ratio < 1, "in [0, 1)"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        if h.decoder_depth > 0 and h.decoder_dim % h.decoder_heads:
+            raise ValueError(f"decoder_dim must be divisible by decoder_heads={h.decoder_heads}, "
+                             f"got {h.decoder_dim}")
 
     # ------------------------------------------------------------------ the base's hooks
     def trainable_modules(self) -> list[nn.Module]:

@@ -4,6 +4,7 @@ DINO baseline (paper Table 2 row 1) is one switch away (``use_moe: false``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,18 @@ from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
 from midol.optim.schedules import linear_warmup
 
+# The lowest temperature (and Sinkhorn epsilon) accepted: below it the losses reach ~1/temperature
+# and stay finite, so nothing stops the run.
+MIN_TEMPERATURE = 1e-3
+TEMPERATURE_RANGE = f"finite and >= {MIN_TEMPERATURE:g} (lower values make the losses explode)"
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
     """Pooled features of every view, M x B x d, with one backbone call per run of
@@ -42,6 +55,10 @@ def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor
 
 class MIDoL(MomentumMethod):
     """M-IDoL pre-training; the defaults are the paper's settings.
+
+    Values that would train silently wrong raise a ValueError naming the option and its range:
+    dims and counts below 1, temperatures and ``sinkhorn_eps`` below 1e-3 or not finite, negative
+    or non-finite weights, noise and epochs, momenta outside [0, 1], all loss weights 0.
 
     Args:
         backbone: timm model name (Swin-B in the paper).
@@ -183,16 +200,29 @@ class MIDoL(MomentumMethod):
             raise ValueError(f"sinkhorn_impl must be 'swav' or 'authors', got {h.sinkhorn_impl!r}")
         if h.teacher_views not in ("global", "all"):
             raise ValueError(f"teacher_views must be 'global' or 'all', got {h.teacher_views!r}")
-        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "infonce_temp",
-                     "sinkhorn_eps"):
-            if not h[name] > 0:
-                raise ValueError(f"{name} must be > 0, got {h[name]}")
-        for name in ("route_weight", "cst_weight", "load_balance_weight", "router_noise", "gate_noise",
-                     "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
-            if not h[name] >= 0:
-                raise ValueError(f"{name} must be >= 0, got {h[name]}")
-        if h.num_global_views is not None and h.num_global_views < 1:
-            raise ValueError(f"num_global_views must be >= 1, got {h.num_global_views}")
+        checks = [(name, h[name] >= 1, ">= 1") for name in (
+            "expert_hidden_dim", "bottleneck_dim", "expert_layers", "out_dim", "sinkhorn_iters")]
+        # Temperatures (and the Sinkhorn epsilon, which divides the router logits the same way)
+        # below the floor give losses of ~1/temperature that are finite, so the non-finite check
+        # never stops them.
+        checks += [(name, _finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
+                   for name in ("student_temp", "teacher_temp", "warmup_teacher_temp",
+                                "infonce_temp", "sinkhorn_eps")]
+        checks += [(name, _finite(h[name]) and h[name] >= 0, "finite and >= 0")
+                   for name in ("route_weight", "cst_weight", "load_balance_weight", "router_noise",
+                                "gate_noise", "warmup_teacher_temp_epochs",
+                                "freeze_last_layer_epochs")]
+        checks.append(("center_momentum", 0 <= h.center_momentum <= 1, "in [0, 1]"))
+        if h.num_global_views is not None:
+            checks.append(("num_global_views", h.num_global_views >= 1, ">= 1"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        if h.route_weight == 0 and h.cst_weight == 0 and h.load_balance_weight == 0:
+            raise ValueError(
+                "route_weight, cst_weight and load_balance_weight are all 0: the loss is a "
+                "constant and nothing trains; give at least one of them a weight > 0"
+            )
 
     # ------------------------------------------------------------------ the base's hooks
     def trainable_modules(self) -> list[nn.Module]:

@@ -72,7 +72,8 @@ class MultiCropTransform(ViewTransform):
 
     Args:
         global_size: Side of the global views in pixels.
-        local_size: Side of the local views (224 as in the M-IDoL authors' code; 96 as in DINO).
+        local_size: Side of the local views (224 as in the M-IDoL authors' code; 96 as in DINO),
+            at most ``global_size``.
         num_global: Number of global views (the teacher's views).
         num_local: Number of local views.
         global_scale: Area range of the global random-resized crops.
@@ -100,6 +101,11 @@ class MultiCropTransform(ViewTransform):
             )
         self.global_size = check_size("global_size", global_size)
         self.local_size = check_size("local_size", local_size)
+        if num_local > 0 and local_size > global_size:
+            raise ValueError(
+                f"local_size must be <= global_size={global_size} (local views are the smaller "
+                f"crops), got {local_size}"
+            )
         self.num_global, self.num_local = num_global, num_local
         self.global_scale = check_scale("global_scale", global_scale)
         self.local_scale = check_scale("local_scale", local_scale)

@@ -34,8 +34,8 @@ class SingleViewTransform(ViewTransform):
                  hflip: float = 0.5, seed: int | None = None) -> None:
         self.global_size = check_size("size", size)
         self.scale = check_scale("scale", scale)
-        if not rotate >= 0:
-            raise ValueError(f"rotate must be >= 0 degrees, got {rotate}")
+        if not 0 <= rotate <= 180:
+            raise ValueError(f"rotate must lie in [0, 180] degrees, got {rotate}")
         if not 0 <= hflip <= 1:
             raise ValueError(f"hflip must lie in [0, 1], got {hflip}")
         ops: list[A.BasicTransform] = [A.HorizontalFlip(p=hflip)]

@@ -25,6 +25,9 @@ __all__ = [
 
 def _crop_and_flips(size: int, scale: tuple[float, float], hflip: float, vflip: float) -> list[A.BasicTransform]:
     """Random-resized crop (image bicubic, a mask nearest) and the flips asked for."""
+    for name, p in (("hflip", hflip), ("vflip", vflip)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}")
     ops: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(check_size("size", size),) * 2, scale=check_scale("crop scale", scale),
@@ -61,6 +64,8 @@ class ClassificationTrainTransform(_Seeded):
         seed: int | None = None,
     ) -> None:
         ops = _crop_and_flips(size, scale, hflip, vflip)
+        if not 0 <= color_jitter < float("inf"):
+            raise ValueError(f"color_jitter must be finite and >= 0, got {color_jitter}")
         if color_jitter > 0:
             j = (max(0.0, 1 - color_jitter), 1 + color_jitter)
             ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=(0.0, 0.0), p=0.8))
