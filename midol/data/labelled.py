@@ -219,16 +219,9 @@ class LabelledDataModule(TaskDataModule):
         train_augment: False trains on the evaluation transform (resize + centre crop).
         uncertain_label: multi-label cells ``-1`` or empty (CheXpert's uncertain): ``error``,
             ``zero`` (U-Zeros) or ``one`` (U-Ones).
-        val_fraction: fraction of the training source split off as validation when no val
-            source is given.
-        test_fraction: fraction split off as test when no test source is given.
-        split_seed: seed of those splits (stratified by class where labels allow).
-        batch_size: training batch size per device.
-        eval_batch_size: validation/test batch size (default: batch_size).
-        num_workers: data-loader worker processes.
-        drop_last: drop the last incomplete training batch.
-        pin_memory: pinned host memory for faster copies (only with CUDA).
-        persistent_workers: keep workers alive between epochs.
+        **kwargs: splitting and loading settings of
+            :class:`~midol.data.task_datamodule.TaskDataModule` (``val_fraction``,
+            ``batch_size``, ``num_workers``, ...).
     """
 
     def __init__(

@@ -130,12 +130,8 @@ class PatientDataModule(TaskDataModule):
         image_size: Side of the square image input (pixel mode only).
         load_images: False leaves pixels out of the batches (a model that reads cached expert
             features calls :meth:`set_load_images`).
-        batch_size: training batch size per device.
-        eval_batch_size: validation/test batch size (default: batch_size).
-        num_workers: data-loader worker processes.
-        drop_last: drop the last incomplete training batch.
-        pin_memory: pinned host memory for faster copies (only with CUDA).
-        persistent_workers: keep workers alive between epochs.
+        batch_size, eval_batch_size, num_workers, drop_last, pin_memory, persistent_workers:
+            loading, as in :class:`~midol.data.task_datamodule.TaskDataModule`.
     """
 
     def __init__(

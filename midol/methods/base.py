@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from midol.data.normalize import PixelNormalizer
+from midol.methods.validation import raise_on_failed
 from midol.optim.clipping import clip_grad_norm_per_param
 from midol.optim.grad_norms import term_grad_norms, total_norm
 from midol.optim.param_groups import decay_groups, set_lr_and_wd
@@ -103,9 +104,7 @@ class BaseMethod(L.LightningModule):
             ("max_nonfinite_skips", h.max_nonfinite_skips >= 0, ">= 0"),
             ("grad_norm_every", h.grad_norm_every >= 0, ">= 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        raise_on_failed(h, checks)
         for name, allowed_values in (("clip_mode", ("global", "per_param")),
                                      ("nonfinite", ("raise", "skip"))):
             if h[name] not in allowed_values:

@@ -10,7 +10,6 @@ the monolithic pre-training DEX claims to improve on. Facts and the code-vs-supp
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from midol.io.export import BackboneExport
 from midol.losses.dex import balance_loss, coherence_loss, masked_mae_loss, patchify
 from midol.methods.base import BaseMethod
 from midol.methods.interfaces import ExpertChoice, Routing, StepOutput
+from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models.backbone import build_backbone
 from midol.models.dex import DEXLayer, director_state_dict, inject_dex, set_dex_mode
 from midol.models.mae import MAEDecoder, encode_visible, random_masking
@@ -30,16 +30,8 @@ from midol.optim.schedules import cosine_schedule
 CoForm = Literal["ce", "cosine"]
 BalSchedule = Literal["constant", "cosine"]
 DEXMode = Literal["experts", "director"]
-# The lowest temperature accepted (as M-IDoL's): below it the losses reach ~1/temperature.
-MIN_TEMPERATURE = 1e-3
-TEMPERATURE_RANGE = f"finite and >= {MIN_TEMPERATURE:g} (lower values make the losses explode)"
 
 
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 class DEX(BaseMethod):
@@ -174,18 +166,16 @@ class DEX(BaseMethod):
             raise ValueError(f"bal_schedule must be 'constant' or 'cosine', got {h.bal_schedule!r}")
         checks = [(name, h[name] >= 1, ">= 1") for name in ("img_size", "decoder_dim", "decoder_heads")]
         checks.append(("decoder_depth", h.decoder_depth >= 0, ">= 0"))
-        checks += [(name, _finite(h[name]) and h[name] >= 0, "finite and >= 0")
+        checks += [(name, finite(h[name]) and h[name] >= 0, "finite and >= 0")
                    for name in ("co_weight", "bal_weight", "noise_start", "noise_end")]
         # Below the floor the softmaxes saturate and L_co reaches ~1/temperature: finite, so the
         # non-finite check never stops the run.
-        checks += [(name, _finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
+        checks += [(name, finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
                    for name in ("routing_temperature", "co_director_temp", "co_expert_temp")]
         checks += [(name, 0 <= h[name] <= 1, "in [0, 1]")
                    for name in ("freq_momentum", "director_momentum_start", "director_momentum_end")]
         checks.append(("mask_ratio", 0 <= h.mask_ratio < 1, "in [0, 1)"))
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        raise_on_failed(h, checks)
         if h.decoder_depth > 0 and h.decoder_dim % h.decoder_heads:
             raise ValueError(f"decoder_dim must be divisible by decoder_heads={h.decoder_heads}, "
                              f"got {h.decoder_dim}")

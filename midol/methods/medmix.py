@@ -45,6 +45,7 @@ from midol.methods.medmix_experts import (
     feature_encoder,
     parse_expert_table,
 )
+from midol.methods.validation import raise_on_failed
 from midol.models.fusion import FusionMode, PoolMode
 from midol.models.medmix_net import MedMIXNet, NetOutput
 from midol.tasks.task_metrics import classification_metrics, multilabel_metrics, stage_results
@@ -169,9 +170,7 @@ class MedMIX(BaseMethod):
             ("feature_batch_size", h.feature_batch_size >= 1, ">= 1"),
             ("feature_workers", h.feature_workers >= 0, ">= 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        raise_on_failed(h, checks)
         if h.pooling not in ("attention", "mean", "concat"):
             raise ValueError(f"pooling must be attention, mean or concat, got {h.pooling!r}")
         if h.fusion not in ("reliability", "mean", "concat_missing", "transformer"):

@@ -4,7 +4,6 @@ DINO baseline (paper Table 2 row 1) is one switch away (``use_moe: false``)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -22,21 +21,10 @@ from midol.losses import (
 from midol.losses.routing import RouteForm
 from midol.methods.interfaces import ExpertChoice, Routing, StepOutput
 from midol.methods.momentum import MomentumMethod, frozen_copy
+from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
 from midol.optim.schedules import linear_warmup
-
-# The lowest temperature (and Sinkhorn epsilon) accepted: below it the losses reach ~1/temperature
-# and stay finite, so nothing stops the run.
-MIN_TEMPERATURE = 1e-3
-TEMPERATURE_RANGE = f"finite and >= {MIN_TEMPERATURE:g} (lower values make the losses explode)"
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -205,19 +193,17 @@ class MIDoL(MomentumMethod):
         # Temperatures (and the Sinkhorn epsilon, which divides the router logits the same way)
         # below the floor give losses of ~1/temperature that are finite, so the non-finite check
         # never stops them.
-        checks += [(name, _finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
+        checks += [(name, finite(h[name]) and h[name] >= MIN_TEMPERATURE, TEMPERATURE_RANGE)
                    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp",
                                 "infonce_temp", "sinkhorn_eps")]
-        checks += [(name, _finite(h[name]) and h[name] >= 0, "finite and >= 0")
+        checks += [(name, finite(h[name]) and h[name] >= 0, "finite and >= 0")
                    for name in ("route_weight", "cst_weight", "load_balance_weight", "router_noise",
                                 "gate_noise", "warmup_teacher_temp_epochs",
                                 "freeze_last_layer_epochs")]
         checks.append(("center_momentum", 0 <= h.center_momentum <= 1, "in [0, 1]"))
         if h.num_global_views is not None:
             checks.append(("num_global_views", h.num_global_views >= 1, ">= 1"))
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {h[name]!r}")
+        raise_on_failed(h, checks)
         if h.route_weight == 0 and h.cst_weight == 0 and h.load_balance_weight == 0:
             raise ValueError(
                 "route_weight, cst_weight and load_balance_weight are all 0: the loss is a "
