@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _default_mode() -> int:
-    # Files readable by colleagues (0644 under the usual umask 022); mkstemp's own is 0600.
+def default_file_mode() -> int:
+    """0666 minus the umask: files readable by colleagues (0644 under umask 022)."""
+    # mkstemp's own mode is 0600
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -35,7 +36,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
         with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
             dir_fd = os.open(target.parent, os.O_RDONLY)

@@ -7,6 +7,9 @@ this module only writes files: ``<name>.safetensors`` and ``<name>.json`` per ex
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ from torch import nn
 
 import midol
 from midol.data.transforms.common import IMAGENET_MEAN, IMAGENET_STD
-from midol.io.atomic import atomic_path, atomic_write_text
+from midol.io.atomic import atomic_path, atomic_write_text, default_file_mode
 
 if TYPE_CHECKING:
     from midol.methods.interfaces import Pretrained
@@ -49,8 +52,11 @@ def export_backbone(
     image_size: int | None = None,
     source: str | None = None,
     overwrite: bool = True,
+    timm_format: bool = True,
 ) -> Path:
     """Write ``out_dir/<name>.safetensors`` and ``out_dir/<name>.json``; returns the first.
+    With ``timm_format`` (not for DEX routed-experts parts) also ``out_dir/<name>_timm/``
+    (:func:`export_timm_dir`).
 
     Both are written atomically (temp file beside them, then renamed); ``overwrite=False``
     refuses to replace an existing export."""
@@ -76,7 +82,44 @@ def export_backbone(
         "midol_version": midol.__version__,
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    if timm_format and not part.dex:  # timm's format cannot express injected DEX layers
+        export_timm_dir(part, out / f"{name}_timm", int(meta["image_size"]))
     return path
+
+
+def export_timm_dir(part: BackboneExport, directory: str | Path, image_size: int) -> Path:
+    """The backbone in timm's own local format (``config.json`` + ``model.safetensors``), so
+    ``timm.create_model("local-dir:<directory>", pretrained=True)`` rebuilds it with the right
+    ``pretrained_cfg`` (input size, mean, std) — which the plain safetensors + JSON cannot give
+    timm's data pipeline. Files are written to a temporary folder beside it, then swapped in."""
+    from timm.models import save_for_hf
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    module = part.module
+    saved_cfg = getattr(module, "pretrained_cfg", None)
+    cfg = dict(saved_cfg or {})
+    cfg.update(input_size=[3, image_size, image_size], fixed_input_size=False,
+               mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), num_classes=0,
+               tag=f"midol-{midol.__version__}")
+    cfg.pop("hf_hub_id", None)
+    cfg.pop("url", None)
+    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in part.overrides.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        module.pretrained_cfg = cfg
+        save_for_hf(module, str(tmp), model_config={"architecture": part.timm_model, "num_classes": 0},
+                    model_args=model_args, safe_serialization=True)
+        for f in tmp.iterdir():
+            os.chmod(f, default_file_mode())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if saved_cfg is not None:
+            module.pretrained_cfg = saved_cfg
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def export_method(

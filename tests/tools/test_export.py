@@ -48,3 +48,22 @@ def test_export_reloads_into_timm_strictly_with_the_teachers_features(tmp_path_f
     expected = teacher.teacher_features(images)
     torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-5)
     assert exported.shape == (len(images), model.num_features) and np.isfinite(exported.numpy()).all()
+
+
+def test_export_in_timms_local_format_loads_with_the_right_input_size(tmp_path_factory, tmp_path):
+    ckpt = pretrain_checkpoint(tmp_path_factory)
+    assert main(["export", str(ckpt), "--out", str(tmp_path)]) == 0
+    local = tmp_path / "teacher_backbone_timm"
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert (local / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others
+    model = timm.create_model(f"local-dir:{local}", pretrained=True)
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # not timm's 224 default
+    assert model.num_classes == 0
+    state = load_file(str(tmp_path / "teacher_backbone.safetensors"))
+    for key, value in model.state_dict().items():
+        if key in state:
+            assert torch.equal(value, state[key]), key
+    assert set(state) <= set(model.state_dict())
+    # timm's own data config follows the recorded size
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 32, 32)
