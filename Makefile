@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/midol fit --config configs/pretrain/demo.yaml
+	$(BIN)/midol fit --config configs/pretrain/demo.yaml --overwrite true
 
 # MedMIX on real ODIR patients with random experts (CPU, about 2 minutes from a cold feature cache): fit, then the report
 medmix-demo: $(STAMP)
-	$(BIN)/midol fit --config configs/fusion/medmix_demo.yaml
+	$(BIN)/midol fit --config configs/fusion/medmix_demo.yaml --overwrite true
 	$(BIN)/midol robustness outputs/medmix_demo/checkpoints/best.ckpt --out outputs/medmix_demo/robustness --cost
 
 test: $(STAMP) typecheck

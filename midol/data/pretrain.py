@@ -9,7 +9,12 @@ from torch.utils.data import DataLoader
 
 from midol.data.corpus import Corpus, unique_modalities
 from midol.data.loader_utils import worker_init
-from midol.data.pretrain_datasets import PretrainDataset, RoutingCollate, RoutingDataset
+from midol.data.pretrain_datasets import (
+    PretrainDataset,
+    RoutingCollate,
+    RoutingDataset,
+    check_readable,
+)
 from midol.data.sampler import ResumableDataLoader, WeightedSourceSampler
 from midol.data.sources import DataSource
 from midol.data.transforms.base import ViewTransform
@@ -62,7 +67,9 @@ class PretrainDataModule(ViewDataModule):
         return unique_modalities(self.sources)
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the sources and check that at least one image decodes."""
+        """Resolve the sources and decode a sample proportional to the corpus
+        (:func:`~midol.data.pretrain_datasets.check_readable`): no readable image, or a streak
+        of unreadable files the dataset cannot replace, stops here rather than mid-epoch."""
         if self.dataset is not None:
             return
         if not self.sources:
@@ -71,9 +78,10 @@ class PretrainDataModule(ViewDataModule):
                 "(data.sources in the config)"
             )
         corpus = Corpus(self.sources)
-        corpus.first_readable()
+        dataset = PretrainDataset(corpus, self.transform)
+        check_readable(corpus, dataset.max_tries)
         self.corpus = corpus
-        self.dataset = PretrainDataset(corpus, self.transform)
+        self.dataset = dataset
 
     def _require_setup(self) -> tuple[Corpus, PretrainDataset]:
         if self.dataset is None or self.corpus is None:

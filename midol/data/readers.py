@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from midol.data.image_io import IMAGE_EXTENSIONS, as_rgb, is_image_file, load_image
+from midol.errors import InputFileError
 
 Kind = Literal["folder", "csv", "npz"]
 
@@ -172,7 +173,11 @@ def read_csv_rows(
             rows = [r for r in reader
                     if split is None or (r[split_column or ""] or "").strip() == split]
     except UnicodeDecodeError as err:
-        raise ValueError(f"{name}: the CSV is not UTF-8 text ({err}); save it as UTF-8") from err
+        raise InputFileError(
+            f"{name}: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not valid UTF-8); save the CSV as UTF-8") from err
+    except csv.Error as err:  # a NUL byte, an unterminated quote at the end
+        raise InputFileError(f"{name}: {path} is not a readable CSV ({err})") from err
     if not rows:
         where = f" with {split_column} == {split!r}" if split is not None else ""
         raise ValueError(f"{name}: CSV has no row{where}")
@@ -196,10 +201,17 @@ def read_npz_arrays(
             if absent:
                 raise ValueError(f"{name}: npz has no array {absent} (arrays: {', '.join(npz.files) or 'none'})")
             return {k: npz[k] for k in keys}
-    except ValueError:
-        raise
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name}: {path} does not exist") from err
+    except ValueError as err:
+        if "has no array" in str(err):
+            raise
+        raise InputFileError(f"{name}: {path} is not a readable .npz ({err})") from err
     except Exception as err:  # zipfile.BadZipFile, EOFError, OSError for truncated files
-        raise ValueError(f"{name}: cannot read the .npz ({type(err).__name__}: {err})") from err
+        size = os.path.getsize(os.path.expanduser(path)) if os.path.isfile(os.path.expanduser(path)) else 0
+        raise InputFileError(
+            f"{name}: {path} is empty, truncated or not an .npz archive ({size} bytes; "
+            f"{type(err).__name__}: {err})") from err
 
 
 def npz_splits(path: str) -> list[str]:

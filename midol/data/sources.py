@@ -7,6 +7,7 @@ A :class:`DataSource` is a plain, config-friendly description (it appears in YAM
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,8 +53,14 @@ class DataSource:
     recursive: bool = True
 
     def __post_init__(self) -> None:
-        if not self.weight > 0:  # also rejects NaN
-            raise ValueError(f"{self.describe()}: weight must be > 0, got {self.weight}")
+        try:
+            weight = float(self.weight)
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight > 0):  # rejects NaN, inf and 0
+            raise ValueError(
+                f"{self.describe()}: weight must be > 0 and finite (a relative sampling rate), "
+                f"got {self.weight!r}")
         if self.kind not in ("auto", "folder", "csv", "npz"):
             raise ValueError(f"{self.describe()}: unknown kind {self.kind!r}")
 

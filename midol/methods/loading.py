@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from midol.errors import CheckpointFileError, UsageError, truncated_checkpoint_error
 from midol.io.weights import load_state_dict_file
 
 # Rebuilding for inference: weights come from the state dict, so nothing is re-read or compiled.
@@ -24,7 +25,7 @@ def import_class(class_path: str, origin: str, allowed_prefixes: tuple[str, ...]
     """The class ``class_path`` names; only under ``allowed_prefixes`` or listed in ``extra``
     (a checkpoint must not choose what code is imported)."""
     if not (class_path.startswith(allowed_prefixes) or class_path in extra):
-        raise ValueError(
+        raise UsageError(
             f"{origin}: its module class {class_path!r} is outside midol; pass --class-path "
             f"{class_path} (or set it in the config) if you trust that code"
         )
@@ -56,12 +57,40 @@ def accepted_arguments(cls: type) -> set[str] | None:
     return names
 
 
+def read_weights_file(path: str | Path) -> Any:
+    """:func:`~midol.io.weights.load_state_dict_file` with the errors a user can act on: an
+    empty or truncated file says so (:class:`CheckpointFileError`), as does any other file the
+    readers refuse; a missing file is a ``FileNotFoundError`` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a checkpoint file (.ckpt)")
+    empty = truncated_checkpoint_error(path)
+    if empty is not None:
+        raise empty
+    try:
+        return load_state_dict_file(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"checkpoint file not found: {path}") from err
+    except Exception as err:  # every reader error: named with the file below
+        truncated = truncated_checkpoint_error(path, err)
+        if truncated is not None:
+            raise truncated from err
+        raise CheckpointFileError(str(err) if str(path) in str(err)
+                                  else f"{path}: not a readable checkpoint ({err})") from err
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint read with ``weights_only=True``, checked for what a method needs."""
     path = Path(path)
-    ckpt = load_state_dict_file(path)
+    ckpt = read_weights_file(path)
+    if path.suffix == ".safetensors":
+        raise UsageError(
+            f"{path} is an exported backbone (.safetensors: backbone weights only, no heads, "
+            "router or hyper-parameters), not a midol training checkpoint; pass the .ckpt it "
+            "was exported from, or use the .safetensors as init_checkpoint"
+        )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a midol training checkpoint (.ckpt with 'state_dict' and "
             "'hyper_parameters'); for an exported .safetensors use it as init_checkpoint"
         )
@@ -89,7 +118,7 @@ def load_method(path: str | Path, device: str | torch.device = "cpu",
     if accepted is not None:
         unknown = sorted(k for k in kwargs if k not in accepted)
         if unknown:
-            raise ValueError(
+            raise CheckpointFileError(
                 f"{path}: hyper-parameters {unknown} are not arguments of {class_path} "
                 "(the checkpoint was written by a version of that class with other arguments)"
             )
@@ -99,7 +128,8 @@ def load_method(path: str | Path, device: str | torch.device = "cpu",
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the module its hyper-parameters build: {err}") from err
+        raise CheckpointFileError(
+            f"{path}: weights do not fit the module its hyper-parameters build: {err}") from err
     return module.to(device).eval()
 
 

@@ -28,6 +28,7 @@ from midol.analysis.cluster_metrics import normalized_mutual_info, routing_repor
 from midol.analysis.plotting import save_figure
 from midol.io.atomic import atomic_write_text
 from midol.data.corpus import Corpus
+from midol.errors import OutputFileError
 from midol.methods.loading import load_method
 
 
@@ -108,7 +109,7 @@ def classifier_analysis(ns: argparse.Namespace, device: torch.device, out: Path)
     from midol.analysis.confusion import confusion_counts, confusion_figure, predict
     from midol.analysis.gradcam import grad_cam, gradcam_figure, top_logit_score
     from midol.cli import run_lightning
-    from midol.io.weights import load_state_dict_file
+    from midol.methods.loading import read_weights_file
 
     cli = run_lightning(["--config", ns.classifier_config, "--trainer.logger", "false",
                          "--trainer.accelerator", "cpu", "--trainer.devices", "1",
@@ -116,7 +117,7 @@ def classifier_analysis(ns: argparse.Namespace, device: torch.device, out: Path)
     model, data = cli.model, cli.datamodule
     if not hasattr(model, "num_classes") or not hasattr(model, "head"):
         raise ValueError(f"{ns.classifier_config}: the model is not a classification module (no num_classes/head)")
-    ckpt = load_state_dict_file(ns.classifier)
+    ckpt = read_weights_file(ns.classifier)
     if "state_dict" not in ckpt:
         raise ValueError(f"{ns.classifier}: no 'state_dict' (expected a Lightning checkpoint)")
     try:
@@ -196,7 +197,14 @@ def main(argv: list[str]) -> int:
     ns = parser().parse_args(argv)
     _check(ns)
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFileError(f"--out {out}: cannot create the output folder ({err.strerror or err})") from err
+    device = pick_device(ns.device)
+    module = load_method(ns.checkpoint, device)  # the inputs first: errors before any progress bar
+    sources, config_size = sources_from_config(ns.data)
+    corpus = Corpus(sources)
     stages = ["teacher pass", "routing matrix", "embedding", "loss curves", "grad-cam", "classifier"]
     bar = tqdm(total=len(stages), desc="midol analyze", disable=ns.no_progress)
     summary: dict[str, Any] = {"checkpoint": str(ns.checkpoint), "data": str(ns.data), "skipped": {}}
@@ -205,10 +213,6 @@ def main(argv: list[str]) -> int:
         bar.set_postfix_str(stage)
         bar.update(1)
 
-    device = pick_device(ns.device)
-    module = load_method(ns.checkpoint, device)
-    sources, config_size = sources_from_config(ns.data)
-    corpus = Corpus(sources)
     size = ns.image_size or config_size or module_image_size(module)
     indices = per_modality_indices(corpus, ns.per_modality or None, ns.seed)
     loader = routing_loader(corpus, size, indices, ns.batch_size, ns.num_workers)

@@ -11,15 +11,20 @@ import argparse
 import csv
 import io
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from midol.analysis.features import RoutedImages, collect, routing_loader
 from midol.analysis.inputs import module_image_size, pick_device, sources_from_config
 from midol.analysis.cluster_metrics import routing_report
 from midol.data.corpus import Corpus
 from midol.data.sources import DataSource
+from midol.errors import InputFileError, OutputFileError, UsageError
 from midol.analysis.routing_table import format_routing_table
 from midol.io.atomic import atomic_write_text
 from midol.methods.interfaces import has_routers
@@ -59,21 +64,123 @@ def build_corpus(ns: argparse.Namespace) -> tuple[Corpus, list[str] | None, int 
     return corpus, names, None
 
 
-def write_tags(routed: RoutedImages, names: list[str] | None, out: Path) -> None:
-    """One row per image: ``path, expert, confidence[, modality]`` (the first router's expert
-    and confidence), plus ``expert_<router>`` columns when the model has several routers."""
+def tag_header(router_names: list[str], with_modality: bool) -> list[str]:
+    """``path, expert, confidence[, expert_<router>...][, modality]``: ``expert`` and
+    ``confidence`` are the first router's; ``expert_<router>`` columns when there are several."""
+    extra = router_names if len(router_names) > 1 else []
+    return (["path", "expert", "confidence"] + [f"expert_{r}" for r in extra]
+            + (["modality"] if with_modality else []))
+
+
+def tag_rows(routed: RoutedImages, names: list[str] | None) -> list[list[Any]]:
+    """The CSV rows of ``routed`` (see :func:`tag_header`)."""
     extra = list(routed.routes) if len(routed.routes) > 1 else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "expert", "confidence"] + [f"expert_{r}" for r in extra]
-                    + (["modality"] if names else []))
+    rows = []
     for i, path in enumerate(routed.paths):
-        row = [path, int(routed.expert[i]), f"{float(routed.confidence[i]):.6f}"]
+        row: list[Any] = [path, int(routed.expert[i]), f"{float(routed.confidence[i]):.6f}"]
         row += [int(routed.routes[r][i]) for r in extra]
         if names:
             row.append(names[int(routed.index[i])])
-        writer.writerow(row)
+        rows.append(row)
+    return rows
+
+
+def write_tags(routed: RoutedImages, names: list[str] | None, out: Path) -> None:
+    """All rows of ``routed`` at once, atomically (``midol route`` itself writes per batch)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(tag_header(list(routed.routes), bool(names)))
+    writer.writerows(tag_rows(routed, names))
     atomic_write_text(out, buffer.getvalue())
+
+
+def check_writable(out: Path) -> None:
+    """``OutputFileError`` unless ``out`` can be written, checked before any model or image is
+    loaded: its folder is made if missing and a probe file created there (an existing ``out``
+    is opened for appending, not changed)."""
+    if out.is_dir():
+        raise OutputFileError(f"--out {out}: is a folder; give the path of a CSV file")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise OutputFileError(f"--out {out}: {ancestor} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            with open(out, "a", encoding="utf-8"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=out.parent):
+                pass
+    except OSError as err:
+        raise OutputFileError(f"--out {out}: cannot write there ({err.strerror or err})") from err
+
+
+def _merge(parts: list[RoutedImages], modalities: list[str], sizes: dict[str, int],
+           skipped: list[str]) -> RoutedImages:
+    """One :class:`RoutedImages` of the per-batch results."""
+    def cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+    first = next(iter(sizes), None)
+    return RoutedImages(
+        paths=[p for part in parts for p in part.paths],
+        index=cat([p.index for p in parts], np.int64),
+        modality=cat([p.modality for p in parts], np.int64),
+        expert=cat([p.expert for p in parts], np.int64),
+        confidence=cat([p.confidence for p in parts], np.float32),
+        features=None, modalities=list(modalities),
+        num_experts=int(sizes[first]) if first else 1, skipped=skipped,
+        routes={r: cat([p.routes[r] for p in parts], np.int64) for r in sizes},
+        router_sizes=dict(sizes),
+    )
+
+
+def route_to_csv(module: Any, loader: Any, modalities: list[str], names: list[str] | None,
+                 out: Path, temperature: float | None, progress: bool) -> RoutedImages:
+    """Route every batch and append its rows to ``out`` as it goes (flushed per batch), so an
+    interrupted run leaves the rows routed so far; the merged results at the end."""
+    sizes = module.routers()
+    parts: list[RoutedImages] = []
+    skipped: list[str] = []
+    written = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(tag_header(list(sizes), bool(names)))
+        fh.flush()
+        try:
+            for batch in tqdm(loader, desc="routing images", total=len(loader),
+                              disable=not progress, leave=False):
+                skipped.extend(batch.get("skipped", ()))
+                if batch["image"].shape[0] == 0:
+                    continue
+                part = collect(module, [batch], modalities, temperature, keep_features=False,
+                               progress=False)
+                writer.writerows(tag_rows(part, names))
+                fh.flush()
+                written += len(part.paths)
+                parts.append(part)
+        except BaseException:
+            print(f"midol route: stopped after {written} image(s); their rows are in {out} "
+                  "(incomplete)", file=sys.stderr)
+            raise
+    if not parts:
+        raise InputFileError("no readable image to route: " + "; ".join(skipped[:5]))
+    return _merge(parts, modalities, sizes, skipped)
+
+
+def check_route_checkpoint(path: str) -> None:
+    """``UsageError`` for an exported backbone: routing needs the router, which lives in the
+    training checkpoint's projection heads (``midol export`` keeps the backbone only)."""
+    p = Path(path)
+    if p.suffix == ".safetensors" or (p.is_dir() and any(p.glob("*.safetensors"))):
+        raise UsageError(
+            f"{path}: an exported backbone (.safetensors) holds the backbone weights only, not "
+            "the router that picks an image's expert (midol export leaves the projection heads "
+            "out); midol route needs the training checkpoint it came from (.ckpt, e.g. "
+            "<run>/checkpoints/last.ckpt)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,12 +191,14 @@ def parser() -> argparse.ArgumentParser:
         "softmax(teacher router logits / temperature), the teacher's routing before the "
         "batch-level Sinkhorn balancing used in training.",
     )
-    p.add_argument("checkpoint", help="a midol pre-training .ckpt")
+    p.add_argument("checkpoint", help="a midol pre-training .ckpt of a run with a router "
+                   "(not an exported .safetensors backbone)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--folder", help="a folder of images (searched recursively)")
     group.add_argument("--manifest", help="a CSV with a path column (and optionally a modality column)")
     group.add_argument("--data", help="a midol fit config (or a data: block) whose sources to route")
-    p.add_argument("--out", required=True, help="output CSV")
+    p.add_argument("--out", required=True,
+                   help="output CSV (written as images are routed: an interrupted run keeps its rows)")
     p.add_argument("--modality", default=None, help="--folder: modality name written for every image")
     p.add_argument("--path-column", default="path", help="--manifest: column of image paths")
     p.add_argument("--modality-column", default="modality", help="--manifest: column of modality names (used when present)")
@@ -108,18 +217,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     ns = parser().parse_args(argv)
     if ns.batch_size < 1 or ns.num_workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+        raise UsageError("--batch-size must be >= 1 and --num-workers >= 0")
+    out = Path(ns.out)
+    check_writable(out)
+    check_route_checkpoint(ns.checkpoint)
     module = load_method(ns.checkpoint, pick_device(ns.device))
     if not has_routers(module):
-        raise ValueError(f"{ns.checkpoint}: this model has no router (e.g. use_moe: false, the "
-                         "DINO baseline), so there is no expert to tag images with")
+        raise UsageError(
+            f"{ns.checkpoint}: this model has no router ({type(module).__name__} trained with "
+            "use_moe: false, e.g. the DINO baseline), so there is no expert to tag images with; "
+            "midol route needs a checkpoint of a mixture-of-experts run")
     corpus, names, config_size = build_corpus(ns)
     size = ns.image_size or config_size or module_image_size(module)
     loader = routing_loader(corpus, size, batch_size=ns.batch_size, num_workers=ns.num_workers)
-    routed = collect(module, loader, corpus.modalities, ns.temperature, keep_features=False,
-                     progress=not ns.no_progress, desc="routing images")
-    out = Path(ns.out)
-    write_tags(routed, names, out)
+    routed = route_to_csv(module, loader, corpus.modalities, names, out, ns.temperature,
+                          progress=not ns.no_progress)
     counts = routed.counts()
     print(f"wrote {len(routed.paths)} rows to {out} ({routed.num_experts} experts, {size} px)")
     if names and len(set(names)) > 1:

@@ -12,19 +12,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from midol.data.shards.writer import write_shards
 from midol.data.sources import DataSource
+from midol.errors import UsageError
 
 
 def _sources_from_config(path: str) -> list[DataSource]:
-    config = yaml.safe_load(Path(path).read_text())
-    data = (config or {}).get("data") or {}
-    entries = (data.get("init_args") or data).get("sources")
-    if not entries:
-        raise SystemExit(f"{path}: no data.init_args.sources to shard")
-    return [DataSource(**entry) for entry in entries]
+    """The sources of a ``midol fit`` config (``data.init_args.sources``, a ``data:`` block
+    or a top-level ``sources:`` list; ``base:`` presets composed), as ``midol route --data``."""
+    from midol.analysis.inputs import sources_from_config
+
+    try:
+        return sources_from_config(path)[0]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--from-config {path}: file not found") from err
+    except ValueError as err:
+        raise UsageError(f"--from-config {path}: {err}".replace(f"{path}: {path}: ", f"{path}: ")) from err
 
 
 def main(argv: list[str]) -> int:
@@ -43,6 +46,10 @@ def main(argv: list[str]) -> int:
                         help="shrink larger images to this longest side (stored as PNG)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)
+    if ns.shard_size < 1:
+        parser.error(f"--shard-size must be >= 1, got {ns.shard_size}")
+    if ns.max_side is not None and ns.max_side < 1:
+        parser.error(f"--max-side must be >= 1, got {ns.max_side}")
     sources = [DataSource(path, modality) for path, modality in ns.source]
     if ns.from_config:
         sources += _sources_from_config(ns.from_config)

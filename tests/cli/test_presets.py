@@ -10,6 +10,9 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
   first export, the teacher);
 * checkpoint ``dirpath`` / export ``dirpath`` equal to the run folder are left null and filled
   from ``trainer.default_root_dir`` (checked on the instantiated callbacks below);
+* every preset's ``ModelCheckpoint`` writes ``last.ckpt`` at each epoch end (0.1.0's
+  ``save_last: true, save_top_k: 0`` wrote nothing until the run ended): the fixtures'
+  checkpoint entries were updated to the new settings, and nothing else in them;
 * new options with their defaults (the values that reproduce 0.1.0): ``NEW_OPTIONS``;
 * ``midol_authors_code`` deliberately changed to the released code's values
   (``AUTHORS_CODE_CHANGES``, the M-IDoL fidelity issue).

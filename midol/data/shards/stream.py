@@ -141,7 +141,10 @@ class ShardStream(IterableDataset):
             self.transform.reseed((epoch, position))
             return {"views": self.transform(image), "modality": m, "index": position,
                     "skipped": skipped}
-        raise RuntimeError(f"{self.max_tries} unreadable images in a row: " + "; ".join(skipped[:5]))
+        from midol.errors import UnreadableStreakError
+
+        raise UnreadableStreakError(f"{self.max_tries} unreadable images in a row in the shards, "
+                                    "e.g. " + "; ".join(skipped[:5]))
 
 
 class ShardLoader(DataLoader):

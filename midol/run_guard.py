@@ -1,0 +1,143 @@
+"""Checks ``midol fit`` makes before it trains, on the parsed (not yet instantiated) config.
+
+* every output folder of the run can be created and written (else a one-line error naming it,
+  before any training instead of at the first checkpoint);
+* a run folder that already holds checkpoints is not silently overwritten (``--ckpt_path last``
+  resumes it, ``--overwrite true`` starts over in it);
+* a resumed checkpoint's hyper-parameters are compared with the config's: the config wins, and
+  every setting that differs is named.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from midol.errors import UsageError
+
+# Init arguments of callbacks / loggers that name an output folder of the run.
+OUTPUT_KEYS = ("dirpath", "output_dir", "image_dir", "save_dir")
+
+
+class OutputFolderError(PermissionError):
+    """An output folder of the run cannot be created or written (``midol`` exit status 3)."""
+
+
+def _items(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _class_name(spec: Any) -> str:
+    return str(getattr(spec, "class_path", None) or (spec.get("class_path") if isinstance(spec, dict) else "")
+               ).rpartition(".")[2]
+
+
+def _init_args(spec: Any) -> Any:
+    return spec.get("init_args") if hasattr(spec, "get") else None
+
+
+def _is_local(path: Any) -> bool:
+    return path is not None and "://" not in str(path)
+
+
+def checkpoint_dirs(trainer: Any) -> list[str]:
+    """The ``dirpath`` of every ModelCheckpoint of a parsed ``trainer`` config (after
+    :func:`midol.cli.fill_output_dirs`), without duplicates."""
+    dirs: list[str] = []
+    for cb in _items(trainer.get("callbacks") if trainer is not None else None):
+        args = _init_args(cb)
+        if ("ModelCheckpoint" in _class_name(cb) and args is not None
+                and _is_local(args.get("dirpath")) and str(args["dirpath"]) not in dirs):
+            dirs.append(str(args["dirpath"]))
+    return dirs
+
+
+def output_dirs(trainer: Any) -> list[tuple[str, str]]:
+    """``(folder, what names it)`` for every local output folder of a parsed ``trainer``."""
+    out: list[tuple[str, str]] = []
+    if trainer is None:
+        return out
+    if _is_local(trainer.get("default_root_dir")):
+        out.append((str(trainer["default_root_dir"]), "trainer.default_root_dir"))
+    for section, spec in ([("logger", s) for s in _items(trainer.get("logger"))]
+                          + [("callbacks", s) for s in _items(trainer.get("callbacks"))]):
+        args = _init_args(spec)
+        if args is None:
+            continue
+        for key in OUTPUT_KEYS:
+            if key in args and _is_local(args.get(key)):
+                out.append((str(args[key]), f"{_class_name(spec)} {key}"))
+    return out
+
+
+def check_writable(folder: str | os.PathLike[str], what: str) -> None:
+    """Raise :class:`OutputFolderError` unless ``folder`` exists as a writable folder or can be
+    created. Creates nothing: a probe file is written in the nearest existing ancestor and
+    removed."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputFolderError(
+            f"{folder}: the run's output folder ({what}) cannot be created: {existing} is a "
+            "file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".midol-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if existing == path else f" (in {existing})"
+        raise OutputFolderError(
+            f"{folder}: the run's output folder ({what}) cannot be written{where}: "
+            f"{err.strerror or err}") from err
+
+
+def check_outputs_writable(trainer: Any) -> None:
+    for folder, what in output_dirs(trainer):
+        check_writable(folder, what)
+
+
+def refuse_overwrite(trainer: Any) -> None:
+    """A :class:`UsageError` when a checkpoint folder of the run already holds ``*.ckpt``."""
+    for folder in checkpoint_dirs(trainer):
+        path = Path(folder)
+        found = sorted(p.name for p in path.glob("*.ckpt")) if path.is_dir() else []
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise UsageError(
+                f"{folder} already holds checkpoints of a previous run ({shown}): resume it with "
+                "--ckpt_path last, start over in it with --overwrite true, or choose another "
+                "folder with --trainer.default_root_dir")
+
+
+def _plain(value: Any) -> Any:
+    """YAML-like value for comparisons: tuples as lists, mappings as dicts."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def hparam_differences(saved: dict[str, Any], init_args: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, checkpoint value, config value)`` for each init argument that both the
+    checkpoint's hyper-parameters and the config set, to different values."""
+    diffs = []
+    for name, value in init_args.items():
+        if name.startswith("_") or name not in saved:
+            continue
+        old, new = _plain(saved[name]), _plain(value)
+        if old != new:
+            diffs.append((name, old, new))
+    return diffs
+
+
+def format_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{name} (checkpoint {old!r}, now {new!r})" for name, old, new in diffs)

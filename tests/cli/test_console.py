@@ -1,0 +1,36 @@
+"""`midol --version`, and the known-harmless library noise kept off the console."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning
+import timm
+import torch
+
+import midol
+from midol.cli import main
+from midol.console import quiet_known_noise
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"midol {midol.__version__} (torch {torch.__version__}, lightning "
+                   f"{lightning.__version__}, timm {timm.__version__})")
+
+
+def test_known_noise_is_silenced_but_other_warnings_are_not(caplog):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        warnings.warn("Found 103 module(s) in eval mode at the start of training. This may ...")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated")
+        warnings.warn("a real problem")
+    assert [str(w.message) for w in caught] == ["a real problem"]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("💡 Tip: For seamless cloud logging ...")
+        log.info("GPU available: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
