@@ -3,6 +3,7 @@ the image size and the device."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,38 @@ def module_image_size(module: Any) -> int:
             return int(part.image_size or part.overrides.get("img_size", 224))
     kwargs = dict(getattr(module, "hparams", {}).get("backbone_kwargs") or {})
     return int(kwargs.get("img_size", 224))
+
+
+def resolve_image_size(explicit: int | None, config_size: int | None, module: Any) -> int:
+    """The size images are routed/analysed at: ``--image-size`` when given, else the size the
+    checkpoint was pre-trained at; a data config that says otherwise is named in a warning
+    (a 64 px model routed at the config's 224 px sees other statistics, silently)."""
+    if explicit is not None:
+        if explicit < 8:
+            raise ValueError(f"--image-size must be >= 8, got {explicit}")
+        return int(explicit)
+    trained = module_image_size(module)
+    if config_size is not None and int(config_size) != trained:
+        warnings.warn(
+            f"the data config's image size is {config_size} px but the checkpoint was pre-trained "
+            f"at {trained} px: using {trained} (pass --image-size {config_size} to use the "
+            "config's)", stacklevel=2)
+    return trained
+
+
+def add_trust_option(parser: Any) -> None:
+    """``--class-path``: a module class outside ``midol.`` that the user trusts to import
+    (their own subclass); checkpoints cannot choose what code runs otherwise."""
+    parser.add_argument("--class-path", action="append", default=[], metavar="MODULE.CLASS",
+                        help="trust this module class of the checkpoint (your own subclass "
+                        "outside midol); repeatable")
+
+
+def add_figure_options(parser: Any) -> None:
+    """``--format`` and ``--dpi`` of every figure a tool saves."""
+    parser.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"],
+                        help="figure file format(s); several write one file each (default: png)")
+    parser.add_argument("--dpi", type=int, default=100, help="raster resolution (default: 100)")
 
 
 def pick_device(name: str) -> torch.device:

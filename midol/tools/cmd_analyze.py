@@ -22,13 +22,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from midol.analysis.features import RoutedImages, collect, per_modality_indices, routing_loader
-from midol.analysis.inputs import module_image_size, pick_device, sources_from_config
 from midol.analysis.cluster_metrics import normalized_mutual_info, routing_report
-from midol.analysis.plotting import save_figure
-from midol.io.atomic import atomic_write_text
+from midol.analysis.features import RoutedImages, collect, per_modality_indices, routing_loader
+from midol.analysis.inputs import (
+    add_figure_options,
+    add_trust_option,
+    pick_device,
+    resolve_image_size,
+    sources_from_config,
+)
+from midol.analysis.plotting import save_figure, set_output
 from midol.data.corpus import Corpus
 from midol.errors import OutputFileError
+from midol.io.atomic import atomic_write_text
 from midol.methods.loading import load_method
 
 
@@ -53,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, help="that classifier's .ckpt (with --classifier-config)")
     p.add_argument("--classifier-split", choices=["test", "val"], default="test")
     p.add_argument("--image-size", type=int, default=None,
-                   help="centre-crop size (default: the data config's eval/global size, else the checkpoint's img_size)")
+                   help="centre-crop size (default: the checkpoint's pre-training size; a data "
+                   "config that differs is named in a warning)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -62,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
                    help="threads for t-SNE/k-means (default 1: on a shared machine OpenMP threads "
                    "busy-wait; raise it on a dedicated one for many images)")
     p.add_argument("--no-progress", action="store_true")
+    add_trust_option(p)
+    add_figure_options(p)
     return p
 
 
@@ -196,13 +205,14 @@ def loss_curve_stage(ns: argparse.Namespace, out: Path, keys: list[str] | None =
 def main(argv: list[str]) -> int:
     ns = parser().parse_args(argv)
     _check(ns)
+    set_output(ns.format, ns.dpi)
     out = Path(ns.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputFileError(f"--out {out}: cannot create the output folder ({err.strerror or err})") from err
     device = pick_device(ns.device)
-    module = load_method(ns.checkpoint, device)  # the inputs first: errors before any progress bar
+    module = load_method(ns.checkpoint, device, tuple(ns.class_path))  # the inputs first: errors before any progress bar
     sources, config_size = sources_from_config(ns.data)
     corpus = Corpus(sources)
     stages = ["teacher pass", "routing matrix", "embedding", "loss curves", "grad-cam", "classifier"]
@@ -213,7 +223,7 @@ def main(argv: list[str]) -> int:
         bar.set_postfix_str(stage)
         bar.update(1)
 
-    size = ns.image_size or config_size or module_image_size(module)
+    size = resolve_image_size(ns.image_size, config_size, module)
     indices = per_modality_indices(corpus, ns.per_modality or None, ns.seed)
     loader = routing_loader(corpus, size, indices, ns.batch_size, ns.num_workers)
     routed = collect(module, loader, corpus.modalities, progress=not ns.no_progress)

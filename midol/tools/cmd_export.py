@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from midol.analysis.inputs import add_trust_option
 from midol.io.export import export_method
 
 
@@ -23,10 +24,11 @@ def main(argv: list[str]) -> int:
                         "M-IDoL also has student_backbone)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing MedMIX export (backbone exports are always replaced)")
+    add_trust_option(parser)
     ns = parser.parse_args(argv)
     from midol.methods.loading import load_method
 
-    method = load_method(ns.checkpoint)
+    method = load_method(ns.checkpoint, trusted_class_paths=tuple(ns.class_path))
     if hasattr(method, "deployable"):  # a fusion model: experts + fusion network, no teacher
         from midol.io.medmix_export import export_deployable
 

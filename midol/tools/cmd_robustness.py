@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from midol.analysis.inputs import add_figure_options, add_trust_option
+from midol.analysis.plotting import set_output
 from midol.analysis.robustness import Protocols, evaluate, write_report
 from midol.io.atomic import atomic_write_text
 
 
-def load_fusion(checkpoint: str, data_config: str | None = None) -> Any:
+def load_fusion(checkpoint: str, data_config: str | None = None, trusted: tuple[str, ...] = ()) -> Any:
     """A trained MedMIX method attached to its patient data (features from the cache)."""
     from midol.data.patient_datamodule import PatientDataModule
     from midol.io.weights import load_state_dict_file
     from midol.methods.loading import load_method
 
-    method = load_method(checkpoint)
+    method = load_method(checkpoint, trusted_class_paths=trusted)
     if not hasattr(method, "attach"):
         raise ValueError(f"{checkpoint}: trained with {type(method).__name__}, not a fusion model")
     if data_config:
@@ -59,7 +60,10 @@ def main(argv: list[str]) -> int:
                         help="labels/classes that do not make a patient positive (not-at-random)")
     parser.add_argument("--cost", action="store_true",
                         help="also measure parameters and patients/s with and without the teacher path")
+    add_trust_option(parser)
+    add_figure_options(parser)
     ns = parser.parse_args(argv)
+    set_output(ns.format, ns.dpi)
     names = ns.names or [Path(c).stem for c in ns.checkpoints]
     if len(names) != len(ns.checkpoints):
         parser.error(f"--names has {len(names)} labels for {len(ns.checkpoints)} checkpoints")
@@ -68,11 +72,7 @@ def main(argv: list[str]) -> int:
         protocols.rates = tuple(ns.rates)
     scores, costs = [], {}
     for name, ckpt in zip(names, ns.checkpoints, strict=True):
-        try:
-            method = load_fusion(ckpt, ns.data)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"midol robustness: {err}", file=sys.stderr)
-            return 2
+        method = load_fusion(ckpt, ns.data, tuple(ns.class_path))  # errors: midol's one-line report
         scores += evaluate(method, name, method.table.rows(ns.split), protocols)
         if ns.cost:
             from midol.io.medmix_export import inference_cost

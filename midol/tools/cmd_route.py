@@ -19,13 +19,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from midol.analysis.features import RoutedImages, collect, routing_loader
-from midol.analysis.inputs import module_image_size, pick_device, sources_from_config
 from midol.analysis.cluster_metrics import routing_report
+from midol.analysis.features import RoutedImages, collect, routing_loader
+from midol.analysis.inputs import (
+    add_trust_option,
+    pick_device,
+    resolve_image_size,
+    sources_from_config,
+)
+from midol.analysis.routing_table import format_routing_table
 from midol.data.corpus import Corpus
 from midol.data.sources import DataSource
 from midol.errors import InputFileError, OutputFileError, UsageError
-from midol.analysis.routing_table import format_routing_table
 from midol.io.atomic import atomic_write_text
 from midol.methods.interfaces import has_routers
 from midol.methods.loading import load_method
@@ -204,13 +209,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modality-column", default="modality", help="--manifest: column of modality names (used when present)")
     p.add_argument("--root", default=None, help="--manifest: base folder of relative paths (default: the CSV's folder)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="centre-crop size (default: the data config's eval/global size, else the checkpoint's img_size, else 224)")
+                   help="centre-crop size (default: the checkpoint's pre-training size; a data "
+                   "config that differs is named in a warning)")
     p.add_argument("--temperature", type=float, default=None,
                    help="router softmax temperature for the confidence (default: the run's teacher_temp)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_option(p)
     return p
 
 
@@ -221,14 +228,14 @@ def main(argv: list[str]) -> int:
     out = Path(ns.out)
     check_writable(out)
     check_route_checkpoint(ns.checkpoint)
-    module = load_method(ns.checkpoint, pick_device(ns.device))
+    module = load_method(ns.checkpoint, pick_device(ns.device), tuple(ns.class_path))
     if not has_routers(module):
         raise UsageError(
             f"{ns.checkpoint}: this model has no router ({type(module).__name__} trained with "
             "use_moe: false, e.g. the DINO baseline), so there is no expert to tag images with; "
             "midol route needs a checkpoint of a mixture-of-experts run")
     corpus, names, config_size = build_corpus(ns)
-    size = ns.image_size or config_size or module_image_size(module)
+    size = resolve_image_size(ns.image_size, config_size, module)
     loader = routing_loader(corpus, size, batch_size=ns.batch_size, num_workers=ns.num_workers)
     routed = route_to_csv(module, loader, corpus.modalities, names, out, ns.temperature,
                           progress=not ns.no_progress)
