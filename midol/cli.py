@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from midol.config_compose import expand_bases
@@ -71,6 +71,21 @@ class MidolCLI(LightningCLI):
             "--overwrite", type=bool, default=argparse.SUPPRESS,
             help="Start a new run in a run folder whose checkpoint folder already holds *.ckpt "
                  "files (without it, and without --ckpt_path, midol fit refuses; default: false)")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=argparse.SUPPRESS,
+            help="After fit, test the best checkpoint (the monitored one; else the last weights) "
+                 "on the datamodule's test split, so a sweep run ends with test/* metrics "
+                 "(default: false)")
+
+    def after_fit(self) -> None:
+        """``--test_after_fit true``: ``trainer.test`` on the best checkpoint."""
+        if not (self._subcommand_config() or {}).get("test_after_fit", False):
+            return
+        datamodule = self.datamodule
+        if datamodule is None or not callable(getattr(datamodule, "test_dataloader", None)):
+            raise UsageError("--test_after_fit needs a datamodule with a test split")
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+        self.trainer.test(self.model, datamodule=datamodule, ckpt_path=best, weights_only=True)
 
     def _subcommand_config(self) -> Any:
         sub = self.config.get("subcommand")
@@ -161,6 +176,22 @@ class MidolCLI(LightningCLI):
             if self._resume is None or "Error(s) in loading state_dict" not in str(err):
                 raise
             raise UsageError(weights_mismatch_message(self._resume, err)) from err
+
+
+class LoggedSaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the log folder, and the whole resolved config (model,
+    data, trainer, seed) in the hyper-parameters of W&B loggers: a sweep then filters and
+    groups runs by any setting, not only the module's."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
+        for logger in loggers:
+            logger.log_hyperparams({"config": config})
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
@@ -270,6 +301,7 @@ def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=LoggedSaveConfig,
         save_config_kwargs={"overwrite": True},
         args=tokens,
         run=run,
