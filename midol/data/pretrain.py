@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from midol.data.corpus import Corpus, unique_modalities
@@ -16,7 +17,7 @@ from midol.data.pretrain_datasets import (
     check_readable,
 )
 from midol.data.sampler import ResumableDataLoader, WeightedSourceSampler
-from midol.data.sources import DataSource
+from midol.data.sources import DataSource, source_table
 from midol.data.transforms.base import ViewTransform
 from midol.data.transforms.eval import EvalTransform
 from midol.data.view_datamodule import ViewDataModule
@@ -78,6 +79,8 @@ class PretrainDataModule(ViewDataModule):
                 "(data.sources in the config)"
             )
         corpus = Corpus(self.sources)
+        rank_zero_info("pre-training corpus:\n" + source_table(list(self.sources),
+                                                                [len(s) for s in corpus.sources]))
         dataset = PretrainDataset(corpus, self.transform)
         check_readable(corpus, dataset.max_tries)
         self.corpus = corpus

@@ -7,6 +7,7 @@ A :class:`DataSource` is a plain, config-friendly description (it appears in YAM
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ class DataSource:
         root: CSV only: base folder of relative paths (default: the CSV's folder).
         splits: NPZ only: which ``{split}_images`` arrays to use, in order.
         recursive: Folder only: also scan sub-folders.
+        include: Folder and CSV: keep only images whose path relative to the folder (CSV: as
+            listed) matches one of these glob patterns (``*`` matches across ``/``, e.g.
+            ``images/*``); default: all.
+        exclude: Folder and CSV: drop images matching one of these patterns (e.g. ``*masks/*``
+            so a dataset's segmentation masks are not trained on as images).
     """
 
     path: str
@@ -51,6 +57,8 @@ class DataSource:
     root: str | None = None
     splits: list[str] = field(default_factory=lambda: ["train"])
     recursive: bool = True
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +81,45 @@ class DataSource:
         return resolve_kind(self.path, self.kind, self.describe())
 
 
+def filter_paths(paths: list[str], source: DataSource, base: str) -> list[str]:
+    """``paths`` kept by the source's ``include`` / ``exclude`` globs (matched against the path
+    relative to ``base``); an error naming the patterns when nothing is left."""
+    if source.include is None and not source.exclude:
+        return paths
+    if source.kind == "npz" or (source.include is not None and not source.include):
+        raise ValueError(f"{source.describe()}: include must name at least one pattern")
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, base).replace(os.sep, "/")
+
+    kept = [p for p in paths
+            if (source.include is None or any(fnmatch.fnmatchcase(rel(p), g) for g in source.include))
+            and not any(fnmatch.fnmatchcase(rel(p), g) for g in source.exclude)]
+    if not kept:
+        raise ValueError(f"{source.describe()}: include {source.include} / exclude {source.exclude} "
+                         f"leave none of its {len(paths)} images")
+    return kept
+
+
+def source_table(sources: list[DataSource], sizes: list[int]) -> str:
+    """The start-up table: per source its modality, kind, images, weight and share of the
+    draws (weight x images over the total), then per modality."""
+    draws = [s.weight * n for s, n in zip(sources, sizes, strict=True)]
+    total = sum(draws) or 1.0
+    lines = ["| source | modality | kind | images | weight | share of draws |", "|---|---|---|---:|---:|---:|"]
+    for s, n, d in zip(sources, sizes, draws, strict=True):
+        lines.append(f"| {s.path} | {s.modality} | {s.resolved_kind()} | {n} | {s.weight:g} | {d / total:.1%} |")
+    per: dict[str, list[float]] = {}
+    for s, n, d in zip(sources, sizes, draws, strict=True):
+        entry = per.setdefault(s.modality, [0, 0.0])
+        entry[0] += n
+        entry[1] += d
+    lines.append("| **per modality** | | | | | |")
+    for modality, (n, d) in per.items():
+        lines.append(f"| | {modality} | | {int(n)} | | {d / total:.1%} |")
+    return "\n".join(lines)
+
+
 def resolve_source(source: DataSource) -> ImageList:
     """List the items of ``source``; raises ``FileNotFoundError``/``ValueError`` naming it."""
     kind = source.resolved_kind()
@@ -87,6 +134,7 @@ def resolve_source(source: DataSource) -> ImageList:
             raise ValueError(
                 f"{name}: no image file found in the folder {where}(extensions: {image_extensions()})"
             )
+        paths = filter_paths(paths, source, root)
         return ImageList(source.path, paths=paths)
     if kind == "csv":
         rows = read_csv_rows(source.path, [source.path_column], name=name)
@@ -95,6 +143,7 @@ def resolve_source(source: DataSource) -> ImageList:
         paths = [os.path.join(base, os.path.expanduser(c)) for c in cells if c]
         if not paths:
             raise ValueError(f"{name}: CSV column {source.path_column!r} lists no path")
+        paths = filter_paths(paths, source, base)
         return ImageList(source.path, paths=paths)
     if not source.splits:
         raise ValueError(f"{name}: splits is empty")

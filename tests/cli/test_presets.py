@@ -41,6 +41,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.gate_noise": 0.0, "init_args.router_bias": True, "init_args.grad_norm_every": 0,
     "init_args.select_metric": "dice", "init_args.dex_mode": None, "init_args.decoder_type": "fpn",
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
+    ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
 }
 
 
