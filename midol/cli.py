@@ -72,6 +72,11 @@ class MidolCLI(LightningCLI):
             help="Start a new run in a run folder whose checkpoint folder already holds *.ckpt "
                  "files (without it, and without --ckpt_path, midol fit refuses; default: false)")
         parser.add_argument(
+            "--threads", type=int, default=argparse.SUPPRESS,
+            help="Intra-op CPU threads of torch (default: torch's, one per core). On a shared or "
+                 "busy machine, threads plus data workers above the free cores slow every step "
+                 "several-fold: try --threads 1")
+        parser.add_argument(
             "--test_after_fit", type=bool, default=argparse.SUPPRESS,
             help="After fit, test the best checkpoint (the monitored one; else the last weights) "
                  "on the datamodule's test split, so a sweep run ends with test/* metrics "
@@ -155,6 +160,7 @@ class MidolCLI(LightningCLI):
         if config is None:
             return
         self._fill_outputs_once()
+        apply_threads(config.get("threads"))
         if self.subcommand != "fit":
             return
         trainer = config.get("trainer")
@@ -176,6 +182,29 @@ class MidolCLI(LightningCLI):
             if self._resume is None or "Error(s) in loading state_dict" not in str(err):
                 raise
             raise UsageError(weights_mismatch_message(self._resume, err)) from err
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given; otherwise a warning when the machine is
+    already busy (load average above the cores this process may use), the case where torch's
+    default of one thread per core oversubscribes them."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Linux / no load average
+        return
+    if load > cores + 0.5:
+        rank_zero_warn(
+            f"the machine is busy (load average {load:.1f} on {cores} usable cores): torch's "
+            f"{torch.get_num_threads()} threads plus the data workers will compete for them and "
+            "run several times slower; pass --threads 1 (or fewer data workers) on a shared machine")
 
 
 class LoggedSaveConfig(SaveConfigCallback):

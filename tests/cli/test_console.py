@@ -34,3 +34,27 @@ def test_known_noise_is_silenced_but_other_warnings_are_not(caplog):
         log.info("💡 Tip: For seamless cloud logging ...")
         log.info("GPU available: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+
+
+def test_threads_option_and_busy_machine_warning(monkeypatch):
+    import pytest
+
+    from midol.cli import apply_threads
+    from midol.errors import UsageError
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(UsageError, match="--threads must be >= 1"):
+            apply_threads(0)
+        monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+        with pytest.warns(UserWarning, match=r"load average 9.0 on 2 usable cores.*--threads 1"):
+            apply_threads(None)
+        monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            apply_threads(None)  # an idle machine: no warning
+    finally:
+        torch.set_num_threads(before)
