@@ -72,6 +72,12 @@ class MidolCLI(LightningCLI):
             help="Start a new run in a run folder whose checkpoint folder already holds *.ckpt "
                  "files (without it, and without --ckpt_path, midol fit refuses; default: false)")
         parser.add_argument(
+            "--run_id", type=str, default=argparse.SUPPRESS,
+            help="Give this run its own folder: every output moves to <default_root_dir>/<run_id>. "
+                 "'auto': the W&B run id when a W&B agent launched the run (WANDB_RUN_ID), else "
+                 "the start time (YYYYmmdd-HHMMSS); resume that run with the same --run_id and "
+                 "--ckpt_path last")
+        parser.add_argument(
             "--threads", type=int, default=argparse.SUPPRESS,
             help="Intra-op CPU threads of torch (default: torch's, one per core). On a shared or "
                  "busy machine, threads plus data workers above the free cores slow every step "
@@ -99,7 +105,14 @@ class MidolCLI(LightningCLI):
     def _fill_outputs_once(self) -> None:
         config = self._subcommand_config()
         if config is not None and not self._outputs_filled:
-            fill_output_dirs(config.get("trainer"), self._config_root)
+            trainer = config.get("trainer")
+            run_id = config.get("run_id")
+            if run_id and trainer is not None:
+                base = trainer.get("default_root_dir") or "outputs"
+                if self._config_root is None:
+                    self._config_root = str(base)
+                trainer["default_root_dir"] = os.path.join(str(base), resolve_run_id(str(run_id)))
+            fill_output_dirs(trainer, self._config_root)
             self._outputs_filled = True
 
     def _parse_ckpt_path(self) -> None:
@@ -182,6 +195,18 @@ class MidolCLI(LightningCLI):
             if self._resume is None or "Error(s) in loading state_dict" not in str(err):
                 raise
             raise UsageError(weights_mismatch_message(self._resume, err)) from err
+
+
+def resolve_run_id(run_id: str) -> str:
+    """``auto`` -> ``$WANDB_RUN_ID`` or the local start time; else the id itself (one folder
+    name: no ``/``, not empty)."""
+    if run_id == "auto":
+        import time
+
+        return os.environ.get("WANDB_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+    if not run_id.strip() or "/" in run_id or run_id in (".", ".."):
+        raise UsageError(f"--run_id must be one folder name (no '/'), got {run_id!r}")
+    return run_id
 
 
 def apply_threads(threads: int | None) -> None:

@@ -481,3 +481,24 @@ def test_ablation_preset_crash_after_an_epoch_leaves_resumable_last_ckpt(
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert (resumed["epoch"], resumed["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
     assert resumed["hyper_parameters"]["num_experts"] == 3
+
+
+def test_run_id_gives_each_run_its_own_folder(tmp_path, monkeypatch):
+    """Sweep runs of one preset must not meet each other's checkpoints (the overwrite guard
+    would stop the second): --run_id moves every output under <root>/<run id>."""
+    from midol.cli import resolve_run_id, run_lightning
+    from midol.errors import UsageError
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WANDB_RUN_ID", "abc123")
+    cli = run_lightning(["--config", "configs/pretrain/demo.yaml", "--run_id", "auto",
+                         "--trainer.default_root_dir", str(tmp_path / "runs")], run=False)
+    root = tmp_path / "runs" / "abc123"
+    assert cli.trainer.default_root_dir == str(root)
+    ckpts = {cb.dirpath for cb in cli.trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"}
+    assert ckpts == {str(root / "checkpoints")}
+    assert cli.trainer.logger.save_dir == str(root)
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert len(resolve_run_id("auto")) == len("20261203-084100")
+    with pytest.raises(UsageError, match="one folder name"):
+        resolve_run_id("a/b")
