@@ -356,6 +356,10 @@ def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LoggedSaveConfig,
+        # midol's modules build their own optimiser groups (no decay on norms and biases, layer
+        # decay) and set the lr every step from their schedule: LightningCLI's --optimizer /
+        # --lr_scheduler would silently replace the groups and be overwritten by the schedule
+        auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=tokens,
         run=run,

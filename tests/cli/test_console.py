@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import lightning
 import timm
@@ -58,3 +59,15 @@ def test_threads_option_and_busy_machine_warning(monkeypatch):
             apply_threads(None)  # an idle machine: no warning
     finally:
         torch.set_num_threads(before)
+
+
+def test_optimizer_and_lr_scheduler_options_are_not_offered(capsys, monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    for option in ("--optimizer", "--lr_scheduler"):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--config", "configs/pretrain/demo.yaml", option, "torch.optim.SGD"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert option.lstrip("-") in err and "unrecognized" in err.lower(), err[-500:]

@@ -14,6 +14,7 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
   ``save_last: true, save_top_k: 0`` wrote nothing until the run ended): the fixtures'
   checkpoint entries were updated to the new settings, and nothing else in them;
 * new options with their defaults (the values that reproduce 0.1.0): ``NEW_OPTIONS``;
+* LightningCLI's ``optimizer`` / ``lr_scheduler`` (null in 0.1.0) are gone: ``REMOVED_OPTIONS``;
 * ``midol_authors_code`` deliberately changed to the released code's values
   (``AUTHORS_CODE_CHANGES``, the M-IDoL fidelity issue).
 """
@@ -44,6 +45,10 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
 }
 
+
+# LightningCLI's own --optimizer / --lr_scheduler: 0.1.0 printed them (null); midol no longer
+# offers them, since its modules build their own optimiser groups and schedules.
+REMOVED_OPTIONS = ("optimizer", "lr_scheduler")
 
 AUTHORS_CODE_CHANGES = {
     "model.init_args.num_experts": 4, "model.init_args.top_k": 4,
@@ -106,6 +111,8 @@ def test_preset_resolves_to_what_0_1_0_printed(fixture: Path, monkeypatch) -> No
     if "_seg" in fixture.stem and "paper" in fixture.stem:  # the paper's Dice selects
         old["trainer.callbacks[0].init_args.monitor"] = "val/dice_per_image"
         old["model.init_args.select_metric"] = "dice_per_image"
+    for removed in REMOVED_OPTIONS:  # never part of a midol recipe (they were ignored)
+        assert old.pop(removed, None) is None
     if fixture.stem == "pretrain__midol_authors_code":
         old.update({k: v for k, v in AUTHORS_CODE_CHANGES.items() if k in old})
         new = {k: v for k, v in new.items() if k not in AUTHORS_CODE_CHANGES or k in old}
