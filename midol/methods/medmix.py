@@ -299,12 +299,12 @@ class MedMIX(BaseMethod):
     def _cached(self, spec: ExpertSpec, model: nn.Module | None, size: int, files: list[str | None],
                 desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hparams
-        holder: dict[str, Any] = {"model": model}
+        encoders: list[Any] = [] if model is None else [feature_encoder(model)]
 
         def encode(images: torch.Tensor) -> torch.Tensor:
-            if holder["model"] is None:  # a teacher: built only when the cache misses
-                holder["model"] = build_expert(spec)[0].to(self.device)
-            return feature_encoder(holder["model"])(images)
+            if not encoders:  # a teacher: built only when the cache misses
+                encoders.append(feature_encoder(build_expert(spec)[0].to(self.device)))
+            return encoders[0](images)
 
         # A cache miss builds loaders and models, which draw from the global RNG: without the
         # fork, the fusion network's initialisation would depend on whether the cache was warm.
