@@ -28,13 +28,17 @@ def dino_cross_entropy(
     # float64 inputs (gradient checks) stay float64, and the centre follows the inputs.
     dtype = torch.promote_types(torch.promote_types(teacher_out[0].dtype, student_out[0].dtype),
                                 torch.float32)
-    center = center.to(dtype)
-    targets = torch.stack(
-        [((t.detach().to(dtype) - center) / teacher_temp).softmax(dim=-1) for t in teacher_out]
-    )
-    log_probs = torch.stack([(s.to(dtype) / student_temp).log_softmax(dim=-1) for s in student_out])
-    cross = -torch.einsum("gbd,jbd->jg", targets, log_probs)
-    return sum_over_cross_view_pairs(cross) / (pairs * log_probs.shape[1])
+    # ... and autocast off: it would run the einsum in bf16 whatever the dtype of its inputs.
+    with torch.autocast(device_type=student_out[0].device.type, enabled=False):
+        center = center.to(dtype)
+        targets = torch.stack(
+            [((t.detach().to(dtype) - center) / teacher_temp).softmax(dim=-1) for t in teacher_out]
+        )
+        log_probs = torch.stack(
+            [(s.to(dtype) / student_temp).log_softmax(dim=-1) for s in student_out]
+        )
+        cross = -torch.einsum("gbd,jbd->jg", targets, log_probs)
+        return sum_over_cross_view_pairs(cross) / (pairs * log_probs.shape[1])
 
 
 class DINOLoss(nn.Module):

@@ -75,29 +75,32 @@ def expert_infonce_loss(
             f"expert_infonce_loss: with {num_student} student and {teacher.shape[0]} teacher "
             "view(s) some student view has no other teacher view to pair with"
         )
-    views = cross_view_mask(num_student, teacher.shape[0], student.device)
-    x = F.normalize(student.float(), dim=-1)
-    y = F.normalize(teacher.detach().float(), dim=-1)
-    y_all = gather_no_grad(y.transpose(0, 1).contiguous()).transpose(0, 1)  # Mt x Bg x D
-    assignment_all = gather_no_grad(assignment)
-    not_same_view = ~views[:, None, :, None]  # Ms x 1 x Mt x 1
+    # Autocast would run the einsums below in bf16 despite the .float() casts (its op lists
+    # re-cast their inputs); the logits are sharpened by 1/temperature, so stay in float32.
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        views = cross_view_mask(num_student, teacher.shape[0], student.device)
+        x = F.normalize(student.float(), dim=-1)
+        y = F.normalize(teacher.detach().float(), dim=-1)
+        y_all = gather_no_grad(y.transpose(0, 1).contiguous()).transpose(0, 1)  # Mt x Bg x D
+        assignment_all = gather_no_grad(assignment)
+        not_same_view = ~views[:, None, :, None]  # Ms x 1 x Mt x 1
 
-    # Denominator of Eq. 19: every image of the same expert, teacher views k != j.
-    logits = torch.einsum("jbd,kcd->jbkc", x, y_all) / temperature  # Ms x B x Mt x Bg
-    other_expert = (assignment[:, None] != assignment_all[None, :])[None, :, None, :]
-    denominator = logits.masked_fill(not_same_view | other_expert, float("-inf"))
-    denominator = denominator.flatten(2).logsumexp(dim=2)  # Ms x B
-    # Numerator: the same image's teacher views k != j.
-    positives = torch.einsum("jbd,kbd->jbk", x, y) / temperature
-    numerator = positives.masked_fill(~views[:, None, :], float("-inf")).logsumexp(dim=2)
+        # Denominator of Eq. 19: every image of the same expert, teacher views k != j.
+        logits = torch.einsum("jbd,kcd->jbkc", x, y_all) / temperature  # Ms x B x Mt x Bg
+        other_expert = (assignment[:, None] != assignment_all[None, :])[None, :, None, :]
+        denominator = logits.masked_fill(not_same_view | other_expert, float("-inf"))
+        denominator = denominator.flatten(2).logsumexp(dim=2)  # Ms x B
+        # Numerator: the same image's teacher views k != j.
+        positives = torch.einsum("jbd,kbd->jbk", x, y) / temperature
+        numerator = positives.masked_fill(~views[:, None, :], float("-inf")).logsumexp(dim=2)
 
-    per_image = (numerator - denominator).sum(dim=0)  # sum over student views j
-    local_sums = per_image.new_zeros(num_experts).index_add_(0, assignment, per_image)
-    # index_add_, not bincount, and no boolean indexing: both read values back to the host
-    local_counts = per_image.new_zeros(num_experts).index_add_(0, assignment, torch.ones_like(per_image))
-    counts = all_reduce_sum(local_counts.detach())
-    nonempty = counts > 0
-    # an expert with no image has local_sums = 0, so it adds 0 to the sum
-    per_expert = -local_sums / (counts.clamp(min=1) * num_student)
-    experts = nonempty.sum().clamp(min=1) if expert_mean == "nonempty" else num_experts
-    return per_expert.sum() / experts * world_size()
+        per_image = (numerator - denominator).sum(dim=0)  # sum over student views j
+        local_sums = per_image.new_zeros(num_experts).index_add_(0, assignment, per_image)
+        # index_add_, not bincount, and no boolean indexing: both read values back to the host
+        local_counts = per_image.new_zeros(num_experts).index_add_(0, assignment, torch.ones_like(per_image))
+        counts = all_reduce_sum(local_counts.detach())
+        nonempty = counts > 0
+        # an expert with no image has local_sums = 0, so it adds 0 to the sum
+        per_expert = -local_sums / (counts.clamp(min=1) * num_student)
+        experts = nonempty.sum().clamp(min=1) if expert_mean == "nonempty" else num_experts
+        return per_expert.sum() / experts * world_size()

@@ -44,13 +44,18 @@ def routing_cross_entropy(
     if form not in ("student_weighted", "teacher_target"):
         raise ValueError(f"unknown routing loss form {form!r}")
     pairs = count_cross_view_pairs(len(student_logits), teacher_log_probs.shape[0], "routing loss")
-    log_a_s = torch.stack([(s.float() / student_temp).log_softmax(dim=-1) for s in student_logits])
-    batch = log_a_s.shape[1]
-    if form == "student_weighted":
-        cross = -torch.einsum("jbn,gbn->jg", log_a_s.exp(), teacher_log_probs)
-    else:
-        cross = -torch.einsum("gbn,jbn->jg", teacher_log_probs.exp(), log_a_s)
-    return sum_over_cross_view_pairs(cross) / (pairs * batch)
+    # Autocast off: it would run the einsums in bf16 despite the .float() casts.
+    with torch.autocast(device_type=teacher_log_probs.device.type, enabled=False):
+        log_a_t = teacher_log_probs.float()
+        log_a_s = torch.stack(
+            [(s.float() / student_temp).log_softmax(dim=-1) for s in student_logits]
+        )
+        batch = log_a_s.shape[1]
+        if form == "student_weighted":
+            cross = -torch.einsum("jbn,gbn->jg", log_a_s.exp(), log_a_t)
+        else:
+            cross = -torch.einsum("gbn,jbn->jg", log_a_t.exp(), log_a_s)
+        return sum_over_cross_view_pairs(cross) / (pairs * batch)
 
 
 def routing_consistency_loss(

@@ -43,12 +43,14 @@ def log_sinkhorn_knopp(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) 
     if eps <= 0:
         raise ValueError(f"sinkhorn_knopp needs eps > 0, got {eps}")
     # float32 even under bf16 autocast: the exponent range of bf16 is fine but its 8-bit
-    # mantissa makes the balance visibly inexact.
-    x = logits.detach().float() / eps
-    for _ in range(iters):
-        x = x - _logsumexp_over_global_batch(x)
-        x = x.log_softmax(dim=1)
-    return x
+    # mantissa makes the balance visibly inexact. Autocast is turned off as well, so that no op
+    # here is ever re-cast to bf16 by an autocast op list.
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.detach().float() / eps
+        for _ in range(iters):
+            x = x - _logsumexp_over_global_batch(x)
+            x = x.log_softmax(dim=1)
+        return x
 
 
 def sinkhorn_knopp(logits: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
@@ -78,18 +80,20 @@ def log_sinkhorn_knopp_authors(logits: torch.Tensor, eps: float = 0.05, iters: i
     if iters < 1 or eps <= 0:
         raise ValueError(f"sinkhorn_knopp needs iters >= 1 and eps > 0, got {iters}, {eps}")
     tiny = AUTHORS_FLOOR
-    x = logits.detach().float()
-    x = x - x.amax(dim=1, keepdim=True)
-    q = torch.exp(x / eps).clamp_min(tiny)  # B x N (their Q is its transpose)
-    q = q / (q.sum() + tiny)
-    num_experts, global_batch = q.shape[1], q.shape[0] * world_size()
-    for _ in range(iters):
-        q = q / (all_reduce_sum(q.sum(dim=0, keepdim=True)) + tiny) / num_experts
-        q = q / (q.sum(dim=1, keepdim=True) + tiny) / global_batch
-        q = q.clamp_min(tiny)
-    q = (q * global_batch).clamp_min(tiny)
-    q = (q / (q.sum(dim=1, keepdim=True) + tiny)).clamp_min(tiny)
-    return q.log()
+    # float32, autocast off (as in log_sinkhorn_knopp)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.detach().float()
+        x = x - x.amax(dim=1, keepdim=True)
+        q = torch.exp(x / eps).clamp_min(tiny)  # B x N (their Q is its transpose)
+        q = q / (q.sum() + tiny)
+        num_experts, global_batch = q.shape[1], q.shape[0] * world_size()
+        for _ in range(iters):
+            q = q / (all_reduce_sum(q.sum(dim=0, keepdim=True)) + tiny) / num_experts
+            q = q / (q.sum(dim=1, keepdim=True) + tiny) / global_batch
+            q = q.clamp_min(tiny)
+        q = (q * global_batch).clamp_min(tiny)
+        q = (q / (q.sum(dim=1, keepdim=True) + tiny)).clamp_min(tiny)
+        return q.log()
 
 
 def log_balanced_routing(
