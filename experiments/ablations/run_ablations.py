@@ -87,14 +87,15 @@ def first_values(metrics_csv: Path, keys: list[str], head: int = 5) -> dict[str,
     return out
 
 
-def train_row(cfg: dict[str, Any], out: Path) -> tuple[Path, list[str], float]:
+def train_row(cfg: dict[str, Any], out: Path, overwrite: bool = False) -> tuple[Path, list[str], float]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        midol_main(["fit", "--config", str(path)])
+        # an earlier run's checkpoints in this row's folder stop midol fit unless --overwrite
+        midol_main(["fit", "--config", str(path), *(["--overwrite", "true"] if overwrite else [])])
     monitor = [str(w.message) for w in caught if "RoutingMonitor:" in str(w.message)]
     return out / "checkpoints" / "last.ckpt", monitor, time.time() - start
 
@@ -174,6 +175,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-modality", type=int, default=200, help="routing images per modality")
     p.add_argument("--skip-random", action="store_true", help="no random-init reference row")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain rows whose output folder already holds checkpoints (else refused)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 avoids oversubscription on a shared CPU)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loading workers")
@@ -242,7 +245,7 @@ def main() -> int:
         # one folder per row and seed: runs of several seeds at once must not share checkpoints
         out = REPO / "outputs" / "ablations" / f"{row['name']}_seed{ns.seed}"
         cfg = row_config(base, row, out, ns.max_epochs, ns.seed)
-        ckpt, monitor_warnings, seconds = train_row(cfg, out)
+        ckpt, monitor_warnings, seconds = train_row(cfg, out, ns.overwrite)
         start = time.time()
         module = load_pretrain_module(ckpt)
         result: dict[str, Any] = {"name": row["name"], "label": row["label"], "group": row["group"],
