@@ -39,7 +39,7 @@ def build_backbone(
     if init_checkpoint is not None:
         load_backbone_weights(model, init_checkpoint)
     if grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)  # type: ignore[operator]  # timm models define it
     return model
 
 
@@ -57,10 +57,11 @@ def enable_dynamic_size(model: nn.Module) -> nn.Module:
         patch_embed.strict_img_size = False
     for module in model.modules():
         if hasattr(module, "dynamic_mask"):
-            module.dynamic_mask = True
-            module.attn_mask = None  # the stored mask is never read again: free it
+            block: Any = module  # a timm Swin block: attributes mypy cannot see on nn.Module
+            block.dynamic_mask = True
+            block.attn_mask = None  # the stored mask is never read again: free it
             if _builds_shifted_window_masks(module):
-                module.get_attn_mask = CachedAttnMask(module)
+                block.get_attn_mask = CachedAttnMask(module)
     return model
 
 
@@ -91,11 +92,12 @@ class CachedAttnMask:
     max_entries = 32  # FIFO beyond this: inference over many sizes must not grow it unboundedly
 
     def __init__(self, block: nn.Module):
-        self.block = block
+        self.block: Any = block
         self.cache: dict[tuple[Any, ...], torch.Tensor | None] = {}
 
     def _build(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-        return type(self.block).get_attn_mask(self.block, *args, **kwargs)
+        mask: torch.Tensor | None = type(self.block).get_attn_mask(self.block, *args, **kwargs)
+        return mask
 
     def __call__(
         self,
