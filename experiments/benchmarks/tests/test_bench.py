@@ -72,10 +72,15 @@ def test_sync_audit_finds_no_unintended_sync_in_the_module(step_results) -> None
     assert audited
     for r in audited:
         sites = "\n".join(r.sync_sites)
-        module_sites = [s for s in r.sync_sites if "methods/pretrain.py" in s]
+        module_sites = [s for s in r.sync_sites if "methods/" in s]
+        assert module_sites, sites  # the audit sees the method's frames (not a vacuous filter)
         # The non-finite check reads one bool per step on purpose; nothing else in the module
-        # (no bincount, no float logging, no progress-bar read-back) may sync.
-        assert all("_check_finite" in s for s in module_sites), sites
+        # (no bincount, no float logging, no progress-bar read-back) may sync. The one allowed
+        # exception is torch's own non-fused AdamW on CPU, which reads every parameter's step
+        # counter inside optimizer.step (on CUDA midol uses fused AdamW: no read-back).
+        unexpected = [s for s in module_sites if "check_finite" not in s
+                      and not (s.rstrip().endswith("optimizer_step") and "cpu" in ARGS)]
+        assert not unexpected, sites
         # The losses need no host read-back either (pair counts are known on the host, expert
         # counts use index_add_, no boolean-mask indexing).
         assert not [s for s in r.sync_sites if "losses/" in s], sites
