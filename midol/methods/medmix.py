@@ -630,24 +630,19 @@ def _select(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
 
 
 def patient_batch(table: Any, rows: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The datamodule's batch for table ``rows`` without pixels (evaluation from the cache)."""
-    idx = rows.numpy()
-    batch: dict[str, Any] = {"index": rows.to(device),
-                             "present": torch.as_tensor(table.present[idx]).to(device)}
-    targets = torch.as_tensor(table.targets[idx])
-    batch["target"] = targets.to(device)
-    tabular, embedding = {}, {}
-    for spec in table.inputs:
-        if spec.kind == "tabular":
-            a = table.tabular(spec.name)
-            tabular[spec.name] = {"numeric": torch.as_tensor(a.numeric[idx]).to(device),
-                                  "numeric_present": torch.as_tensor(a.numeric_present[idx]).to(device),
-                                  "categorical": torch.as_tensor(a.categorical[idx]).to(device)}
-        elif spec.kind == "embedding":
-            embedding[spec.name] = torch.as_tensor(table.embeddings(spec.name)[idx]).to(device)
-    if tabular:
-        batch["tabular"] = tabular
-    if embedding:
-        batch["embedding"] = embedding
-    return batch
+    """The datamodule's batch for table ``rows`` without pixels (evaluation from the cache):
+    the same items :class:`~midol.data.patient_datamodule.PatientDataset` gives a loader."""
+    from torch.utils.data import default_collate
+
+    from midol.data.patient_datamodule import PatientDataset
+
+    dataset = PatientDataset(table, rows.numpy(), load_images=False)
+    batch = default_collate([dataset[i] for i in range(len(dataset))])
+    return _to_device(batch, device)
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value.to(device)
 
