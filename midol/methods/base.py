@@ -28,6 +28,8 @@ from midol.utils.dist import all_reduce_max, rank, world_size
 
 ClipMode = Literal["global", "per_param"]
 NonFinite = Literal["raise", "skip"]
+NonFiniteCheck = Literal["every_step", "one_step_late"]
+CompileSetting = bool | Literal["auto"]
 
 
 class BaseMethod(L.LightningModule):
@@ -48,11 +50,18 @@ class BaseMethod(L.LightningModule):
             gradients together, Lightning's) or ``per_param`` (each parameter tensor's norm, as
             DINO's ``clip_gradients`` and the M-IDoL authors' code).
         compile: ``torch.compile`` the modules the method names (static shapes) when the Trainer
-            sets the model up; checkpoint keys are unchanged.
+            sets the model up; checkpoint keys are unchanged. ``auto``: compile when the
+            Trainer runs on CUDA (the Swin-B presets), eager elsewhere.
         nonfinite: What a NaN/inf loss does: ``raise`` stops with a ``FloatingPointError``
             naming the loss term(s) and the global step; ``skip`` warns and skips that optimiser
             step (no parameter, teacher or optimiser-moment update; the step still counts for
             the schedules). The check reads one bool per step back to the host.
+        nonfinite_check: When the flag is read: ``every_step`` (before the step's backward: a
+            host sync per step) or ``one_step_late`` (only with ``nonfinite: raise``): the flag
+            is copied to pinned memory without blocking and read at the next step, or before a
+            checkpoint is written, so the host never waits for the device in a normal step. A
+            bad step then has updated the weights once before the run stops, but no checkpoint
+            holds that update.
         max_nonfinite_skips: With ``skip``, stop anyway after this many consecutive skipped steps.
         grad_norm_every: Every this many optimiser steps log ``grad/norm_before_clip`` and
             ``grad/norm_after_clip`` (all trainable parameters) and, where the method names
@@ -71,8 +80,9 @@ class BaseMethod(L.LightningModule):
         weight_decay_end: float = 0.4,
         betas: tuple[float, float] = (0.9, 0.95),
         clip_mode: ClipMode = "global",
-        compile: bool = False,
+        compile: CompileSetting = False,
         nonfinite: NonFinite = "raise",
+        nonfinite_check: NonFiniteCheck = "every_step",
         max_nonfinite_skips: int = 10,
         grad_norm_every: int = 0,
     ) -> None:
@@ -84,6 +94,7 @@ class BaseMethod(L.LightningModule):
         # Base of the per-batch seed of the global RNG (seed_everything sets it).
         self._rng_base = torch.initial_seed()
         self._nonfinite_streak = 0
+        self._pending_check: _PendingCheck | None = None
         self._step_trained = False  # a batch of the current optimiser step had a finite loss
         self._skipped_this_epoch: list[str] = []
         self._steps_per_epoch = 1
@@ -106,14 +117,20 @@ class BaseMethod(L.LightningModule):
         ]
         raise_on_failed(h, checks)
         for name, allowed_values in (("clip_mode", ("global", "per_param")),
-                                     ("nonfinite", ("raise", "skip"))):
+                                     ("nonfinite", ("raise", "skip")),
+                                     ("nonfinite_check", ("every_step", "one_step_late")),
+                                     ("compile", (True, False, "auto"))):
             if h[name] not in allowed_values:
                 raise ValueError(f"{name} must be one of {allowed_values}, got {h[name]!r}")
+        if h.nonfinite_check == "one_step_late" and h.nonfinite == "skip":
+            raise ValueError("nonfinite_check: one_step_late needs nonfinite: raise (a step can "
+                             "only be skipped when its flag is read before its backward)")
         if not all(math.isfinite(float(h[k])) for k in ("base_lr", "min_lr", "weight_decay",
                                                          "weight_decay_end", "warmup_epochs")):
             raise ValueError("base_lr, min_lr, weight_decay(_end) and warmup_epochs must be finite")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._raise_pending_nonfinite()  # never write the update of a non-finite step
         # LightningCLI records the class; a checkpoint from a plain Trainer would otherwise load
         # back as the default method (M-IDoL) in load_method.
         # (a top-level key: ``_class_path`` among the hyper-parameters would reach __init__ in
@@ -221,10 +238,19 @@ class BaseMethod(L.LightningModule):
         if trained:
             self.after_optimizer_step(step)
 
+    def compile_enabled(self) -> bool:
+        """``compile`` resolved for this run's device (``auto``: on CUDA only)."""
+        setting = self.hparams.compile
+        if setting == "auto":
+            trainer = self._trainer
+            device = trainer.strategy.root_device if trainer is not None else self.device
+            return device.type == "cuda"
+        return bool(setting)
+
     def configure_model(self) -> None:
         # Here, not in __init__: runs in every process after launch (a compiled module does not
         # pickle for spawn) and leaves state_dict keys as they are (nn.Module.compile).
-        if self.hparams.compile:
+        if self.compile_enabled():
             for module in self.compile_targets():
                 if getattr(module, "_compiled_call_impl", None) is None:
                     module.compile(dynamic=False)
@@ -295,32 +321,89 @@ class BaseMethod(L.LightningModule):
     def check_finite(self, terms: dict[str, torch.Tensor], batch_idx: int) -> bool:
         """False when the step must be skipped; raises in ``nonfinite="raise"`` mode.
 
-        One host sync per step (the bool). Ranks agree (max over ranks), so under DDP all of
-        them skip or stop together instead of hanging in the gradient all-reduce."""
+        ``every_step``: one host sync per step (the bool). ``one_step_late``: the flag of this
+        step is read at the next call (or before a checkpoint), the previous one raises here.
+        Ranks agree (max over ranks), so under DDP all of them skip or stop together instead of
+        hanging in the gradient all-reduce."""
         values = torch.stack([t.detach().float() for t in terms.values()])
         bad = all_reduce_max((~torch.isfinite(values)).float())
+        where = (f"global step {self.global_step} (epoch {self.current_epoch}, "
+                 f"batch {batch_idx})")
+        if self.hparams.nonfinite_check == "one_step_late":
+            self._raise_pending_nonfinite()
+            self._pending_check = _PendingCheck.start(bad, values, list(terms), where)
+            return True
         if not bool(bad.any()):
             self._nonfinite_streak = 0
             return True
-        names = [name for name, b in zip(terms, bad.tolist()) if b]
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, values.tolist()))
-        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        message = f"non-finite loss {', '.join(names)} at {where}: {shown}"
-        if world_size() > 1:
-            message += f" (values on rank {rank()}; non-finite on at least one rank)"
-        hint = (
-            ". Usual causes: too high a learning rate, fp16 overflow (use precision: bf16-mixed), "
-            "or temperatures too low. See the Troubleshooting section of the README."
-        )
+        message = _nonfinite_message(list(terms), bad.tolist(), values.tolist(), where)
         if self.hparams.nonfinite == "raise":
             raise FloatingPointError(
-                message + hint + " To skip such steps instead, set model.init_args.nonfinite: skip"
+                message + _NONFINITE_HINT
+                + " To skip such steps instead, set model.init_args.nonfinite: skip"
             )
         self._nonfinite_streak += 1
         if self._nonfinite_streak > self.hparams.max_nonfinite_skips:
             raise FloatingPointError(
                 f"{message}: {self._nonfinite_streak} consecutive non-finite steps, more than "
-                f"max_nonfinite_skips={self.hparams.max_nonfinite_skips}" + hint
+                f"max_nonfinite_skips={self.hparams.max_nonfinite_skips}" + _NONFINITE_HINT
             )
         rank_zero_warn(f"{message}; skipping this optimiser step (nonfinite: skip)")
         return False
+
+    def _raise_pending_nonfinite(self) -> None:
+        """Read the flag of the last checked step (``one_step_late``) and raise if it was bad."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is None:
+            return
+        flags, values = pending.read()
+        if any(flags):
+            raise FloatingPointError(
+                _nonfinite_message(pending.names, flags, values, pending.where)
+                + " (read one step late, nonfinite_check: one_step_late; that step's update "
+                "was applied, no checkpoint holds it)" + _NONFINITE_HINT
+            )
+
+    def on_train_end(self) -> None:
+        self._raise_pending_nonfinite()
+
+
+_NONFINITE_HINT = (
+    ". Usual causes: too high a learning rate, fp16 overflow (use precision: bf16-mixed), "
+    "or temperatures too low. See the Troubleshooting section of the README."
+)
+
+
+def _nonfinite_message(names: list[str], flags: list[float], values: list[float],
+                       where: str) -> str:
+    bad = [name for name, b in zip(names, flags) if b]
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
+    message = f"non-finite loss {', '.join(bad)} at {where}: {shown}"
+    if world_size() > 1:
+        message += f" (values on rank {rank()}; non-finite on at least one rank)"
+    return message
+
+
+class _PendingCheck:
+    """A step's non-finite flags on their way to pinned host memory (no host wait)."""
+
+    def __init__(self, host: torch.Tensor, event: Any, names: list[str], where: str) -> None:
+        self.host, self.event, self.names, self.where = host, event, names, where
+
+    @classmethod
+    def start(cls, bad: torch.Tensor, values: torch.Tensor, names: list[str],
+              where: str) -> _PendingCheck:
+        flags = torch.cat([bad, values]).detach()
+        if flags.device.type != "cuda":
+            return cls(flags.cpu(), None, names, where)
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event, names, where)
+
+    def read(self) -> tuple[list[float], list[float]]:
+        if self.event is not None:
+            self.event.synchronize()  # waits for the previous step's loss only
+        n = len(self.names)
+        return self.host[:n].tolist(), self.host[n:].tolist()

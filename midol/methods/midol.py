@@ -21,9 +21,11 @@ from midol.losses import (
 from midol.losses.routing import RouteForm
 from midol.methods.interfaces import ExpertChoice, Routing, StepOutput
 from midol.methods.momentum import MomentumMethod, frozen_copy
+from midol.methods.speed import resolve_checkpointing
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
+from midol.models.speed_switches import set_fused_attention
 from midol.optim.schedules import linear_warmup
 
 
@@ -54,6 +56,11 @@ class MIDoL(MomentumMethod):
         init_checkpoint: Local weights to start the student (and teacher) from; the authors
             used ImageNet-22k Swin-B weights.
         grad_checkpointing: Activation checkpointing in the backbone (memory for ~1/3 compute).
+            ``auto``: decided at the first training batch from its size and the device's
+            memory (:mod:`midol.models.speed_switches`; off on CPU, on for a backbone without
+            a memory coefficient, with a warning).
+        fused_attn: Run the backbone's timm attention through ``scaled_dot_product_attention``
+            (for Swin what ``TIMM_FUSED_ATTN=2`` does); None leaves timm's choice.
         use_moe: False gives the plain DINO baseline (paper Table 2 row 1): one FFN of the
             same shape instead of N routed experts, no router, no L_route.
         num_experts: N, one per latent modality (paper: 5).
@@ -110,7 +117,8 @@ class MIDoL(MomentumMethod):
         backbone: str = DEFAULT_BACKBONE,
         backbone_kwargs: dict[str, Any] | None = None,
         init_checkpoint: str | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | Literal["auto"] = False,
+        fused_attn: bool | None = None,
         use_moe: bool = True,
         num_experts: int = 5,
         top_k: int = 1,
@@ -148,7 +156,10 @@ class MIDoL(MomentumMethod):
         super().__init__(**kwargs)
         self._validate()
         self.num_experts = num_experts if use_moe else 1
-        student_backbone = build_backbone(backbone, backbone_kwargs, init_checkpoint, grad_checkpointing)
+        student_backbone = build_backbone(backbone, backbone_kwargs, init_checkpoint,
+                                          grad_checkpointing is True)
+        if fused_attn is not None:
+            set_fused_attention(student_backbone, fused_attn)
         projector = MoEProjector(
             in_dim=student_backbone.num_features,
             num_experts=self.num_experts,
@@ -166,6 +177,7 @@ class MIDoL(MomentumMethod):
             router_bias=router_bias,
         )
         self.student = nn.ModuleDict({"backbone": student_backbone, "projector": projector})
+        self._checkpointing_resolved = False
         self.teacher = frozen_copy(self.student)
         self.train(self.training)  # the teacher's mode follows teacher_mode from construction
         self.dino_loss = (
@@ -174,6 +186,9 @@ class MIDoL(MomentumMethod):
 
     def _validate(self) -> None:
         h = self.hparams
+        if h.grad_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"grad_checkpointing must be true, false or 'auto', got "
+                             f"{h.grad_checkpointing!r}")
         if h.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {h.num_experts}")
         if h.use_moe and not 1 <= h.top_k <= h.num_experts:
@@ -219,6 +234,13 @@ class MIDoL(MomentumMethod):
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.student["backbone"], self.teacher["backbone"]]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.hparams.grad_checkpointing == "auto" and not self._checkpointing_resolved:
+            self._checkpointing_resolved = True
+            on = resolve_checkpointing(self, self.hparams.backbone, batch["views"])
+            self.student["backbone"].set_grad_checkpointing(on)
 
     def teacher_temp_at(self, step: int) -> float:
         h = self.hparams

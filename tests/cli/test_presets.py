@@ -15,6 +15,9 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
   checkpoint entries were updated to the new settings, and nothing else in them;
 * new options with their defaults (the values that reproduce 0.1.0): ``NEW_OPTIONS``;
 * LightningCLI's ``optimizer`` / ``lr_scheduler`` (null in 0.1.0) are gone: ``REMOVED_OPTIONS``;
+* the Swin-B pre-training presets pick the fast settings for the hardware (issue 12):
+  ``SWIN_B_SPEED`` (compile and activation checkpointing ``auto``, the non-finite flag read
+  one step late);
 * ``midol_authors_code`` deliberately changed to the released code's values
   (``AUTHORS_CODE_CHANGES``, the M-IDoL fidelity issue).
 """
@@ -43,6 +46,11 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.select_metric": "dice", "init_args.dex_mode": None, "init_args.decoder_type": "fpn",
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
     ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
+    "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
+}
+SWIN_B_SPEED = {
+    "model.init_args.compile": "auto", "model.init_args.grad_checkpointing": "auto",
+    "model.init_args.nonfinite_check": "one_step_late",
 }
 
 
@@ -118,6 +126,10 @@ def test_preset_resolves_to_what_0_1_0_printed(fixture: Path, monkeypatch) -> No
         new = {k: v for k, v in new.items() if k not in AUTHORS_CODE_CHANGES or k in old}
         assert all(new_value == AUTHORS_CODE_CHANGES[k] for k, new_value in
                    flat(print_config(config)).items() if k in AUTHORS_CODE_CHANGES)
+    if new.get("model.init_args.backbone") == "swin_base_patch4_window7_224" and "pretrain" in fixture.stem:
+        assert {k: new.get(k) for k in SWIN_B_SPEED} == SWIN_B_SPEED
+        old.update({k: v for k, v in SWIN_B_SPEED.items() if k in old})
+        new = {k: v for k, v in new.items() if k not in SWIN_B_SPEED or k in old}
     changed = {k: (old[k], new.get(k, "<missing>")) for k in old if new.get(k, "<missing>") != old[k]}
     assert changed == {}
     added = {k: v for k, v in new.items() if k not in old}

@@ -111,3 +111,53 @@ def test_nonfinite_options_are_validated() -> None:
         tiny_module(nonfinite="ignore")
     with pytest.raises(ValueError, match="max_nonfinite_skips"):
         tiny_module(max_nonfinite_skips=-1)
+
+
+def test_one_step_late_check_raises_at_the_next_step_naming_the_bad_one(monkeypatch) -> None:
+    _nan_from_call(monkeypatch, "expert_infonce_loss", {3})  # global step 2
+    seen: list[int] = []
+
+    class _Steps(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(trainer.global_step)
+
+    with pytest.raises(FloatingPointError) as err:
+        _trainer(callbacks=[_Steps()]).fit(tiny_module(nonfinite_check="one_step_late"),
+                                           datamodule=tiny_datamodule())
+    message = str(err.value)
+    assert "non-finite loss l_cst, total at global step 2 (epoch 0, batch 2)" in message
+    assert "read one step late" in message
+    assert seen == [0, 1, 2, 3]  # detected in step 3's check, before its backward
+
+
+def test_one_step_late_check_stops_before_a_checkpoint_holds_the_bad_update(
+    monkeypatch, tmp_path
+) -> None:
+    _nan_from_call(monkeypatch, "expert_infonce_loss", {2})  # global step 1
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer = _trainer(enable_checkpointing=True, callbacks=[ckpt], max_steps=4)
+    module = tiny_module(nonfinite_check="one_step_late")
+    # The checkpoint after step 1 would hold step 1's update: it is refused, and nothing from
+    # step 1 on is written.
+    with pytest.raises(FloatingPointError, match="at global step 1 .*read one step late"):
+        trainer.fit(module, datamodule=tiny_datamodule())
+    assert list(tmp_path.glob("*.ckpt")) == []
+
+
+def test_one_step_late_check_trains_exactly_as_the_every_step_check() -> None:
+    states = []
+    for check in ("every_step", "one_step_late"):
+        L.seed_everything(0)
+        module = tiny_module(nonfinite_check=check)
+        _trainer(max_steps=3).fit(module, datamodule=tiny_datamodule())
+        states.append({k: v.clone() for k, v in module.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], tiny_module().state_dict()[k]) for k in states[0])
+
+
+def test_one_step_late_needs_raise() -> None:
+    with pytest.raises(ValueError, match="one_step_late needs nonfinite: raise"):
+        tiny_module(nonfinite="skip", nonfinite_check="one_step_late")
+    with pytest.raises(ValueError, match="nonfinite_check must be"):
+        tiny_module(nonfinite_check="sometimes")
