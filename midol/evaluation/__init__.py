@@ -1,0 +1,1 @@
+"""midol eval: frozen-backbone evaluation (metrics, protocols, suites, reports)."""
