@@ -35,7 +35,7 @@ from midol.run_guard import (
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
 TOOLS: dict[str, str] = {"export": "midol.tools.cmd_export", "route": "midol.tools.cmd_route",
                          "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard",
-                         "robustness": "midol.tools.cmd_robustness"}
+                         "robustness": "midol.tools.cmd_robustness", "eval": "midol.tools.cmd_eval"}
 
 
 class MidolCLI(LightningCLI):

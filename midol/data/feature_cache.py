@@ -114,16 +114,18 @@ class _DecodeDataset(Dataset):
     Failures come back as values rather than warnings because warnings raised in DataLoader
     workers never reach the caller."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor]):
+    def __init__(self, paths: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor],
+                 load: Callable[[str], np.ndarray] = load_image):
         self.paths = list(paths)
         self.transform = transform
+        self.load = load
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = load_image(self.paths[i])
+            image = self.load(self.paths[i])
         except UnreadableImageError as err:
             return i, None, err.reason
         return i, self.transform(image), None
@@ -160,6 +162,8 @@ class FeatureCache:
         batch_size: int = 64,
         num_workers: int = 0,
         desc: str = "features",
+        fingerprints: Sequence[str | None] | None = None,
+        load: Callable[[str], np.ndarray] = load_image,
     ) -> CachedFeatures:
         """Features of ``files`` (``N x D`` float32 CPU), encoding only files not yet cached.
 
@@ -167,6 +171,10 @@ class FeatureCache:
         mode are the caller's); it runs under ``torch.no_grad()``. ``None`` entries, missing
         files and undecodable images give ``ok`` False and NaN rows (the latter two warned
         about with :class:`UnreadableImageWarning`).
+
+        Items that are not files (rows of an ``.npz`` array) pass their own ``fingerprints``
+        (one per item, e.g. ``'<npz fingerprint>#test[17]'``) and a ``load`` that maps an entry
+        of ``files`` to a uint8 ``H x W x 3`` image; ``load`` must pickle for ``num_workers > 0``.
 
         Raises:
             ValueError: encoder output not 2-D or of another width than the cached entry, or
@@ -178,16 +186,19 @@ class FeatureCache:
         entry = self._load(entry_dir, encoder_key, transform_key, warn=True)
         cached = entry.index
 
+        given = list(fingerprints) if fingerprints is not None else None
+        if given is not None and len(given) != n:
+            raise ValueError(f"{desc}: {len(given)} fingerprints for {n} items")
         # Files are keyed by fingerprint, so a file listed twice (or via a symlink) is encoded once.
-        fingerprints: list[str | None] = []
+        keys: list[str | None] = []
         todo: dict[str, str] = {}  # fingerprint -> path to decode
         bad_paths: dict[str, None] = {}  # ordered set of unreadable paths
-        for f in files:
-            if f is None:
-                fingerprints.append(None)
+        for pos, f in enumerate(files):
+            if f is None or (given is not None and given[pos] is None):
+                keys.append(None)
                 continue
             try:
-                fp = file_fingerprint(f)
+                fp = str(given[pos]) if given is not None else file_fingerprint(f)
             except OSError as err:
                 if str(f) not in bad_paths:
                     why = "no such file" if isinstance(err, FileNotFoundError) else repr(err)
@@ -197,9 +208,9 @@ class FeatureCache:
                         stacklevel=2,
                     )
                     bad_paths[str(f)] = None
-                fingerprints.append(None)
+                keys.append(None)
                 continue
-            fingerprints.append(fp)
+            keys.append(fp)
             if fp not in cached and fp not in todo:
                 todo[fp] = str(f)
 
@@ -214,21 +225,22 @@ class FeatureCache:
             batch_size=batch_size,
             num_workers=num_workers,
             desc=desc,
+            load=load,
         )
         # Every path spelling of a file that failed to decode is reported, in input order.
-        for f, maybe_fp in zip(files, fingerprints, strict=True):
+        for f, maybe_fp in zip(files, keys, strict=True):
             if maybe_fp is not None and maybe_fp in failed_fps:
                 bad_paths.setdefault(str(f), None)
 
         dim = entry.dim if entry.dim is not None else _first_dim(new_rows)
-        reused_fps = {fp for fp in fingerprints if fp is not None and fp in cached}
+        reused_fps = {fp for fp in keys if fp is not None and fp in cached}
         if dim is None or (not new_rows and not reused_fps):
             raise ValueError(f"no readable image among {n} files for {desc}")
 
         out = torch.full((n, dim), math.nan, dtype=torch.float32)
         ok = torch.zeros(n, dtype=torch.bool)
         stored = torch.from_numpy(entry.features) if reused_fps else None
-        for i, maybe_fp in enumerate(fingerprints):
+        for i, maybe_fp in enumerate(keys):
             if maybe_fp is None:
                 continue
             if maybe_fp in new_rows:
@@ -253,6 +265,7 @@ class FeatureCache:
         batch_size: int,
         num_workers: int,
         desc: str,
+        load: Callable[[str], np.ndarray] = load_image,
     ) -> tuple[dict[str, torch.Tensor], set[str]]:
         """Encode ``todo`` (fingerprint -> path) and append the rows to the entry; returns the
         new rows (fingerprint -> D float32) and the fingerprints whose image failed to decode."""
@@ -263,7 +276,7 @@ class FeatureCache:
         fps = list(todo)
         paths = [todo[fp] for fp in fps]
         loader = DataLoader(
-            _DecodeDataset(paths, transform),
+            _DecodeDataset(paths, transform, load),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,

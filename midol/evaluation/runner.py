@@ -1,0 +1,260 @@
+"""The evaluation loop of ``midol eval``: every task x backbone read-out x protocol setting x
+seeded draw, scored on the task's test split, summarised with bootstrap CIs and compared in
+pairs (same test samples, same draws, same resamples).
+
+Protocols (their settings are named in every table and ``runs.csv`` row):
+
+* ``knn``: DINO's weighted kNN on the full training split, one setting per ``k``.
+* ``linear``: multinomial logistic regression on the full training split (its C chosen on the
+  validation split, inner CV when the task has none).
+* ``fewshot``: the same linear probe on ``k`` labelled examples per class (``shots=k``) and on
+  label fractions (``fraction=f``), ``seeds`` draws each. Draws depend only on the labels,
+  the patients and the seed, so every backbone is scored on the same draws.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from midol.evaluation import stats
+from midol.evaluation.features import Embedder, LoadedBackbone
+from midol.evaluation.fewshot import Draw, draw_subset, skipped_shots
+from midol.evaluation.metrics import METRICS, metric_values
+from midol.evaluation.protocols import knn_scores, linear_scores
+from midol.evaluation.suite import Suite, TaskData, load_task
+
+PROTOCOLS = ("knn", "linear", "fewshot")
+
+
+class EvalWarning(UserWarning):
+    """Something ``midol eval`` skipped or changed (a k a class cannot fill, a size)."""
+
+
+@dataclass
+class Options:
+    """What to run; every field is a ``midol eval`` option (help text there)."""
+
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: int = 5
+    knn_k: list[int] = field(default_factory=lambda: [10, 20])
+    knn_temperature: float = 0.07
+    bootstrap: int = 1000
+    metric: str = "auc"
+    baseline: str | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One protocol setting: ``knn k=20``, ``linear full``, ``fewshot shots=5``, ..."""
+
+    protocol: str
+    name: str
+    x: float | None = None  # shots or fraction (label-efficiency plots); None for full data
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol} {self.name}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One backbone read out one way: a line of every table."""
+
+    label: str
+    readout: str
+    architecture: str
+    reference: bool
+    multi_readout: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.label} [{self.readout}]" if self.multi_readout else self.label
+
+
+@dataclass
+class Results:
+    """Everything the report is written from."""
+
+    rows: list[Row]
+    settings: dict[str, list[Setting]]  # per task, in run order
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    summaries: dict[tuple[str, str, str], dict[str, stats.Summary]] = field(default_factory=dict)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def settings_for(task: TaskData, options: Options) -> tuple[list[tuple[Setting, list[Draw]]], list[str]]:
+    """The protocol settings of a task with their draws (feature-independent), and what was
+    skipped (a k that a class cannot fill)."""
+    y = task.splits["train"].targets
+    groups = task.groups.get("train")
+    full = Draw("full", None, 0, np.arange(len(y)))
+    out: list[tuple[Setting, list[Draw]]] = []
+    skipped: list[str] = []
+    if "knn" in options.protocols:
+        out += [(Setting("knn", f"k={k}"), [full]) for k in options.knn_k]
+    if "linear" in options.protocols:
+        out.append((Setting("linear", "full"), [full]))
+    if "fewshot" in options.protocols:
+        for k in options.shots:
+            reasons = skipped_shots(y, task.type, k, groups)
+            if reasons:
+                skipped.append(f"task {task.spec.name!r}: shots={k} skipped: {'; '.join(reasons)}")
+                continue
+            out.append((Setting("fewshot", f"shots={k}", float(k)),
+                        [draw_subset(y, task.type, shots=k, seed=s, groups=groups)
+                         for s in range(options.seeds)]))
+        for f in options.fractions:
+            if f >= 1.0:  # the full training split: the linear protocol's setting
+                continue
+            out.append((Setting("fewshot", f"fraction={f:g}", float(f)),
+                        [draw_subset(y, task.type, fraction=f, seed=s, groups=groups)
+                         for s in range(options.seeds)]))
+    return out, skipped
+
+
+def _predict(setting: Setting, task: TaskData, feats: dict[str, np.ndarray], draw: Draw,
+             options: Options, knn_k: int | None) -> np.ndarray:
+    y = task.splits["train"].targets[draw.indices]
+    x = feats["train"][draw.indices]
+    if setting.protocol == "knn":
+        assert knn_k is not None
+        return knn_scores(x, y, feats["test"], task.type, task.num_classes, k=knn_k,
+                          temperature=options.knn_temperature)
+    val = "val" in feats
+    result = linear_scores(x, y, feats["test"], task.type, task.num_classes,
+                           val_x=feats["val"] if val else None,
+                           val_y=task.splits["val"].targets if val else None, seed=draw.seed)
+    return result.scores
+
+
+def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
+             options: Options, baseline: str | None = None,
+             progress: Callable[[str], None] | None = None) -> Results:
+    """Run every task of ``suite`` for every backbone read-out (see the module docstring)."""
+    multi = {b.ref.label: len(b.readouts) > 1 for b in backbones}
+    rows = [Row(b.ref.label, r, b.architecture, b.ref.reference, multi[b.ref.label])
+            for b in backbones for r in b.readouts]
+    results = Results(rows, {})
+    say = progress or (lambda _m: None)
+    for spec in suite.tasks:
+        task = load_task(spec, suite.data_root)
+        plan, skipped = settings_for(task, options)
+        for message in skipped:
+            warnings.warn(message, EvalWarning, stacklevel=2)
+            results.notes.append(message)
+        results.settings[spec.name] = [s for s, _ in plan]
+        y_test = task.splits["test"].targets
+        results.tasks[spec.name] = {
+            "modality": spec.modality, "type": spec.type, "classes": task.class_names,
+            "split_rule": spec.split_rule,
+            "sizes": {k: len(v) for k, v in task.splits.items()},
+            "patients": {k: int(len(set(g.tolist()))) for k, g in task.groups.items() if g is not None},
+        }
+        feats: dict[str, dict[str, np.ndarray]] = {}  # row key -> split -> N x D
+        for b in backbones:
+            size = b.image_size
+            if spec.image_size and int(spec.image_size) != size:
+                message = (f"task {spec.name!r}: image_size {spec.image_size} differs from backbone "
+                           f"{b.ref.label!r}'s {size}; the backbone's size is used")
+                warnings.warn(message, EvalWarning, stacklevel=2)
+                results.notes.append(message)
+            by_split = {k: embedder.embed(b, split, size, f"{spec.name} {k} / {b.ref.label}")
+                        for k, split in task.splits.items()}
+            for readout in b.readouts:
+                feats[Row(b.ref.label, readout, b.architecture, b.ref.reference,
+                          multi[b.ref.label]).key] = {k: v[readout] for k, v in by_split.items()}
+        strata = None if spec.type == "multilabel" else y_test
+        weights = stats.bootstrap_weights(len(y_test), options.bootstrap, seed=0, strata=strata)
+        scores: dict[tuple[str, str], list[np.ndarray]] = {}
+        total = len(plan) * len(rows)
+        bar = tqdm(total=total, desc=f"{spec.name}: probes", unit="setting", disable=None, leave=False)
+        for setting, draws in plan:
+            knn_k = int(setting.name.split("=")[1]) if setting.protocol == "knn" else None
+            for row in rows:
+                per_draw = []
+                for draw in draws:
+                    s = _predict(setting, task, feats[row.key], draw, options, knn_k)
+                    per_draw.append(s)
+                    for metric, value in metric_values(y_test, s, spec.type).items():
+                        results.runs.append({
+                            "task": spec.name, "backbone": row.label, "readout": row.readout,
+                            "protocol": setting.protocol, "setting": setting.name,
+                            "seed": draw.seed, "train_size": int(len(draw.indices)),
+                            "metric": metric, "value": float(value)})
+                scores[(setting.key, row.key)] = per_draw
+                results.summaries[(spec.name, setting.key, row.key)] = stats.summarize(
+                    y_test, per_draw, spec.type, weights)
+                bar.update(1)
+        bar.close()
+        say(f"{spec.name}: {len(plan)} settings x {len(rows)} rows scored")
+        for setting, _ in plan:
+            for row, other, kind, note in pairs(rows, baseline):
+                resampled = stats.paired_bootstrap(y_test, scores[(setting.key, row.key)],
+                                                   scores[(setting.key, other.key)], spec.type,
+                                                   weights, metrics=[options.metric])
+                point, boot = resampled[options.metric]
+                results.comparisons.append({
+                    "task": spec.name, "setting": setting.key, "row": row.key,
+                    "against": other.key, "kind": kind, "metric": options.metric,
+                    "note": note, "_point": point, "_boot": boot,
+                    **_comparison_fields(stats.compare(point, boot, options.metric))})
+    _pool(results, options)
+    return results
+
+
+def pairs(rows: list[Row], baseline: str | None) -> Iterable[tuple[Row, Row, str, str]]:
+    """(row, other, kind, note): every non-reference row against the random init of its
+    architecture (same read-out) and against the baseline (same read-out when it has it)."""
+    for row in rows:
+        refs = [r for r in rows if r.reference and r.architecture == row.architecture
+                and r.readout == row.readout]
+        for ref in refs[:1]:
+            if not row.reference:
+                yield row, ref, "random init", ""
+        if baseline is None or row.label == baseline:
+            continue
+        candidates = [r for r in rows if r.label == baseline]
+        same = [r for r in candidates if r.readout == row.readout]
+        if same:
+            yield row, same[0], "baseline", ""
+        elif candidates:
+            yield row, candidates[0], "baseline", (f"read out differently: {row.readout} vs "
+                                                   f"{candidates[0].readout}")
+
+
+def _comparison_fields(c: stats.Comparison) -> dict[str, Any]:
+    return {"diff": c.diff, "lo": c.lo, "hi": c.hi, "p": c.p, "verdict": c.verdict}
+
+
+def _pool(results: Results, options: Options) -> None:
+    """Suite-level comparisons: per (setting, row, against), the mean over tasks of the paired
+    differences (tasks resampled independently)."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for c in results.comparisons:
+        groups.setdefault((c["setting"], c["row"], c["against"], c["kind"]), []).append(c)
+    pooled = []
+    for (setting, row, against, kind), items in groups.items():
+        point, boot = stats.pool([(c["_point"], c["_boot"]) for c in items])
+        comparison = stats.compare(point, boot, options.metric, n_tasks=len(items))
+        pooled.append({"task": "(suite)", "setting": setting, "row": row, "against": against,
+                       "kind": kind, "metric": options.metric, "n_tasks": len(items),
+                       "note": next((c["note"] for c in items if c["note"]), ""),
+                       **_comparison_fields(comparison)})
+    for c in results.comparisons:
+        c.pop("_point")
+        c.pop("_boot")
+    results.comparisons += pooled
+
+
+def metric_names(task_type: str) -> tuple[str, ...]:
+    return METRICS[task_type]

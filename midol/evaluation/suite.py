@@ -1,0 +1,289 @@
+"""Evaluation suites: YAML lists of labelled image tasks, read through midol's own readers.
+
+A suite file::
+
+    name: shared-data
+    data_root: ../../../shared/data      # relative paths of sources start here (default: the
+                                         # suite file's folder; ``midol eval --data_root`` wins)
+    image_size: 64                       # default input side of every task
+    tasks:
+      - name: pneumoniamnist
+        modality: xray
+        type: binary                     # binary | multiclass | ordinal | multilabel
+        train: {path: medmnist/pneumoniamnist.npz, split: train}
+        val: {path: medmnist/pneumoniamnist.npz, split: val}
+        test: {path: medmnist/pneumoniamnist.npz, split: test}
+        split_rule: official MedMNIST v2 splits
+
+A source is a :class:`~midol.data.labelled.LabelledSource` (class folders, CSV manifests,
+MedMNIST ``.npz``). A split that is not given is carved from ``train`` with ``split_seed``
+(``val_fraction``, ``test_fraction``), stratified by class and, with ``group_column``, by
+patient: no patient is ever on two sides.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from midol.data.labelled import LabelledDataModule, LabelledSource, LabelledSplit
+from midol.data.readers import read_csv_rows
+from midol.data.splits import seeded_split
+from midol.errors import UsageError
+
+TaskType = Literal["binary", "multiclass", "ordinal", "multilabel"]
+TASK_TYPES: tuple[str, ...] = ("binary", "multiclass", "ordinal", "multilabel")
+SPLITS = ("train", "val", "test")
+
+
+class SuiteError(UsageError):
+    """A suite file or one of its tasks is malformed (one-line message naming the task)."""
+
+
+@dataclass
+class TaskSpec:
+    """One labelled task of a suite.
+
+    Attributes:
+        name: Unique name in the suite (report rows, cache keys).
+        modality: Imaging modality (report grouping only).
+        type: ``binary`` (two classes), ``multiclass``, ``ordinal`` (multiclass whose classes
+            are ordered, e.g. DR grade: kappa is quadratic-weighted) or ``multilabel``.
+        train: The training source (a LabelledSource mapping: path, kind, split, ...).
+        val: Validation source (selects the linear probe's regularisation); optional.
+        test: Test source; when absent ``test_fraction`` of ``train`` is carved off.
+        val_fraction: Share of ``train`` carved off as validation when ``val`` is absent (0: the
+            linear probe uses inner cross-validation instead).
+        test_fraction: Share of ``train`` carved off as test when ``test`` is absent.
+        split_seed: Seed of the carving (fixed per task, never per backbone or draw).
+        split_rule: The dataset's split rule in words (written into the report).
+        classes: Class names in id order (default: sorted folder names / label values).
+        group_column: CSV column naming each image's patient (or other group): carving and
+            few-shot draws never put one group on two sides.
+        group_regex: Optional regular expression whose first group extracts the patient id from
+            ``group_column`` (e.g. ``^(\\d+)_`` for NIH image indices).
+        image_size: Input side for this task (default: the suite's; a backbone that records
+            its own size is fed at that size, with a warning when they differ).
+        uncertain_label: Multilabel cells -1/empty: ``error``, ``zero`` or ``one``.
+    """
+
+    name: str
+    type: str
+    train: dict[str, Any]
+    modality: str = "unknown"
+    val: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    split_rule: str = ""
+    classes: list[str] | None = None
+    group_column: str | None = None
+    group_regex: str | None = None
+    image_size: int | None = None
+    uncertain_label: str = "error"
+
+
+@dataclass
+class Suite:
+    """A named list of tasks; ``data_root`` resolves relative source paths."""
+
+    name: str
+    tasks: list[TaskSpec]
+    data_root: str
+    image_size: int = 224
+    description: str = ""
+    path: str | None = None
+
+
+@dataclass
+class TaskData:
+    """A task's images, targets and (optional) patient groups per split."""
+
+    spec: TaskSpec
+    splits: dict[str, LabelledSplit]
+    groups: dict[str, np.ndarray | None]
+    class_names: list[str]
+    num_classes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+
+def load_suite(path: str | os.PathLike[str], data_root: str | None = None,
+               only: list[str] | None = None) -> Suite:
+    """Parse a suite file; ``only`` keeps the named tasks (in the suite's order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SuiteError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
+        raise SuiteError(f"{path}: a suite is a mapping with a non-empty 'tasks' list")
+    allowed = {"name", "tasks", "data_root", "image_size", "description"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SuiteError(f"{path}: unknown suite key(s) {unknown}; allowed: {sorted(allowed)}")
+    root = data_root if data_root is not None else raw.get("data_root")
+    root = str((path.parent / os.path.expanduser(root)).resolve()) if root else str(path.parent.resolve())
+    tasks = [_parse_task(t, f"{path} tasks[{i}]") for i, t in enumerate(raw["tasks"])]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise SuiteError(f"{path}: task names must be unique, got {names}")
+    if only:
+        missing = sorted(set(only) - set(names))
+        if missing:
+            raise SuiteError(f"{path}: no task(s) {missing}; the suite has {names}")
+        tasks = [t for t in tasks if t.name in only]
+    size = int(raw.get("image_size") or 224)
+    return Suite(str(raw.get("name") or path.stem), tasks, root, size,
+                 str(raw.get("description") or ""), str(path))
+
+
+def _parse_task(value: Any, where: str) -> TaskSpec:
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: a task is a mapping (name, type, train, ...), got {value!r}")
+    allowed = {f.name for f in fields(TaskSpec)}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise SuiteError(f"{where}: unknown task key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("name", "type", "train"):
+        if key not in value:
+            raise SuiteError(f"{where}: every task needs {key!r}")
+    spec = TaskSpec(**value)
+    where = f"task {spec.name!r}"
+    if spec.type not in TASK_TYPES:
+        raise SuiteError(f"{where}: unknown task type {spec.type!r}; one of {', '.join(TASK_TYPES)}")
+    source_keys = {f.name for f in fields(LabelledSource)}
+    for split in SPLITS:
+        src = getattr(spec, split)
+        if src is None:
+            continue
+        if not isinstance(src, dict) or "path" not in src:
+            raise SuiteError(f"{where}: {split} must be a mapping with a 'path'")
+        bad = sorted(set(src) - source_keys)
+        if bad:
+            raise SuiteError(f"{where}: unknown {split} key(s) {bad}; allowed: {sorted(source_keys)}")
+    for name in ("val_fraction", "test_fraction"):
+        frac = float(getattr(spec, name))
+        if not 0.0 <= frac < 1.0:
+            raise SuiteError(f"{where}: {name} must be in [0, 1), got {frac}")
+    if spec.test is None and not spec.test_fraction:
+        raise SuiteError(f"{where}: give a test source or a test_fraction > 0")
+    if spec.test is not None and spec.test_fraction:
+        raise SuiteError(f"{where}: give either a test source or test_fraction, not both")
+    if spec.val is not None and spec.val_fraction:
+        raise SuiteError(f"{where}: give either a val source or val_fraction, not both")
+    if spec.image_size is not None and int(spec.image_size) < 8:
+        raise SuiteError(f"{where}: image_size must be >= 8, got {spec.image_size}")
+    if spec.group_regex is not None:
+        try:
+            if re.compile(spec.group_regex).groups < 1:
+                raise SuiteError(f"{where}: group_regex needs one capturing group")
+        except re.error as err:
+            raise SuiteError(f"{where}: group_regex {spec.group_regex!r} is invalid ({err})") from None
+    return spec
+
+
+def _source(spec: dict[str, Any], root: str) -> LabelledSource:
+    src = dict(spec)
+    path = os.path.expanduser(str(src["path"]))
+    src["path"] = path if os.path.isabs(path) else os.path.join(root, path)
+    if src.get("root") and not os.path.isabs(os.path.expanduser(src["root"])):
+        src["root"] = os.path.join(root, os.path.expanduser(src["root"]))
+    return LabelledSource(**src)
+
+
+def _groups(spec: TaskSpec, src: LabelledSource, n: int) -> np.ndarray | None:
+    """Patient id per item of a CSV source, in the reader's row order."""
+    if spec.group_column is None:
+        return None
+    if src.resolved_kind() != "csv":
+        raise SuiteError(f"task {spec.name!r}: group_column needs a CSV source, {src.path} is not one")
+    rows = read_csv_rows(src.path, [src.path_column, spec.group_column], src.split_column, src.split)
+    ids = [(r[spec.group_column] or "").strip() for r in rows]
+    if spec.group_regex:
+        pattern = re.compile(spec.group_regex)
+        out = []
+        for i, cell in enumerate(ids):
+            m = pattern.search(cell)
+            if m is None:
+                raise SuiteError(f"task {spec.name!r}: {src.path} row {i + 2}: group_regex "
+                                 f"{spec.group_regex!r} does not match {cell!r}")
+            out.append(m.group(1))
+        ids = out
+    if len(ids) != n:
+        raise SuiteError(f"task {spec.name!r}: {len(ids)} group ids for {n} images in {src.path}")
+    if any(not g for g in ids):
+        raise SuiteError(f"task {spec.name!r}: empty {spec.group_column!r} in {src.path}")
+    return np.asarray(ids, dtype=object)
+
+
+def load_task(spec: TaskSpec, data_root: str) -> TaskData:
+    """Read a task's splits (carving those not given) with a one-line error on bad input."""
+    where = f"task {spec.name!r}"
+    sources = {k: _source(getattr(spec, k), data_root) for k in SPLITS if getattr(spec, k) is not None}
+    task: Literal["multiclass", "multilabel"] = "multilabel" if spec.type == "multilabel" else "multiclass"
+    dm = LabelledDataModule(train=sources["train"], val=sources.get("val"), test=sources.get("test"),
+                            task=task, classes=spec.classes, image_size=spec.image_size or 224,
+                            train_augment=False, uncertain_label=spec.uncertain_label,  # type: ignore[arg-type]
+                            val_fraction=0.0, test_fraction=0.0, split_seed=spec.split_seed)
+    try:
+        dm.setup("fit")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise SuiteError(f"{where}: {err}") from None
+    splits = dict(dm.splits)
+    groups = {k: _groups(spec, sources[k], len(splits[k])) for k in sources}
+    fractions = {"val": 0.0 if "val" in splits else spec.val_fraction,
+                 "test": 0.0 if "test" in splits else spec.test_fraction}
+    if fractions["val"] or fractions["test"]:
+        carved = _carve(splits["train"], groups["train"], spec, fractions)
+        full, full_groups = splits["train"], groups["train"]
+        for k, idx in carved.items():
+            splits[k] = full.subset(idx)
+            groups[k] = full_groups[idx] if full_groups is not None else None
+    for k, split in splits.items():
+        if len(split) == 0:
+            raise SuiteError(f"{where}: the {k} split is empty")
+    if groups.get("test") is not None and groups.get("train") is not None:
+        shared = set(groups["train"].tolist()) & set(groups["test"].tolist())  # type: ignore[union-attr]
+        if shared:
+            raise SuiteError(f"{where}: {len(shared)} patient(s) in both train and test, e.g. "
+                             f"{sorted(shared)[:3]}")
+    num_classes = dm.num_classes
+    if spec.type == "binary" and num_classes != 2:
+        raise SuiteError(f"{where}: type binary needs 2 classes, the data have {num_classes} "
+                         f"({dm.classes}); use multiclass")
+    if spec.type in ("multiclass", "ordinal") and num_classes < 2:
+        raise SuiteError(f"{where}: needs at least 2 classes, got {num_classes}")
+    return TaskData(spec, splits, groups, list(dm.classes or []), num_classes)
+
+
+def _carve(train: LabelledSplit, groups: np.ndarray | None, spec: TaskSpec,
+           fractions: dict[str, float]) -> dict[str, np.ndarray]:
+    """Index arrays of train/val/test carved from ``train``: by patient when groups are
+    known (a patient's stratum is the class of its first image), stratified by class."""
+    strata = train.targets if spec.type != "multilabel" else None
+    if groups is None:
+        rest, val, test = seeded_split(len(train), [fractions["val"], fractions["test"]],
+                                       spec.split_seed, strata)
+        return {"train": rest, "val": val, "test": test} if fractions["val"] else {"train": rest, "test": test}
+    unique, first, inverse = np.unique(groups.astype(str), return_index=True, return_inverse=True)
+    group_strata = strata[first] if strata is not None else None
+    g_rest, g_val, g_test = seeded_split(len(unique), [fractions["val"], fractions["test"]],
+                                         spec.split_seed, group_strata)
+    out = {"train": np.flatnonzero(np.isin(inverse, g_rest)),
+           "test": np.flatnonzero(np.isin(inverse, g_test))}
+    if fractions["val"]:
+        out["val"] = np.flatnonzero(np.isin(inverse, g_val))
+    return out
