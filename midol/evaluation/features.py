@@ -122,7 +122,7 @@ def parse_backbone(text: str) -> BackboneRef:
     label: str | None = None
     spec_text = text
     head = text.split("=", 1)[0]
-    if "=" in text and re.fullmatch(r"[A-Za-z0-9_.+-]+", head):  # LABEL=SPEC (no ':' '/' ',')
+    if "=" in text and re.fullmatch(r"[A-Za-z0-9_.+@-]+", head):  # LABEL=SPEC (no ':' '/' ',')
         label, spec_text = head, text.split("=", 1)[1]
     if spec_text.startswith("random:"):
         name, kwargs = _kwargs(spec_text[len("random:"):], where)

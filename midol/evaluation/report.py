@@ -20,7 +20,7 @@ from midol.analysis.plotting import new_figure, save_figure
 from midol.evaluation import stats
 from midol.evaluation.runner import Options, Results, Row, Setting
 
-RUN_FIELDS = ["task", "backbone", "readout", "protocol", "setting", "seed", "train_size",
+RUN_FIELDS = ["task", "row", "backbone", "readout", "protocol", "setting", "seed", "train_size",
               "metric", "value"]
 
 
@@ -65,9 +65,13 @@ def markdown(results: Results, options: Options, provenance: dict[str, Any]) -> 
     lines += ["", "## How to read this report (fixed before any number was computed)", "",
               f"* Primary metric: **{metric}** (comparisons and figures); every metric of every run "
               "is in `runs.csv` and `report.json`.",
-              "* A cell is `mean ± sd over draws [95 % CI]`: the mean over the seeded draws on the "
-              f"full test split, the sd across draws, and the percentile CI of {options.bootstrap} "
-              "stratified bootstrap resamples of the test samples (the draw-mean recomputed on each).",
+              "* A cell is `mean ± sd [95 % CI]`: the mean over the seeded draws on the full test "
+              "split, the sd across draws, and the percentile CI of "
+              f"{options.bootstrap} stratified bootstrap resamples of the test samples (the "
+              "draw-mean recomputed on each)."
+              + (" A row of several pre-training seeds (`NAME@SEED`) averages its seeds; its sd "
+                 "is across seeds and its CI and comparisons resample the seeds (paired by "
+                 "seed) together with the test samples." if options.pretrain_groups else ""),
               f"* {stats.VERDICT_RULE}",
               "* Each backbone is compared with the random init of its own architecture (same "
               "seed for every run) and with the baseline, on the same test samples, draws and "

@@ -49,6 +49,7 @@ class Options:
     bootstrap: int = 1000
     metric: str = "auc"
     baseline: str | None = None
+    pretrain_groups: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,16 @@ class Setting:
 
 @dataclass(frozen=True)
 class Row:
-    """One backbone read out one way: a line of every table."""
+    """One backbone read out one way: a line of every table. With pre-training groups, a row
+    holds the backbones ``LABEL@SEED`` of every seed (``members``, ``seeds`` in order)."""
 
     label: str
     readout: str
     architecture: str
     reference: bool
     multi_readout: bool
+    members: tuple[str, ...] = ()
+    seeds: tuple[str, ...] = ("",)
 
     @property
     def key(self) -> str:
@@ -141,9 +145,7 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
              options: Options, baseline: str | None = None,
              progress: Callable[[str], None] | None = None) -> Results:
     """Run every task of ``suite`` for every backbone read-out (see the module docstring)."""
-    multi = {b.ref.label: len(b.readouts) > 1 for b in backbones}
-    rows = [Row(b.ref.label, r, b.architecture, b.ref.reference, multi[b.ref.label])
-            for b in backbones for r in b.readouts]
+    rows = build_rows(backbones, options.pretrain_groups)
     results = Results(rows, {})
     say = progress or (lambda _m: None)
     for spec in suite.tasks:
@@ -160,7 +162,7 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
             "sizes": {k: len(v) for k, v in task.splits.items()},
             "patients": {k: int(len(set(g.tolist()))) for k, g in task.groups.items() if g is not None},
         }
-        feats: dict[str, dict[str, np.ndarray]] = {}  # row key -> split -> N x D
+        feats: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (label, readout) -> split -> N x D
         for b in backbones:
             size = b.image_size
             if spec.image_size and int(spec.image_size) != size:
@@ -171,45 +173,98 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
             by_split = {k: embedder.embed(b, split, size, f"{spec.name} {k} / {b.ref.label}")
                         for k, split in task.splits.items()}
             for readout in b.readouts:
-                feats[Row(b.ref.label, readout, b.architecture, b.ref.reference,
-                          multi[b.ref.label]).key] = {k: v[readout] for k, v in by_split.items()}
+                feats[(b.ref.label, readout)] = {k: v[readout] for k, v in by_split.items()}
         strata = None if spec.type == "multilabel" else y_test
         weights = stats.bootstrap_weights(len(y_test), options.bootstrap, seed=0, strata=strata)
-        scores: dict[tuple[str, str], list[np.ndarray]] = {}
+        seed_idx = {n: stats.seed_resamples(n, options.bootstrap) for n in {len(r.members) for r in rows}}
+        scores: dict[tuple[str, str], list[list[np.ndarray]]] = {}
         total = len(plan) * len(rows)
         bar = tqdm(total=total, desc=f"{spec.name}: probes", unit="setting", disable=None, leave=False)
         for setting, draws in plan:
             knn_k = int(setting.name.split("=")[1]) if setting.protocol == "knn" else None
             for row in rows:
-                per_draw = []
-                for draw in draws:
-                    s = _predict(setting, task, feats[row.key], draw, options, knn_k)
-                    per_draw.append(s)
-                    for metric, value in metric_values(y_test, s, spec.type).items():
-                        results.runs.append({
-                            "task": spec.name, "backbone": row.label, "readout": row.readout,
-                            "protocol": setting.protocol, "setting": setting.name,
-                            "seed": draw.seed, "train_size": int(len(draw.indices)),
-                            "metric": metric, "value": float(value)})
-                scores[(setting.key, row.key)] = per_draw
-                results.summaries[(spec.name, setting.key, row.key)] = stats.summarize(
-                    y_test, per_draw, spec.type, weights)
+                members = []
+                for member in row.members:
+                    per_draw = []
+                    for draw in draws:
+                        s = _predict(setting, task, feats[(member, row.readout)], draw, options, knn_k)
+                        per_draw.append(s)
+                        for metric, value in metric_values(y_test, s, spec.type).items():
+                            results.runs.append({
+                                "task": spec.name, "row": row.key, "backbone": member,
+                                "readout": row.readout, "protocol": setting.protocol,
+                                "setting": setting.name, "seed": draw.seed,
+                                "train_size": int(len(draw.indices)), "metric": metric,
+                                "value": float(value)})
+                    members.append(per_draw)
+                scores[(setting.key, row.key)] = members
+                results.summaries[(spec.name, setting.key, row.key)] = stats.summarize_seeds(
+                    y_test, members, spec.type, weights, seed_idx[len(members)])
                 bar.update(1)
         bar.close()
         say(f"{spec.name}: {len(plan)} settings x {len(rows)} rows scored")
         for setting, _ in plan:
             for row, other, kind, note in pairs(rows, baseline):
-                resampled = stats.paired_bootstrap(y_test, scores[(setting.key, row.key)],
-                                                   scores[(setting.key, other.key)], spec.type,
-                                                   weights, metrics=[options.metric])
+                mine, theirs = _paired_members(row, other, scores[(setting.key, row.key)],
+                                               scores[(setting.key, other.key)])
+                if not mine:
+                    note = f"no common pre-training seed with {other.key}"
+                    results.notes.append(f"{spec.name} {setting.key}: {row.key}: {note}")
+                    continue
+                resampled = stats.paired_seeds(y_test, mine, theirs, spec.type, weights,
+                                               stats.seed_resamples(len(mine), options.bootstrap),
+                                               metrics=[options.metric])
                 point, boot = resampled[options.metric]
                 results.comparisons.append({
                     "task": spec.name, "setting": setting.key, "row": row.key,
                     "against": other.key, "kind": kind, "metric": options.metric,
-                    "note": note, "_point": point, "_boot": boot,
+                    "seeds": len(mine), "note": note, "_point": point, "_boot": boot,
                     **_comparison_fields(stats.compare(point, boot, options.metric))})
     _pool(results, options)
     return results
+
+
+def build_rows(backbones: list[LoadedBackbone], groups: bool) -> list[Row]:
+    """One row per backbone read-out; with ``groups``, backbones labelled ``NAME@SEED`` share
+    the row ``NAME`` (members in seed order)."""
+    def split(label: str) -> tuple[str, str]:
+        if groups and "@" in label:
+            name, seed = label.rsplit("@", 1)
+            return name, seed
+        return label, ""
+
+    order: list[tuple[str, str]] = []
+    info: dict[tuple[str, str], list[tuple[str, str, LoadedBackbone]]] = {}
+    for b in backbones:
+        name, seed = split(b.ref.label)
+        for readout in b.readouts:
+            key = (name, readout)
+            if key not in info:
+                order.append(key)
+                info[key] = []
+            info[key].append((seed, b.ref.label, b))
+    rows = []
+    for name, readout in order:
+        members = sorted(info[(name, readout)], key=lambda m: (len(m[0]), m[0]))
+        first = members[0][2]
+        archs = {m[2].architecture for m in members}
+        if len(archs) != 1:
+            raise ValueError(f"the seeds of row {name!r} have different architectures")
+        rows.append(Row(name, readout, first.architecture, all(m[2].ref.reference for m in members),
+                        len(first.readouts) > 1, tuple(m[1] for m in members),
+                        tuple(m[0] for m in members)))
+    return rows
+
+
+def _paired_members(row: Row, other: Row, a: list[list[np.ndarray]],
+                    b: list[list[np.ndarray]]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Members of two rows paired by pre-training seed; a single-member row pairs with each."""
+    if len(b) == 1 and len(a) > 1:
+        return a, [b[0]] * len(a)
+    if len(a) == 1 and len(b) > 1:
+        return [a[0]] * len(b), b
+    common = [s for s in row.seeds if s in other.seeds]
+    return ([a[row.seeds.index(s)] for s in common], [b[other.seeds.index(s)] for s in common])
 
 
 def pairs(rows: list[Row], baseline: str | None) -> Iterable[tuple[Row, Row, str, str]]:

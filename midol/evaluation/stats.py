@@ -37,6 +37,9 @@ __all__ = [
     "bootstrap_weights",
     "compare",
     "paired_bootstrap",
+    "paired_seeds",
+    "seed_resamples",
+    "summarize_seeds",
     "pool",
     "summarize",
 ]
@@ -248,3 +251,75 @@ def pool(
     if len({a.size for a in arrays}) != 1:
         raise ValueError(f"tasks have different resample counts: {[a.size for a in arrays]}")
     return float(np.mean([p for p, _ in parts])), np.mean(np.stack(arrays), axis=0)
+
+
+def seed_resamples(n_seeds: int, n_resamples: int = 1000, seed: int = 0) -> NDArray[np.int64]:
+    """``(B, S)`` indices of pre-training seeds drawn with replacement, one row per resample
+    (all zeros for one seed). The same ``(S, B, seed)`` gives the same rows, so every task of
+    a suite resamples the same pre-trained models."""
+    if n_seeds < 1 or n_resamples < 1:
+        raise ValueError(f"need n_seeds >= 1 and n_resamples >= 1, got {n_seeds}, {n_resamples}")
+    if n_seeds == 1:
+        return np.zeros((n_resamples, 1), dtype=np.int64)
+    rng = np.random.default_rng([seed, n_seeds, 7919])
+    return rng.integers(0, n_seeds, size=(n_resamples, n_seeds), dtype=np.int64)
+
+
+def _seed_boot(per_seed: NDArray[np.float64], seed_idx: NDArray[np.int64]) -> NDArray[np.float64]:
+    """``(S, B)`` resampled values per seed -> ``(B,)`` mean over the resample's seeds (row
+    ``b`` of ``seed_idx`` picks the seeds of test resample ``b``: a two-level bootstrap)."""
+    cols = np.arange(per_seed.shape[1])[:, None]
+    return np.asarray(per_seed[seed_idx, cols].mean(axis=1), dtype=np.float64)
+
+
+def summarize_seeds(
+    y_true: ArrayLike,
+    members: Sequence[Sequence[NDArray[np.floating]]],
+    task_type: str,
+    weights: NDArray[np.integer] | NDArray[np.floating],
+    seed_idx: NDArray[np.int64],
+    metrics: Sequence[str] | None = None,
+) -> dict[str, Summary]:
+    """:func:`summarize` of a row whose backbone was pre-trained with several seeds:
+    ``members[s]`` are the draws of seed ``s``. The mean is over seeds of each seed's
+    draw-mean; ``sd`` is across seeds (across draws for one seed); the interval resamples
+    seeds (``seed_idx``, :func:`seed_resamples`) and test samples together."""
+    if len(members) == 1:
+        return summarize(y_true, members[0], task_type, weights, metrics)
+    names = _names(task_type, metrics)
+    per = [_draw_means(y_true, draws, task_type, weights, names) for draws in members]
+    out: dict[str, Summary] = {}
+    for m in names:
+        seed_means = [float(np.mean(p[0][m])) for p in per]
+        boot = _seed_boot(np.stack([p[1][m] for p in per]), seed_idx)
+        lo, hi, kept = _percentiles(boot)
+        out[m] = Summary(float(np.mean(seed_means)), float(np.std(seed_means, ddof=1)), lo, hi,
+                         sum(len(p[0][m]) for p in per), [v for p in per for v in p[0][m]], kept)
+    return out
+
+
+def paired_seeds(
+    y_true: ArrayLike,
+    members_a: Sequence[Sequence[NDArray[np.floating]]],
+    members_b: Sequence[Sequence[NDArray[np.floating]]],
+    task_type: str,
+    weights: NDArray[np.integer] | NDArray[np.floating],
+    seed_idx: NDArray[np.int64],
+    metrics: Sequence[str] | None = None,
+) -> dict[str, tuple[float, NDArray[np.float64]]]:
+    """:func:`paired_bootstrap` of two rows pre-trained with the same seeds, paired seed by
+    seed (``members_a[s]`` with ``members_b[s]``): the point is the mean over seeds of the
+    differences of draw-means, the resamples draw seeds and test samples together."""
+    if len(members_a) != len(members_b):
+        raise ValueError(f"paired rows need the same seeds, got {len(members_a)} and {len(members_b)}")
+    if len(members_a) == 1:
+        return paired_bootstrap(y_true, members_a[0], members_b[0], task_type, weights, metrics)
+    names = _names(task_type, metrics)
+    per_a = [_draw_means(y_true, d, task_type, weights, names) for d in members_a]
+    per_b = [_draw_means(y_true, d, task_type, weights, names) for d in members_b]
+    out: dict[str, tuple[float, NDArray[np.float64]]] = {}
+    for m in names:
+        diffs = [float(np.mean(a[0][m]) - np.mean(b[0][m])) for a, b in zip(per_a, per_b)]
+        per_seed = np.stack([a[1][m] - b[1][m] for a, b in zip(per_a, per_b)])
+        out[m] = (float(np.mean(diffs)), _seed_boot(per_seed, seed_idx))
+    return out

@@ -54,6 +54,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tasks", type=str, nargs="+", default=None, help="run only these tasks of the suite")
     parser.add_argument("--data_root", type=str | None, default=None,
                         help="folder relative source paths start from (default: the suite's data_root)")
+    parser.add_argument("--pretrain_groups", type=bool, default=False,
+                        help="backbones labelled NAME@SEED are the pre-training seeds of one row NAME: "
+                             "paired by seed, random references at the same seeds, intervals resample "
+                             "seeds and test samples")
     parser.add_argument("--random_references", type=bool, default=True,
                         help="add the seeded random init of every architecture that appears")
     parser.add_argument("--cache_dir", type=str, default=DEFAULT_CACHE, help="feature cache folder")
@@ -112,7 +116,8 @@ def options_from(cfg: Any) -> Any:
     return Options(protocols=protocols, shots=_ints(cfg.shots, "shots"),
                    fractions=_floats(cfg.fractions, "fractions"), seeds=cfg.seeds,
                    knn_k=_ints(cfg.knn_k, "knn_k"), knn_temperature=cfg.knn_temperature,
-                   bootstrap=cfg.bootstrap, metric=cfg.metric, baseline=cfg.baseline)
+                   bootstrap=cfg.bootstrap, metric=cfg.metric, baseline=cfg.baseline,
+                   pretrain_groups=cfg.pretrain_groups)
 
 
 def _commit() -> str:
@@ -159,8 +164,12 @@ def main(argv: list[str]) -> int:
     labels = [r.label for r in refs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"backbone labels must be unique, got {labels}; name them LABEL=SPEC")
-    if options.baseline is not None and options.baseline not in labels:
-        raise UsageError(f"--baseline {options.baseline!r} is not one of the backbones {labels}")
+    groups = [label.rsplit("@", 1)[0] if options.pretrain_groups else label for label in labels]
+    seeds = sorted({label.rsplit("@", 1)[1] for label in labels if options.pretrain_groups and "@" in label})
+    if any(not s.isdigit() for s in seeds):
+        raise UsageError(f"--pretrain_groups: labels are NAME@SEED with an integer SEED, got seeds {seeds}")
+    if options.baseline is not None and options.baseline not in groups:
+        raise UsageError(f"--baseline {options.baseline!r} is not one of the backbones {sorted(set(groups))}")
     loaded = [feats.load(r) for r in refs]
     for b in loaded:  # a random init the user names is the reference of its architecture
         b.ref.reference = b.ref.spec.checkpoint is None
@@ -168,10 +177,13 @@ def main(argv: list[str]) -> int:
         for b in list(loaded):
             if any(x.ref.reference and x.architecture == b.architecture for x in loaded):
                 continue
-            ref = feats.random_reference(b)
-            if ref.label in {x.ref.label for x in loaded}:
-                ref = feats.with_label(ref, f"{ref.label}#{len(loaded)}")
-            loaded.append(feats.load(ref))
+            for seed in [int(s) for s in seeds] or [0]:
+                ref = feats.random_reference(b, seed)
+                if seeds:
+                    ref = feats.with_label(ref, f"{ref.label}@{seed}")
+                if ref.label in {x.ref.label for x in loaded}:
+                    ref = feats.with_label(ref, f"{ref.label}#{len(loaded)}")
+                loaded.append(feats.load(ref))
     embedder = feats.Embedder(cfg.cache_dir, device, cfg.batch_size, cfg.num_workers)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     if not os.access(Path(cfg.out).parent, os.W_OK):
