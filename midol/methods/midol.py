@@ -83,6 +83,15 @@ class MIDoL(MomentumMethod):
         cst_loss: ``infonce`` (paper Eq. 19-20, default) or ``dino_ce`` (authors' code).
         route_weight: Weight of L_route in L = route_weight L_route + cst_weight L_cst (Eq. 21);
             L_route is computed and logged even with weight 0 (so routing stays visible).
+        route_backbone_grad: Whether L_route's gradient reaches the student backbone (True, the
+            paper: Eq. 21 sums L_route (Eq. 15) and L_cst and back-propagates both through S).
+            False stops it at the backbone: the student's router logits that L_route (Eq. 15)
+            reads are computed from the detached backbone features (the same values, and the
+            same router noise when ``router_noise`` is on), so the router still learns from
+            L_route while the backbone learns only from L_cst (and the load-balance term, if
+            any). The gating and L_cst's path are unchanged; the cost is one more router call
+            (a d -> N linear layer). Needs ``use_moe: true`` (without a router there is no
+            L_route to stop).
         cst_weight: Weight of L_cst.
         load_balance_weight: Weight of a Switch-style load-balance term on the student router
             (0 = off; the paper has none).
@@ -135,6 +144,7 @@ class MIDoL(MomentumMethod):
         router_bias: bool = True,
         cst_loss: Literal["infonce", "dino_ce"] = "infonce",
         route_weight: float = 1.0,
+        route_backbone_grad: bool = True,
         cst_weight: float = 1.0,
         load_balance_weight: float = 0.0,
         route_form: RouteForm = "student_weighted",
@@ -195,6 +205,13 @@ class MIDoL(MomentumMethod):
             raise ValueError(f"top_k must lie in [1, num_experts={h.num_experts}], got {h.top_k}")
         if not h.use_moe and h.route_weight != 0:
             raise ValueError("use_moe=False (the DINO baseline) has no router: set route_weight: 0")
+        if not isinstance(h.route_backbone_grad, bool):
+            raise ValueError(f"route_backbone_grad must be true or false, got "
+                             f"{h.route_backbone_grad!r}")
+        if not h.use_moe and not h.route_backbone_grad:
+            raise ValueError("route_backbone_grad=False stops L_route's gradient at the backbone, "
+                             "but use_moe=False (the DINO baseline) has no router and no "
+                             "L_route: leave route_backbone_grad: true")
         if h.cst_loss not in ("infonce", "dino_ce"):
             raise ValueError(f"cst_loss must be 'infonce' or 'dino_ce', got {h.cst_loss!r}")
         if h.infonce_expert_mean not in ("nonempty", "all"):
@@ -272,7 +289,8 @@ class MIDoL(MomentumMethod):
         with torch.no_grad():
             t_out = self.teacher["projector"](
                 encode_views(self.teacher["backbone"], views[:num_teacher]).flatten(0, 1))
-        s_out = self.student["projector"](encode_views(self.student["backbone"], views).flatten(0, 1))
+        s_feats = encode_views(self.student["backbone"], views).flatten(0, 1)
+        s_out = self.student["projector"](s_feats)
         s_rep = s_out.representation.view(num_views, batch_size, -1)
         t_rep = t_out.representation.view(num_teacher, batch_size, -1)
         health = self._health(t_out, batch_size, teacher_temp) if self.health_due() else {}
@@ -287,8 +305,11 @@ class MIDoL(MomentumMethod):
                                                 h.sinkhorn_impl)
             # One expert per image for L_cst: the teacher's balanced routing, averaged over views.
             assignment = log_a_t.exp().mean(dim=0).argmax(dim=-1)
+            s_route_logits = s_out.router_logits
+            if not h.route_backbone_grad:
+                s_route_logits = self._route_logits_without_backbone_grad(s_feats, s_route_logits)
             l_route = routing_cross_entropy(
-                s_out.router_logits.view(num_views, batch_size, n), log_a_t, h.student_temp, h.route_form
+                s_route_logits.view(num_views, batch_size, n), log_a_t, h.student_temp, h.route_form
             )
             student_top1 = s_out.expert_index[:, 0].view(num_views, batch_size)[:num_teacher]
             logs["route/student_teacher_agreement"] = (student_top1 == assignment).float().mean()
@@ -338,6 +359,21 @@ class MIDoL(MomentumMethod):
         self.log_progress(loss)
         self.mark_trained(batch_size)
         return {"loss": loss, "routing": routing, "health": health}
+
+    def _route_logits_without_backbone_grad(self, feats: torch.Tensor,
+                                            logits: torch.Tensor) -> torch.Tensor:
+        """The student router's logits for L_route with no gradient path into the backbone
+        (``route_backbone_grad: false``): the router applied to the detached features, plus
+        the router noise that ``logits`` (the projector's own, which chose the experts) carry.
+        The router's parameters keep L_route's gradient."""
+        projector = self.student["projector"]
+        router = projector.router
+        out = router(feats.detach())
+        if projector.training and projector.router_noise > 0:
+            with torch.no_grad():  # the projector's draw (to rounding): logits = router + noise
+                noise = logits - router(feats)
+            out = out + noise
+        return out
 
     @torch.no_grad()
     def _health(self, t_out: Any, batch_size: int, teacher_temp: float) -> dict[str, torch.Tensor]:
