@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -130,7 +131,7 @@ def load_suite(path: str | os.PathLike[str], data_root: str | None = None,
         raise SuiteError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list) or not raw["tasks"]:
         raise SuiteError(f"{path}: a suite is a mapping with a non-empty 'tasks' list")
-    allowed = {"name", "tasks", "data_root", "image_size", "description"}
+    allowed = {"name", "tasks", "data_root", "image_size", "description", "skip_missing"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise SuiteError(f"{path}: unknown suite key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -140,6 +141,16 @@ def load_suite(path: str | os.PathLike[str], data_root: str | None = None,
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise SuiteError(f"{path}: task names must be unique, got {names}")
+    if raw.get("skip_missing"):  # e.g. the MedMNIST+ suite: run the files a user has
+        present = [t for t in tasks if os.path.exists(_source(t.train, root).path)]
+        for t in tasks:
+            if t not in present:
+                warnings.warn(f"suite {path.name}: task {t.name!r} skipped: "
+                              f"{_source(t.train, root).path} does not exist", UserWarning, stacklevel=2)
+        if not present:
+            raise SuiteError(f"{path}: none of the suite's files exist under {root}")
+        tasks = present
+        names = [t.name for t in tasks]
     if only:
         missing = sorted(set(only) - set(names))
         if missing:
