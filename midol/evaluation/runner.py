@@ -8,7 +8,8 @@ Protocols (their settings are named in every table and ``runs.csv`` row):
 * ``linear``: multinomial logistic regression on the full training split (its C chosen on the
   validation split, inner CV when the task has none).
 * ``fewshot``: the same linear probe on ``k`` labelled examples per class (``shots=k``) and on
-  label fractions (``fraction=f``), ``seeds`` draws each. Draws depend only on the labels,
+  label fractions (``fraction=f``), ``seeds`` draws each; its C comes from inner CV on the
+  draw itself (the validation split's labels would not exist in a few-label setting). Draws depend only on the labels,
   the patients and the seed, so every backbone is scored on the same draws.
 """
 
@@ -134,7 +135,9 @@ def _predict(setting: Setting, task: TaskData, feats: dict[str, np.ndarray], dra
         assert knn_k is not None
         return knn_scores(x, y, feats["test"], task.type, task.num_classes, k=knn_k,
                           temperature=options.knn_temperature)
-    val = "val" in feats
+    # A few-shot draw is all the labels the setting has: its C comes from inner CV on the draw
+    # (a fixed C when a class has one example), never from the task's full validation split.
+    val = "val" in feats and setting.protocol == "linear"
     result = linear_scores(x, y, feats["test"], task.type, task.num_classes,
                            val_x=feats["val"] if val else None,
                            val_y=task.splits["val"].targets if val else None, seed=draw.seed)
