@@ -2,11 +2,13 @@
 
 The routing monitor says whether experts specialise; only a labelled probe says whether the
 features get better. This callback scores the method's ``embed()`` features (M-IDoL: the EMA
-teacher's backbone; DEX: the director) with the weighted k-NN classifier of Wu et al. 2018 as
-used by DINO (Caron et al. 2021, ``eval_knn.py``) and solo-learn: cosine similarity to the
-``k`` nearest training features, votes weighted by ``exp(sim / T)``. Logged per set as
-``knn/<name>_acc`` every ``every_n_epochs`` training epochs (pre-training has no validation
-loop), plus once before training when ``at_start`` (the random-init reference).
+teacher's backbone; DEX: the director) with midol eval's weighted k-NN
+(:func:`midol.evaluation.protocols.knn_scores`: the classifier of Wu et al. 2018 as used by DINO,
+Caron et al. 2021, ``eval_knn.py``, and solo-learn: cosine similarity to the ``k`` nearest
+training features, votes weighted by ``exp(sim / T)``); a test image's class is the top-scoring
+one. Logged per set as ``knn/<name>_acc`` every ``every_n_epochs`` training epochs
+(pre-training has no validation loop), plus once before training when ``at_start`` (the
+random-init reference).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from midol.data.labelled import LabelledDataModule, LabelledSource
+from midol.evaluation.protocols import knn_scores
 
 
 @dataclass
@@ -44,24 +47,6 @@ class KNNSet:
     test_fraction: float = 0.3
     max_images: int = 2000
     datamodule_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def weighted_knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor,
-                         test_features: torch.Tensor, num_classes: int, k: int = 20,
-                         temperature: float = 0.07) -> torch.Tensor:
-    """Class of each test feature: ``argmax_c sum_{j in top-k} exp(cos_j / T) [y_j = c]``
-    (Wu et al. 2018; DINO's k-NN evaluation). Features are L2-normalised here."""
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"k must be >= 1 and temperature > 0, got {k} and {temperature}")
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    sims = test @ train.T
-    k = min(k, train.shape[0])
-    top, idx = sims.topk(k, dim=1)
-    weights = (top / temperature).exp()
-    votes = torch.zeros(test.shape[0], num_classes, dtype=weights.dtype)
-    votes.scatter_add_(1, train_labels[idx].long(), weights)
-    return votes.argmax(dim=1)
 
 
 class KNNMonitor(L.Callback):
@@ -131,9 +116,12 @@ class KNNMonitor(L.Callback):
                 dm = self._datamodule(spec, size)
                 train_x, train_y = self._features(module, dm, "train", spec.max_images)
                 test_x, test_y = self._features(module, dm, "val", spec.max_images)
-                pred = weighted_knn_predict(train_x, train_y, test_x, int(dm.num_classes), self.k,
-                                            self.temperature)
-                out[f"knn/{spec.name}_acc"] = float((pred == test_y).float().mean())
+                num_classes = int(dm.num_classes)
+                scores = knn_scores(train_x.numpy(), train_y.numpy(), test_x.numpy(),
+                                    "binary" if num_classes == 2 else "multiclass", num_classes,
+                                    k=self.k, temperature=self.temperature)
+                pred = scores.argmax(axis=1)
+                out[f"knn/{spec.name}_acc"] = float(np.mean(pred == test_y.numpy()))
         finally:
             module.train(was_training)
         return out

@@ -1,36 +1,52 @@
-"""The online k-NN monitor: the classifier against a plain restatement, and a real tiny
-pre-training run that logs knn/<set>_acc at start and at epoch ends."""
+"""The online k-NN monitor: its decision rule (argmax of midol eval's ``knn_scores``) against a
+plain restatement of DINO's weighted vote, and a real tiny pre-training run that logs
+knn/<set>_acc at start and at epoch ends."""
 
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from midol.callbacks import KNNMonitor
-from midol.callbacks.knn_monitor import weighted_knn_predict
+from midol.evaluation.protocols import knn_scores
 from tests.helpers.tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 
 
-def test_weighted_knn_matches_restatement():
+def restated_predictions(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor,
+                         num_classes: int, k: int, t: float) -> list[int]:
+    """``argmax_c sum_{j in top-k} exp(cos_j / T) [y_j = c]`` (Wu et al. 2018; DINO), one test
+    row at a time."""
+    out = []
+    for x in test:
+        sims = torch.nn.functional.cosine_similarity(train, x[None], dim=1)
+        top = sims.argsort(descending=True, stable=True)[:k]
+        votes = [sum(float(torch.exp(sims[j] / t)) for j in top if labels[j] == c) for c in range(num_classes)]
+        out.append(max(range(num_classes), key=lambda c: votes[c]))
+    return out
+
+
+def monitor_predictions(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor,
+                        num_classes: int, k: int, t: float) -> list[int]:
+    """What KNNMonitor.evaluate classifies with: the top class of midol eval's kNN scores."""
+    kind = "binary" if num_classes == 2 else "multiclass"
+    return knn_scores(train.numpy(), labels.numpy(), test.numpy(), kind, num_classes, k=k,
+                      temperature=t).argmax(axis=1).tolist()
+
+
+def test_monitor_knn_matches_restatement():
     g = torch.Generator().manual_seed(0)
     train = torch.randn(30, 5, generator=g)
     labels = torch.randint(0, 3, (30,), generator=g)
     test = torch.randn(7, 5, generator=g)
-    k, t = 4, 0.1
-    expected = []
-    for x in test:
-        sims = torch.nn.functional.cosine_similarity(train, x[None], dim=1)
-        top = sims.argsort(descending=True)[:k]
-        votes = [sum(float(torch.exp(sims[j] / t)) for j in top if labels[j] == c) for c in range(3)]
-        expected.append(max(range(3), key=lambda c: votes[c]))
-    assert weighted_knn_predict(train, labels, test, 3, k, t).tolist() == expected
+    assert monitor_predictions(train, labels, test, 3, 4, 0.1) == restated_predictions(train, labels, test, 3, 4, 0.1)
 
 
 def test_knn_of_identical_points_is_exact():
     train = torch.eye(4).repeat(3, 1)  # three copies of four one-hot points
     labels = torch.arange(4).repeat(3)
-    assert weighted_knn_predict(train, labels, torch.eye(4) * 2, 4, k=3).tolist() == [0, 1, 2, 3]
+    assert monitor_predictions(train, labels, torch.eye(4) * 2, 4, 3, 0.07) == [0, 1, 2, 3]
 
 
 def test_monitor_logs_knn_accuracy_during_pretraining(tmp_path):
@@ -49,6 +65,13 @@ def test_monitor_logs_knn_accuracy_during_pretraining(tmp_path):
     # the logged number is the k-NN accuracy of the module's own features
     again = monitor.evaluate(module)["knn/xray_acc"]
     assert again == pytest.approx(monitor.history[-1]["knn/xray_acc"])
+    # ... and the DINO vote of those features gives the same accuracy as before the port
+    module.eval()
+    dm = monitor._data["xray"]
+    train_x, train_y = monitor._features(module, dm, "train", 2000)
+    test_x, test_y = monitor._features(module, dm, "val", 2000)
+    restated = restated_predictions(train_x, train_y, test_x, int(dm.num_classes), 5, 0.07)
+    assert again == pytest.approx(float(np.mean(np.array(restated) == test_y.numpy())))
 
 
 def test_monitor_rejects_bad_settings():
