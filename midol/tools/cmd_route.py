@@ -8,10 +8,15 @@ which modality each image resembles, or after pre-training to find the images an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
+import os
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from midol.analysis.routing_table import format_routing_table
 from midol.data.corpus import Corpus
 from midol.data.sources import DataSource
 from midol.errors import InputFileError, OutputFileError, UsageError
-from midol.io.atomic import atomic_write_text
+from midol.io.atomic import atomic_write_text, default_file_mode
 from midol.methods.interfaces import has_routers
 from midol.methods.loading import load_method
 
@@ -101,8 +106,8 @@ def write_tags(routed: RoutedImages, names: list[str] | None, out: Path) -> None
 
 def check_writable(out: Path) -> None:
     """``OutputFileError`` unless ``out`` can be written, checked before any model or image is
-    loaded: its folder is made if missing and a probe file created there (an existing ``out``
-    is opened for appending, not changed)."""
+    loaded: its folder is made if missing and a probe file created there (``<out>.partial`` is
+    written there); an existing ``out`` is opened for appending, not changed."""
     if out.is_dir():
         raise OutputFileError(f"--out {out}: is a folder; give the path of a CSV file")
     ancestor = out.parent
@@ -112,12 +117,11 @@ def check_writable(out: Path) -> None:
         raise OutputFileError(f"--out {out}: {ancestor} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
+        if out.exists():  # a write-protected CSV is not replaced either
             with open(out, "a", encoding="utf-8"):
                 pass
-        else:
-            with tempfile.TemporaryFile(dir=out.parent):
-                pass
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
     except OSError as err:
         raise OutputFileError(f"--out {out}: cannot write there ({err.strerror or err})") from err
 
@@ -142,16 +146,34 @@ def _merge(parts: list[RoutedImages], modalities: list[str], sizes: dict[str, in
     )
 
 
+def partial_path(out: Path) -> Path:
+    """Where ``midol route`` writes its rows until every image is routed: ``<out>.partial``
+    beside ``out`` (same folder, so the final rename is atomic; its name marks it incomplete)."""
+    return out.with_name(out.name + ".partial")
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def route_to_csv(module: Any, loader: Any, modalities: list[str], names: list[str] | None,
                  out: Path, temperature: float | None, progress: bool) -> RoutedImages:
-    """Route every batch and append its rows to ``out`` as it goes (flushed per batch), so an
-    interrupted run leaves the rows routed so far; the merged results at the end."""
+    """Route every batch and append its rows to ``<out>.partial`` as it goes (flushed per
+    batch), renamed onto ``out`` once every image is routed: a rerun never truncates the
+    previous ``out``, and an interrupted or killed run leaves the rows routed so far in a file
+    whose name says it is incomplete. The merged results at the end."""
     sizes = module.routers()
     parts: list[RoutedImages] = []
     skipped: list[str] = []
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    partial = partial_path(out)
+    with open(partial, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(tag_header(list(sizes), bool(names)))
         fh.flush()
@@ -167,13 +189,38 @@ def route_to_csv(module: Any, loader: Any, modalities: list[str], names: list[st
                 fh.flush()
                 written += len(part.paths)
                 parts.append(part)
+            os.fsync(fh.fileno())
         except BaseException:
-            print(f"midol route: stopped after {written} image(s); their rows are in {out} "
-                  "(incomplete)", file=sys.stderr)
+            kept = f"{out} is unchanged" if out.exists() else f"{out} is not written"
+            print(f"midol route: stopped after {written} image(s); their rows are in {partial} "
+                  f"(incomplete; {kept})", file=sys.stderr)
             raise
     if not parts:
+        partial.unlink(missing_ok=True)
         raise InputFileError("no readable image to route: " + "; ".join(skipped[:5]))
+    os.chmod(partial, default_file_mode())
+    os.replace(partial, out)
+    _fsync_folder(out.parent)
     return _merge(parts, modalities, sizes, skipped)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a kill, a job scheduler) ends the run through Python, like Ctrl-C, so the
+    "stopped after ... (incomplete)" note is printed; exit status 143 (128 + SIGTERM). Only in
+    the main thread (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_route_checkpoint(path: str) -> None:
@@ -203,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--manifest", help="a CSV with a path column (and optionally a modality column)")
     group.add_argument("--data", help="a midol fit config (or a data: block) whose sources to route")
     p.add_argument("--out", required=True,
-                   help="output CSV (written as images are routed: an interrupted run keeps its rows)")
+                   help="output CSV, replaced once every image is routed (rows are written to "
+                   "<out>.partial as images are routed: an interrupted run keeps them there)")
     p.add_argument("--modality", default=None, help="--folder: modality name written for every image")
     p.add_argument("--path-column", default="path", help="--manifest: column of image paths")
     p.add_argument("--modality-column", default="modality", help="--manifest: column of modality names (used when present)")
@@ -237,8 +285,9 @@ def main(argv: list[str]) -> int:
     corpus, names, config_size = build_corpus(ns)
     size = resolve_image_size(ns.image_size, config_size, module)
     loader = routing_loader(corpus, size, batch_size=ns.batch_size, num_workers=ns.num_workers)
-    routed = route_to_csv(module, loader, corpus.modalities, names, out, ns.temperature,
-                          progress=not ns.no_progress)
+    with sigterm_raises():
+        routed = route_to_csv(module, loader, corpus.modalities, names, out, ns.temperature,
+                              progress=not ns.no_progress)
     counts = routed.counts()
     print(f"wrote {len(routed.paths)} rows to {out} ({routed.num_experts} experts, {size} px)")
     if names and len(set(names)) > 1:

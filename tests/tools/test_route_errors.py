@@ -5,6 +5,11 @@ and the rows routed so far kept on disk."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -126,8 +131,11 @@ def test_interrupted_route_keeps_the_rows_written_so_far(checkpoints, tmp_path, 
                       "--modality", "oct", "--batch-size", "5", "--no-progress"], capsys)
     assert code == EXIT_INTERRUPTED == 130
     assert err.splitlines()[-1] == "midol: interrupted"
-    assert f"midol route: stopped after 10 image(s); their rows are in {out} (incomplete)" in err
-    with open(out, newline="") as fh:
+    partial = tmp_path / "tags.csv.partial"
+    assert (f"midol route: stopped after 10 image(s); their rows are in {partial} (incomplete; "
+            f"{out} is not written)") in err
+    assert not out.exists()
+    with open(partial, newline="") as fh:
         rows = list(csv.DictReader(fh))
     files = sorted(str(p) for p in Path(OCT).rglob("*.png"))
     assert [r["path"] for r in rows] == files[:10]  # two batches of 5, in corpus order
@@ -142,3 +150,67 @@ def test_full_route_still_writes_every_row(checkpoints, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 16 and list(rows[0]) == ["path", "expert", "confidence"]
     assert f"wrote 16 rows to {out} (3 experts, 32 px)" in capsys.readouterr().out
+
+
+def _interrupt_at_third_batch(monkeypatch) -> None:
+    real_collect = cmd_route.collect
+    calls = []
+
+    def collect_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(cmd_route, "collect", collect_then_interrupt)
+
+
+def test_interrupted_rerun_keeps_the_previous_csv(checkpoints, tmp_path, capsys, monkeypatch):
+    """A rerun writes <out>.partial and replaces <out> only when complete: the previous CSV
+    survives an interrupted rerun whole (it used to be truncated at the start)."""
+    out = tmp_path / "tags.csv"
+    args = ["route", str(checkpoints["moe"]), "--folder", OCT, "--out", str(out),
+            "--batch-size", "5", "--no-progress"]
+    assert _run(args, capsys)[0] == 0
+    before = out.read_bytes()
+    assert len(before.splitlines()) == 17
+    _interrupt_at_third_batch(monkeypatch)
+    code, err = _run(args, capsys)
+    assert code == EXIT_INTERRUPTED
+    assert out.read_bytes() == before
+    partial = tmp_path / "tags.csv.partial"
+    assert f"their rows are in {partial} (incomplete; {out} is unchanged)" in err
+    assert len(partial.read_text().splitlines()) == 11  # header and two batches of 5
+    monkeypatch.undo()
+    assert _run(args, capsys)[0] == 0  # a complete rerun replaces both
+    assert not partial.exists() and out.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_sigterm_during_route_prints_the_incomplete_note_and_keeps_the_csv(checkpoints, tmp_path):
+    """SIGTERM (a kill, a scheduler) ends the route like Ctrl-C: the note, exit 143, the
+    previous CSV untouched (it used to die silently, leaving a truncated CSV)."""
+    out = tmp_path / "tags.csv"
+    out.write_text("path,expert,confidence\nold.png,1,0.5\n")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from midol.cli import main
+        from midol.tools import cmd_route
+        real, calls = cmd_route.collect, []
+        def collect(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        cmd_route.collect = collect
+        sys.exit(main(["route", {str(checkpoints["moe"])!r}, "--folder", {OCT!r}, "--out",
+                       {str(out)!r}, "--batch-size", "5", "--no-progress"], report=True))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 143, proc.stderr
+    partial = tmp_path / "tags.csv.partial"
+    assert (f"midol route: stopped after 10 image(s); their rows are in {partial} (incomplete; "
+            f"{out} is unchanged)") in proc.stderr
+    assert out.read_text() == "path,expert,confidence\nold.png,1,0.5\n"
