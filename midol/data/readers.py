@@ -119,11 +119,14 @@ def scan_images(root: str, recursive: bool = True, name: str | None = None) -> l
 
     Symbolic links are followed once: a folder reached again (a link back up the tree, a link
     loop) is not walked twice, and a file reached again through a link is listed once; both
-    are counted in one warning naming ``name`` (default ``root``)."""
+    are counted in one warning naming ``name`` (default ``root``). Only regular files (after
+    following links) are listed: opening a FIFO named ``x.png`` would block forever, and a
+    device or a broken link is no image either; they are counted in a warning."""
     root = os.path.expanduser(root)
     visited: set[str] = set()
     seen: set[str] = set()
     paths: list[str] = []
+    special: list[str] = []
     loops = duplicates = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -137,6 +140,9 @@ def scan_images(root: str, recursive: bool = True, name: str | None = None) -> l
             if f.startswith(".") or not is_image_file(f):
                 continue
             full = os.path.join(dirpath, f)
+            if not os.path.isfile(full):  # stat follows links; S_ISREG only
+                special.append(full)
+                continue
             key = os.path.realpath(full)
             if key in seen:
                 duplicates += 1
@@ -147,6 +153,12 @@ def scan_images(root: str, recursive: bool = True, name: str | None = None) -> l
         warnings.warn(
             f"{name or root}: symbolic links lead back into the tree ({loops} folder(s) reached "
             f"again, not walked twice; {duplicates} file(s) reached again, listed once)",
+            stacklevel=2,
+        )
+    if special:
+        warnings.warn(
+            f"{name or root}: {len(special)} file(s) with an image name are not regular files "
+            f"(a FIFO, a device or a broken link) and are skipped, e.g. {special[0]}",
             stacklevel=2,
         )
     return paths

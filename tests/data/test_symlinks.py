@@ -99,3 +99,33 @@ def test_pretraining_folder_source_goes_through_the_same_scan(tmp_path):
         images = resolve_source(source)
     assert images.paths == [str(a), str(b)]
     assert len(images) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.filterwarnings("ignore:.*are not regular files")
+def test_a_fifo_named_like_an_image_is_not_listed_nor_opened(tmp_path):
+    """A FIFO ``x.png`` (or a link to one) used to be listed, and opening it blocked `midol fit`
+    and `midol route` forever; only regular files are listed, the others counted in a warning."""
+    root = tmp_path / "data"
+    a = _png(root / "a.png")
+    os.mkfifo(root / "b_fifo.png")
+    (root / "c_link.png").symlink_to(root / "b_fifo.png")
+    (root / "d_broken.png").symlink_to(root / "missing.png")
+    e = _png(root / "sub" / "e.png")
+    paths = _scan_within(root)
+    assert paths == [str(a), str(e)]
+    assert _scan_within.warnings == [(  # type: ignore[attr-defined]
+        f"{root}: 3 file(s) with an image name are not regular files (a FIFO, a device or a "
+        f"broken link) and are skipped, e.g. {root / 'b_fifo.png'}")]
+
+    result: dict[str, object] = {}
+
+    def load_all() -> None:  # what a pre-training or route loader does with the source
+        images = resolve_source(DataSource(str(root), "xray", kind="folder"))
+        result["shapes"] = [images.load(i).shape for i in range(len(images))]
+
+    thread = threading.Thread(target=load_all, daemon=True)
+    thread.start()
+    thread.join(20.0)
+    assert not thread.is_alive(), "reading the folder source blocked on the FIFO"
+    assert result["shapes"] == [(8, 8, 3), (8, 8, 3)]
