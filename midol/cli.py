@@ -29,6 +29,7 @@ from midol.run_guard import (
     checkpoint_dirs,
     format_differences,
     hparam_differences,
+    refuse_foreign_resume,
     refuse_overwrite,
 )
 
@@ -47,8 +48,8 @@ class MidolCLI(LightningCLI):
 
     Run safety (docs/troubleshooting.md, "Run folders, overwrites and checkpoint safety"):
     checkpoints are written atomically (:class:`midol.io.checkpoint_io.AtomicCheckpointIO`);
-    ``midol fit`` refuses a run folder that already holds checkpoints unless ``--ckpt_path`` or
-    ``--overwrite true`` is given, and checks before training that every output folder can be
+    ``midol fit`` refuses a run folder that already holds checkpoints unless ``--ckpt_path`` (a
+    checkpoint of that folder) or ``--overwrite true`` is given, and checks before training that every output folder can be
     written; a resume keeps the config's settings (naming those that differ from the
     checkpoint's) and falls back to the newest readable checkpoint when the one named is damaged.
     """
@@ -70,7 +71,8 @@ class MidolCLI(LightningCLI):
         parser.add_argument(
             "--overwrite", type=bool, default=argparse.SUPPRESS,
             help="Start a new run in a run folder whose checkpoint folder already holds *.ckpt "
-                 "files (without it, and without --ckpt_path, midol fit refuses; default: false)")
+                 "files, or resume another folder's checkpoint there (without it, midol fit "
+                 "refuses both; --ckpt_path of that folder resumes it; default: false)")
         parser.add_argument(
             "--run_id", type=str, default=argparse.SUPPRESS,
             help="Give this run its own folder: every output moves to <default_root_dir>/<run_id>. "
@@ -177,8 +179,12 @@ class MidolCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         trainer = config.get("trainer")
-        if not config.get("ckpt_path") and not config.get("overwrite", False):
-            refuse_overwrite(trainer)
+        ckpt_path = config.get("ckpt_path")
+        if not config.get("overwrite", False):
+            if not ckpt_path:
+                refuse_overwrite(trainer)
+            elif ckpt_path not in ("last", "hpc", "best"):  # those name this run's own files
+                refuse_foreign_resume(trainer, str(ckpt_path))
         check_outputs_writable(trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:

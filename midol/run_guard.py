@@ -3,7 +3,8 @@
 * every output folder of the run can be created and written (else a one-line error naming it,
   before any training instead of at the first checkpoint);
 * a run folder that already holds checkpoints is not silently overwritten (``--ckpt_path last``
-  resumes it, ``--overwrite true`` starts over in it);
+  resumes it, ``--overwrite true`` starts over in it), neither by a resume of another run's
+  checkpoint;
 * a resumed checkpoint's hyper-parameters are compared with the config's: the config wins, and
   every setting that differs is named.
 """
@@ -102,17 +103,44 @@ def check_outputs_writable(trainer: Any) -> None:
         check_writable(folder, what)
 
 
+def _held_checkpoints(folder: str) -> str:
+    """The ``*.ckpt`` files of ``folder`` as a short list (``""`` when none)."""
+    path = Path(folder)
+    found = sorted(p.name for p in path.glob("*.ckpt")) if path.is_dir() else []
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
 def refuse_overwrite(trainer: Any) -> None:
     """A :class:`UsageError` when a checkpoint folder of the run already holds ``*.ckpt``."""
     for folder in checkpoint_dirs(trainer):
-        path = Path(folder)
-        found = sorted(p.name for p in path.glob("*.ckpt")) if path.is_dir() else []
-        if found:
-            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        shown = _held_checkpoints(folder)
+        if shown:
             raise UsageError(
                 f"{folder} already holds checkpoints of a previous run ({shown}): resume it with "
                 "--ckpt_path last, start over in it with --overwrite true, or choose another "
                 "folder with --trainer.default_root_dir")
+
+
+def refuse_foreign_resume(trainer: Any, ckpt_path: str) -> None:
+    """A :class:`UsageError` when ``ckpt_path`` lies outside every checkpoint folder of the run
+    while one of them already holds ``*.ckpt``: resuming run A into run B's folder would replace
+    B's newer ``last.ckpt`` (and its export and summary) with A's."""
+    dirs = checkpoint_dirs(trainer)
+    if not dirs:
+        return
+    ckpt = Path(ckpt_path) if _is_local(ckpt_path) else None
+    real = ckpt.resolve() if ckpt is not None else None
+    if real is not None and any(real.is_relative_to(Path(d).resolve()) for d in dirs):
+        return  # this run's own checkpoint
+    for folder in dirs:
+        shown = _held_checkpoints(folder)
+        if shown:
+            where = ckpt.parent if ckpt is not None else ckpt_path
+            raise UsageError(
+                f"--ckpt_path {ckpt_path} is a checkpoint of another run ({where}), and this "
+                f"run's folder {folder} already holds checkpoints of a previous run ({shown}) "
+                "that resuming would replace: resume that run in its own folder, choose an empty "
+                "folder with --trainer.default_root_dir, or replace them with --overwrite true")
 
 
 def _plain(value: Any) -> Any:

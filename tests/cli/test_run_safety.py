@@ -307,6 +307,33 @@ def test_rerun_in_a_folder_with_checkpoints_is_refused_unless_resumed_or_overwri
     assert "overwrite" not in (REPO / "configs/ablations/base.yaml").read_text()
 
 
+def test_resuming_another_runs_checkpoint_into_a_folder_with_checkpoints_is_refused(
+    tmp_path: Path, crashed_run: dict[str, Any], record_fit: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 26, break 1: ``--ckpt_path`` of run A with run B's folder used to skip the
+    overwrite refusal and replace B's newer last.ckpt with A's."""
+    monkeypatch.chdir(REPO)
+    run_b = _resume_folder(tmp_path, crashed_run)
+    last_b = run_b / "checkpoints" / "last.ckpt"
+    before = last_b.read_bytes()
+    ckpt_a = crashed_run["copy"]  # run A's checkpoint, in A's own folder
+    with pytest.raises(UsageError) as err:
+        main(ablation_args(run_b, "--ckpt_path", str(ckpt_a)))
+    assert str(err.value) == (
+        f"--ckpt_path {ckpt_a} is a checkpoint of another run ({ckpt_a.parent}), and this run's "
+        f"folder {run_b}/checkpoints already holds checkpoints of a previous run (last.ckpt) that "
+        "resuming would replace: resume that run in its own folder, choose an empty folder with "
+        "--trainer.default_root_dir, or replace them with --overwrite true")
+    assert last_b.read_bytes() == before and record_fit == []
+    # B's own checkpoint (by path) resumes; A's resumes into an empty folder, or with --overwrite.
+    main(ablation_args(run_b, "--ckpt_path", str(last_b)))
+    assert record_fit[-1]["ckpt_path"] == str(last_b)
+    main(ablation_args(tmp_path / "fresh", "--ckpt_path", str(ckpt_a)))
+    assert record_fit[-1]["ckpt_path"] == str(ckpt_a)
+    main(ablation_args(run_b, "--ckpt_path", str(ckpt_a), "--overwrite", "true"))
+    assert record_fit[-1]["ckpt_path"] == str(ckpt_a)
+
+
 def _outputs(cli) -> dict[str, Any]:
     cbs = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
     return {
