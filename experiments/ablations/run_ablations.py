@@ -1,14 +1,19 @@
-"""Ablation study at small scale (paper Table 2, Fig. 3b, the two L_cst variants and the
+"""New runs score their probes with midol eval (experiments/scoring.py); older results files used a 5-fold CV probe.
+
+Ablation study at small scale (paper Table 2, Fig. 3b, the two L_cst variants and the
 collapse counter-measures): pre-train one tiny M-IDoL per row of rows.yaml on the five-modality
-corpus of ../shared/data, then measure the teacher's routing NMI/purity over the corpus and a
-linear probe (logistic regression on frozen teacher features) on three labelled sets.
+corpus of ../shared/data, then measure the teacher's routing NMI/purity over the corpus, and
+score its frozen teacher backbone with midol eval on configs/eval/shared_data.yaml (kNN and
+linear probes, 95 % bootstrap CIs, paired verdicts against the random init of the same
+architecture; the held-out MedMNIST tasks reported apart from the corpus tasks).
 
 Run from the repository root (writes outputs/ablations/<row>/ and the results file):
 
     .venv/bin/python experiments/ablations/run_ablations.py --out experiments/results/ablation_2026-12-01.md
 
-Options: --rows no_moe,midol (a subset), --max-epochs, --seed, --per-modality.
-The results file is rewritten after every row, so an interrupted run keeps its finished rows.
+Options: --rows no_moe,midol (a subset), --max-epochs, --seed, --per-modality, --protocols.
+The results file is rewritten after every row, so an interrupted run keeps its finished rows;
+each row's midol eval reports are in outputs/ablations/<row>_seed<seed>/eval/{heldout,corpus}/.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from threadpoolctl import threadpool_limits
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import HELDOUT_PROBES, PROBES, evaluate, folder_classes, npz_classes, routing_set  # noqa: E402
+from evaluate import probes, routing_metrics, routing_set  # noqa: E402
+
+from experiments import scoring  # noqa: E402  (evaluate put the repository on sys.path)
 
 from midol.config_compose import merge  # noqa: E402
 from midol.methods.loading import load_pretrain_module  # noqa: E402
 from midol.cli import main as midol_main  # noqa: E402
 from midol.data.sources import DataSource  # noqa: E402
+from midol.evaluation.suite import load_suite  # noqa: E402
 from midol.methods import PretrainModule  # noqa: E402
 
 BASE = REPO / "configs/ablations/base.yaml"
@@ -104,8 +112,47 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def reference_probes(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """The random-init reference row of the midol eval reports (the same architecture and seed
+    for every row: its scores are identical in each) and the first row's digests."""
+    for r in results:
+        if r.get("probes"):
+            refs = r["probes"]["heldout"]["references"] or r["probes"]["corpus"]["references"]
+            if refs:
+                return refs[0], r["probes"]
+    return None
+
+
+def probe_cells(probes: dict[str, Any] | None, row: str, knn: str | None, heldout: list[str],
+                reference: bool) -> list[str]:
+    """The probe columns of one table row (midol eval's numbers: mean [95 % CI])."""
+    if not probes:
+        return ["n/a"] * (5 + len(heldout) + (knn is not None))
+    ho, co = probes["heldout"], probes["corpus"]
+    cells = [scoring.ci_cell(scoring.cell(ho, row)),
+             "(reference)" if reference else scoring.verdict_cell(scoring.versus(ho, row))]
+    cells += [scoring.ci_cell(scoring.cell(ho, row, task)) for task in heldout]
+    if knn is not None:
+        cells.append(scoring.ci_cell(scoring.cell(ho, row, setting=knn)))
+    cells += [scoring.ci_cell(scoring.cell(co, row)),
+              "(reference)" if reference else scoring.verdict_cell(scoring.versus(co, row)),
+              "(in each row's reports)" if reference else
+              f"`{relative(Path(ho['report']).parent.parent)}/{{heldout,corpus}}/report.md`"]
+    return cells
+
+
+def relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any], done: bool) -> str:
-    probes = list(PROBES)
+    heldout = list(meta["heldout_tasks"])
+    knn = meta.get("knn_setting")
+    ref = reference_probes(results)
     lines = [
         f"# Ablations at small scale (paper Table 2, Fig. 3b, L_cst variants, collapse counter-measures){'' if done else ' — PARTIAL'}",
         "",
@@ -126,36 +173,50 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any], done: bool) ->
         "normalisation); purity = share of images in their expert's majority modality. "
         "k-means NMI: k-means (k = 5) on standardised teacher features vs modality (defined for "
         "every row, including no-MoE).",
-        "- Linear probe: frozen teacher features (pooled, 64 px centre crop) -> standardise -> "
-        "multinomial logistic regression (C = 1, lbfgs), accuracy over stratified 5-fold "
-        "cross-validation (seed 0), on " + ", ".join(f"{k} ({v})" for k, v in PROBES.items())
-        + ". These labelled images are also in the (unlabelled) pre-training corpus. Chance "
-        "(majority class): " + ", ".join(f"{k} {v:.3f}" for k, v in meta["majority"].items()) + ".",
-        "- Held-out probe: the same probe on MedMNIST test splits that are not in the pre-training "
-        "corpus (" + ", ".join(HELDOUT_PROBES) + "; 28 px upsampled to the view size), scored by "
-        "macro one-vs-rest ROC AUC from out-of-fold probabilities; no setting was chosen on it.",
+        f"- Probes: the row's frozen teacher backbone (last.ckpt's first part), scored by "
+        f"{meta['probe_method']}. Suite {meta['suite']}: held out (MedMNIST, not in the "
+        f"pre-training corpus, no setting chosen on them): {', '.join(heldout)}; corpus tasks (their "
+        f"images are in the unlabelled pre-training corpus): {', '.join(meta['corpus_tasks'])}. "
+        f"`vs random init`: the paired difference with the random init of the same architecture "
+        f"(seed {meta['seed']}; the reference row) and midol eval's verdict, pooled over the "
+        "group's tasks; each row's full reports (every task, metric and setting) are linked.",
         "- Teacher change: ||theta_T(end) - theta_T(0)|| / ||theta_T(0)|| of the teacher backbone "
         "(teacher_drift.TeacherDrift); L start / end: mean of the first / last 5 logged steps.",
         "- Warnings: RoutingMonitor collapse warnings during the run (expert share > 0.9 of a "
         "batch for 20 consecutive steps; teacher collapse).",
         "",
-        "| row | held-out AUC mean | " + " | ".join(f"{h} AUC" for h in HELDOUT_PROBES)
-        + " | corpus probe mean acc | " + " | ".join(probes)
+        "| row | held-out linear AUC (mean of tasks) | vs random init (held-out) | "
+        + " | ".join(f"{h} linear AUC [95 % CI]" for h in heldout)
+        + (f" | held-out {knn} AUC (mean of tasks)" if knn else "")
+        + " | corpus linear AUC (mean of tasks) | vs random init (corpus) | midol eval reports"
         + " | routing NMI | purity | experts used | max load | k-means NMI | train-assignment NMI (last epoch) | L_route (start -> end) | L_cst (start -> end) | teacher change | warnings | min |",
-        "|" + "---|" * (14 + len(probes) + len(HELDOUT_PROBES)),
+        "|" + "---|" * (17 + len(heldout) + (knn is not None)),
     ]
     for r in results:
         ev, route = r["eval"], r["eval"]["routing"]
+        if r["name"] == "random_init":
+            row_probes, reference = (ref[1], True) if ref else (None, True)
+            key = ref[0] if ref else ""
+        else:
+            row_probes, reference, key = r.get("probes"), False, r["name"]
         lines.append(
-            f"| {r['label']} | {fmt(ev.get('heldout_mean_auc'))} | "
-            + " | ".join(fmt(ev.get("heldout", {}).get(h, {}).get("auc")) for h in HELDOUT_PROBES)
-            + f" | {fmt(ev['probe_mean_acc'])} | "
-            + " | ".join(f"{fmt(ev['probes'][p]['acc'])} ± {fmt(ev['probes'][p]['std'], 2)}" for p in probes)
+            f"| {r['label']} | " + " | ".join(probe_cells(row_probes, key, knn, heldout, reference))
             + f" | {fmt(route.get('nmi')) if route['experts_used'] > 1 else fmt(route.get('nmi')) + ' (1 expert)'}"
             f" | {fmt(route.get('purity'))} | {route['experts_used']}/{route['experts']} | {fmt(route['max_load'], 2)}"
             f" | {fmt(ev['kmeans_nmi'])} | {fmt(r.get('train_nmi')) if route['experts'] > 1 else 'n/a'} | {fmt(r.get('l_route_start'))} -> {fmt(r.get('l_route'))} | {fmt(r.get('l_cst_start'))} -> {fmt(r.get('l_cst'))}"
             f" | {fmt(r.get('teacher_change'), 4)} | {len(r.get('warnings', []))} | {r['minutes']:.1f} |"
         )
+    corpus_tasks = list(meta["corpus_tasks"])
+    scored = [r for r in results if r.get("probes")]
+    if scored and ref:
+        lines += ["", "Corpus tasks, linear AUC [95 % CI] per task (midol eval):", "",
+                  "| row | " + " | ".join(corpus_tasks) + " |", "|" + "---|" * (1 + len(corpus_tasks))]
+        lines.append(f"| {ref[0]} (reference) | "
+                     + " | ".join(scoring.ci_cell(scoring.cell(ref[1]["corpus"], ref[0], t)) for t in corpus_tasks) + " |")
+        for r in scored:
+            lines.append(f"| {r['name']} | "
+                         + " | ".join(scoring.ci_cell(scoring.cell(r["probes"]["corpus"], r["name"], t))
+                                      for t in corpus_tasks) + " |")
     lines += ["", "Per-row routing counts (rows = experts, columns = " + ", ".join(meta["modalities"]) + "):", ""]
     for r in results:
         lines.append(f"- {r['name']}: {r['eval']['routing']['counts']}")
@@ -174,12 +235,16 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-modality", type=int, default=200, help="routing images per modality")
-    p.add_argument("--skip-random", action="store_true", help="no random-init reference row")
+    p.add_argument("--skip-random", action="store_true",
+                   help="no routing row for the untrained module (the random-init probe reference "
+                        "is part of every midol eval report)")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain rows whose output folder already holds checkpoints (else refused)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 avoids oversubscription on a shared CPU)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loading workers")
+    p.add_argument("--protocols", default="knn,linear", help="midol eval protocols (knn, linear, fewshot)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="midol eval bootstrap resamples")
     ns = p.parse_args()
     os.chdir(REPO)
     if not SHARED_DATA.is_dir():
@@ -197,11 +262,11 @@ def main() -> int:
             raise SystemExit(f"unknown rows {sorted(unknown)}")
         rows = [r for r in rows if r["name"] in wanted]
 
+    options = scoring.study_options(ns.protocols, bootstrap=ns.bootstrap)
+    suite = load_suite(scoring.SUITE)
     size = base["data"]["init_args"]["transform"]["init_args"]["global_size"]
     sources = [DataSource(**s) for s in base["data"]["init_args"]["sources"]]
     routing = routing_set(sources, size, ns.per_modality, ns.seed)
-    probes = {name: folder_classes(SHARED_DATA / rel, size) for name, rel in PROBES.items()}
-    heldout = {name: npz_classes(SHARED_DATA / rel, size) for name, rel in HELDOUT_PROBES.items()}
     from midol.data import Corpus
 
     corpus = Corpus(sources)
@@ -223,7 +288,11 @@ def main() -> int:
         "routing_images": len(routing.labels),
         "routing_counts": {m: int((routing.labels == k).sum()) for k, m in enumerate(routing.names)},
         "modalities": routing.names,
-        "majority": {k: float(max((v.labels == c).mean() for c in set(v.labels))) for k, v in probes.items()},
+        "suite": str(scoring.SUITE.relative_to(REPO)),
+        "heldout_tasks": list(scoring.HELDOUT_TASKS),
+        "corpus_tasks": [t.name for t in suite.tasks if t.name not in scoring.HELDOUT_TASKS],
+        "probe_method": scoring.method_text(options),
+        "knn_setting": f"knn k={options.knn_k[0]}" if "knn" in options.protocols else None,
     }
     out_md = Path(ns.out)
     out_json = out_md.with_suffix(".json")
@@ -239,7 +308,7 @@ def main() -> int:
         start = time.time()
         module = PretrainModule(**base["model"]["init_args"])
         results.append({"name": "random_init", "label": "0. random init, no pre-training (reference)",
-                        "eval": evaluate(module, routing, probes, ns.seed, heldout), "minutes": (time.time() - start) / 60})
+                        "eval": routing_metrics(module, routing, ns.seed), "minutes": (time.time() - start) / 60})
         save(False)
     for row in rows:
         # one folder per row and seed: runs of several seeds at once must not share checkpoints
@@ -250,7 +319,9 @@ def main() -> int:
         module = load_pretrain_module(ckpt)
         result: dict[str, Any] = {"name": row["name"], "label": row["label"], "group": row["group"],
                                   "overrides": row.get("model", {}), "warnings": monitor_warnings}
-        result["eval"] = evaluate(module, routing, probes, ns.seed, heldout)
+        result["eval"] = routing_metrics(module, routing, ns.seed)
+        result["probes"] = probes(ckpt, row["name"], out / "eval", ns.seed, options=options,
+                                  command=meta["command"])
         metrics = sorted(out.glob("logs/version_*/metrics.csv"))[-1]
         last = last_values(metrics, ["train/l_route", "train/l_cst"], tail=5)
         first = first_values(metrics, ["train/l_route", "train/l_cst"])
@@ -262,8 +333,9 @@ def main() -> int:
         result["minutes"] = (seconds + time.time() - start) / 60
         results.append(result)
         save(False)
-        print(f"[ablation] {row['name']}: probe {result['eval']['probe_mean_acc']:.3f}, "
-              f"held-out AUC {result['eval']['heldout_mean_auc']:.3f}, "
+        ho = result["probes"]["heldout"]
+        print(f"[ablation] {row['name']}: held-out linear AUC {scoring.ci_cell(scoring.cell(ho, row['name']))}, "
+              f"vs random init {scoring.verdict_cell(scoring.versus(ho, row['name']))}, "
               f"routing NMI {result['eval']['routing'].get('nmi', float('nan')):.3f}, "
               f"{result['minutes']:.1f} min", flush=True)
     meta["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
