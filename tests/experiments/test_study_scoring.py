@@ -1,7 +1,8 @@
 """The older studies score through midol eval (experiments/scoring.py): the ablation probe of a
 tiny M-IDoL checkpoint gives exactly ``midol eval``'s output (runs.csv and report.json of the CLI
-on the same backbones), with CIs and verdicts against the random init; the study tables print
-midol eval's numbers."""
+on the same backbones), with CIs and verdicts against the random init; the DEX study's director
+and experts parts are scored and tabulated with the plain MAE as baseline; the study tables
+print midol eval's numbers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from experiments import scoring
 from midol.cli import main as midol_main
 from midol.data.sources import DataSource
+from tests.helpers.dex import dex_datamodule, tiny_dex
 from tests.helpers.tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 
 FAST = scoring.study_options("knn,linear", bootstrap=200)
@@ -101,3 +103,43 @@ def test_ablation_probes_are_midol_evals_output(suite, tmp_path):
     assert scoring.verdict_cell(scoring.versus(probes["corpus"], "midol")) in text
     assert f"| 0. random init | {scoring.ci_cell(scoring.cell(probes['heldout'], SWIN_REF))} | (reference) |" in text
 
+
+def test_dex_study_scores_director_and_experts_against_mae(suite, tmp_path):
+    from experiments.dex import report, run_dex_study
+
+    torch.manual_seed(0)
+    dex = tiny_dex()
+    dex_ckpt = _fit(dex, dex_datamodule(), tmp_path / "dex.ckpt")
+    torch.manual_seed(0)
+    mae_ckpt = _fit(tiny_dex(use_dex=False), dex_datamodule(), tmp_path / "mae.ckpt")
+    backbones = run_dex_study.backbones("mae", mae_ckpt) + run_dex_study.backbones("dex", dex_ckpt)
+    options = scoring.study_options("knn,linear", bootstrap=200, baseline="mae")
+    probes = scoring.score_groups(backbones, tmp_path / "eval", heldout=("retina",), suite=suite,
+                                  options=options, reference_seed=0, cache_dir=tmp_path / "cache")
+    d = probes["heldout"]
+    ref = "random:vit_tiny_patch16_224"
+    assert d["references"] == [f"{ref} [cls]", f"{ref} [avg]"]  # one reference for the three
+    for label in ("mae", "dex director", "dex experts"):
+        for readout in ("cls", "avg"):
+            key = f"{label} [{readout}]"
+            assert scoring.cell(d, key, "retina") is not None
+            assert scoring.versus(d, key)["against"] == f"{ref} [{readout}]"
+            if label != "mae":
+                assert scoring.versus(d, key, kind="vs_baseline")["against"] == f"mae [{readout}]"
+
+    routing = run_dex_study.routing_set([DataSource(str(SAMPLE_DATA / "xray"), "xray"),
+                                         DataSource(str(SAMPLE_DATA / "pathology"), "pathology")], 32, 8, 0)
+    blocks = run_dex_study.routing_blocks(dex, routing)
+    assert set(blocks) == set(dex.routers()) and all(0 <= b["nmi"] <= 1 for b in blocks.values())
+    run = {"meta": {"date": "d", "device": "cpu", "commit": "x", "command": "c", "steps": 2, "seed": 0,
+                    "probe_method": scoring.method_text(options), "heldout_tasks": ["retina"],
+                    "baseline": "mae"},
+           "rows": {"random_init_dex": {"eval": {"blocks": blocks}}, "mae": {"eval": {}, "minutes": 0.1},
+                    "dex": {"eval": {"blocks": blocks}, "minutes": 0.2}, "probes": probes}}
+    text = report.markdown([run], ["s0.json"], "out.md")
+    cell = scoring.ci_cell(scoring.cell(d, "dex experts [cls]", "retina"))
+    assert f"| DEX, routed-experts mode [cls] | {scoring.ci_cell(scoring.cell(d, 'dex experts [cls]'))} |" in text
+    assert cell in text
+    assert scoring.verdict_cell(scoring.versus(d, "dex director [avg]", kind="vs_baseline")) in text
+    assert "| plain MAE (same ViT, dense MLPs) [cls] |" in text and "(baseline)" in text
+    assert "| random routers (untrained DEX) |" in text
