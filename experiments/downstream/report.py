@@ -1,4 +1,6 @@
-"""Mean ± std over seeds and two-sided t-tests between the best two backbones (paper Table 3 style).
+"""New runs use these tables for fine-tuning tasks only; frozen-probe tasks score with midol eval (run.py).
+
+Mean ± std over seeds and two-sided t-tests between the best two backbones (paper Table 3 style).
 
 Pure functions over per-run results ``{backbone: {seed: {metric: value}}}``; used by ``run.py``.
 """

@@ -1,4 +1,6 @@
-"""Run downstream configs over N seeds for several backbones; write a markdown table of
+"""New runs score frozen-probe tasks (linear_probe: true) with midol eval; fine-tuning tasks still train through Lightning.
+
+Run downstream configs over N seeds for several backbones; write a markdown table of
 mean ± std per metric with the two-sided t-test p-value between the best two (paper Table 3).
 
     python experiments/downstream/run.py experiments/downstream/demo_medmnist_linear.yaml
@@ -8,6 +10,21 @@ A spec (YAML) names the seeds, optional pre-training runs made first, the downst
 (a ``configs/finetune`` file plus dotted overrides) and the backbones (dotted overrides that
 pick the weights). Every run writes ``result.json`` under ``workdir``; runs whose result exists
 are not repeated, so an interrupted experiment resumes where it stopped. See docs/downstream.md.
+
+Fine-tuning tasks (the backbone trains) run through the Lightning task modules as above. A task
+whose config freezes the backbone (``model.init_args.linear_probe: true``) is a frozen probe and
+is scored by midol eval instead (``experiments/scoring.py``): its data section becomes a suite
+task (same sources, classes and carving rule: ``seeded_split`` with the config's fractions and
+``split_seed``), every backbone becomes a midol eval backbone spec (``init_checkpoint`` [+
+``init_part`` / ``init_prefix`` / ``dex_mode``], ``random:NAME,k=v`` for a random init, or
+``timm:NAME@WEIGHTS``), and all backbones are scored together: the linear probe (and, with
+``probe: {protocols: knn,linear}``, kNN) with 95 % bootstrap CIs on the test split and paired
+verdicts against the random init of each architecture and the spec's ``probe.baseline`` (other
+``probe`` keys: ``knn_k``, ``bootstrap``, ``metric``; a task entry may name its ``type``, e.g.
+``ordinal``, and ``modality``). The probe is deterministic, so ``seeds`` do not apply to it; its
+features are cached in ``workdir/eval_cache`` and its report is in
+``workdir/<task>/midol_eval/``. The config's probe-training settings (head, optimiser, epochs)
+do not apply either.
 """
 
 from __future__ import annotations
@@ -30,6 +47,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import markdown_table, per_seed_table  # noqa: E402
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments import scoring  # noqa: E402
 
 
 # ---------------------------------------------------------------------- config editing
@@ -160,6 +182,115 @@ def missing_weights(backbone: dict[str, Any]) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------- frozen probes (midol eval)
+def is_frozen_probe(cfg: dict[str, Any]) -> bool:
+    """A config whose backbone is frozen (``linear_probe: true``): scored by midol eval."""
+    return bool(((cfg.get("model") or {}).get("init_args") or {}).get("linear_probe"))
+
+
+def suite_task(name: str, cfg: dict[str, Any], entry: dict[str, Any]) -> Any:
+    """The config's data section as a midol eval suite task (same sources, classes, fractions
+    and split seed: the same carving as the LabelledDataModule)."""
+    from midol.evaluation.suite import TaskSpec
+
+    data = cfg.get("data") or {}
+    if not str(data.get("class_path", "midol.data.LabelledDataModule")).endswith("LabelledDataModule"):
+        raise ValueError(f"task {name!r}: a frozen probe needs a LabelledDataModule, got {data.get('class_path')}")
+    d = data.get("init_args") or {}
+    num_classes = ((cfg.get("model") or {}).get("init_args") or {}).get("num_classes") or d.get("num_classes")
+    kind = entry.get("type") or ("multilabel" if d.get("task") == "multilabel" else
+                                 "binary" if num_classes == 2 else "multiclass")
+    fractions = {k: float(d.get(k) or 0.0) for k in ("val_fraction", "test_fraction")}
+    return TaskSpec(
+        name=name, type=kind, modality=entry.get("modality", "unknown"), train=dict(d["train"]),
+        val=d.get("val"), test=d.get("test"), split_seed=int(d.get("split_seed", 0)),
+        classes=d.get("classes"), image_size=d.get("image_size"),
+        uncertain_label=d.get("uncertain_label", "error"), **fractions,
+        split_rule=("the config's splits: " + ", ".join(
+            [k for k in ("train", "val", "test") if d.get(k)]
+            + [f"{k} {v:g} (split_seed {int(d.get('split_seed', 0))})" for k, v in fractions.items() if v])))
+
+
+def backbone_spec(cfg: dict[str, Any]) -> str:
+    """The midol eval backbone spec of a downstream config's backbone (its model.init_args)."""
+    from midol.tasks.backbones import detect_format, part_from_prefix
+
+    init = (cfg.get("model") or {}).get("init_args") or {}
+    checkpoint, backbone = init.get("init_checkpoint"), init.get("backbone")
+    kwargs = dict(init.get("backbone_kwargs") or {})
+    text_kwargs = "".join(f",{k}={json.dumps(v)}" for k, v in kwargs.items())
+    if checkpoint is None:
+        if not backbone:
+            raise ValueError("a random-init backbone needs model.init_args.backbone")
+        return f"random:{backbone}{text_kwargs}"
+    fmt = init.get("init_format") or "auto"
+    fmt = detect_format(checkpoint) if fmt == "auto" else fmt
+    if fmt == "timm":
+        if not backbone:
+            raise ValueError(f"timm weights {checkpoint} need model.init_args.backbone")
+        return f"timm:{backbone}{text_kwargs}@{checkpoint}"
+    if kwargs:
+        raise ValueError(f"{checkpoint}: midol eval builds a checkpoint's backbone as recorded; "
+                         f"drop backbone_kwargs {sorted(kwargs)} for a frozen probe")
+    if fmt == "exported":
+        return str(checkpoint)
+    part = init.get("init_part") or part_from_prefix(init.get("init_prefix"))
+    dex_mode = init.get("dex_mode")
+    if dex_mode is not None:
+        if part is not None and part != f"{dex_mode}_backbone":
+            raise ValueError(f"init_part {part!r} contradicts dex_mode {dex_mode!r}")
+        part = f"{dex_mode}_backbone"
+    return f"{checkpoint}:{part}" if part else str(checkpoint)
+
+
+def probe_section(task: str, entry: dict[str, Any], configs: dict[str, dict[str, Any]], metrics: list[str],
+                  probe: dict[str, Any], workdir: Path, skipped: dict[str, str], command: str) -> str:
+    """Score every backbone's frozen features on ``task`` with midol eval; its markdown section."""
+    from midol.evaluation.suite import Suite
+
+    first = next(iter(configs.values()))
+    names = [m.split("/", 1)[-1] for m in metrics]
+    primary = probe.get("metric") or ("auc" if "auc" in names else names[0])
+    options = scoring.study_options(probe.get("protocols", "linear"), knn_k=probe.get("knn_k", [20]),
+                                    bootstrap=int(probe.get("bootstrap", 1000)), metric=primary,
+                                    baseline=probe.get("baseline"))
+    suite = Suite(f"downstream {task}", [suite_task(task, first, entry)], os.getcwd(),
+                  int(first["data"]["init_args"].get("image_size") or 224))
+    start = time.time()
+    report = scoring.score([(name, backbone_spec(cfg)) for name, cfg in configs.items()],
+                           workdir / slug(task) / "midol_eval", suite=suite, options=options,
+                           cache_dir=workdir / "eval_cache", command=command)
+    seconds = time.time() - start
+    digests = {m: scoring.digest(report, m) for m in dict.fromkeys([primary, *names])}
+    d = digests[primary]
+    settings = list(dict.fromkeys(s["setting"] for s in report["summaries"]))  # run order
+    head = ["Backbone"] + [f"{s}: {m.upper()} [95 % CI]" for s in settings for m in digests]
+    head += [f"vs random init ({primary.upper()}, {settings[-1]})"]
+    if options.baseline:
+        head.append(f"vs {options.baseline}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in d["rows"]:
+        cells = [row + (" (reference)" if row in d["references"] else "")]
+        cells += [scoring.ci_cell(scoring.cell(digests[m], row, task, s)) for s in settings for m in digests]
+        cells.append("(reference)" if row in d["references"] else
+                     scoring.verdict_cell(scoring.versus(d, row, task, settings[-1])))
+        if options.baseline:
+            cells.append("(baseline)" if row.split(" [")[0] == options.baseline else
+                         scoring.verdict_cell(scoring.versus(d, row, task, settings[-1], "vs_baseline")))
+        lines.append("| " + " | ".join(cells) + " |")
+    for backbone in skipped:
+        lines.append(f"| {backbone} | " + " | ".join("skipped" for _ in head[1:]) + " |")
+    text = "\n".join(lines) + "\n"
+    if skipped:
+        text += "\n" + "\n".join(f"* {b}: skipped, {reason}" for b, reason in skipped.items()) + "\n"
+    return (f"## {task}\n\nConfig: `{entry['config']}`"
+            + (f" with overrides `{json.dumps(entry.get('overrides', {}))}`" if entry.get("overrides") else "")
+            + " (frozen backbone): scored by " + scoring.method_text(options, primary.upper())
+            + ". Specs: " + "; ".join(f"{b['label']}: `{b['spec']}`" for b in report["provenance"]["backbones"])
+            + f". The probe is deterministic (no seeds); {seconds:.0f} s. Full report: "
+            f"`{d['report']}`.\n\n" + text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="experiment spec (YAML)")
@@ -198,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = []
     for task, entry in spec["tasks"].items():
+        task_overrides = {**common, **expand(entry.get("overrides", {}), workdir)}
+        probe_cfgs = {name: load_config(entry["config"], {**task_overrides, **b}, workdir, None)
+                      for name, b in backbones.items()}
+        if probe_cfgs and all(is_frozen_probe(c) for c in probe_cfgs.values()):
+            print(f"[runner] {task}: frozen probe, scored by midol eval", flush=True)
+            sections.append(probe_section(task, entry, probe_cfgs, metrics, spec.get("probe") or {},
+                                          workdir, skipped, command))
+            continue
         results: dict[str, dict[int, dict[str, float]]] = {}
         runs_info: dict[str, dict[int, dict[str, Any]]] = {}
         runs = []

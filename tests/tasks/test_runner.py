@@ -1,4 +1,5 @@
-"""Experiment runner: mean ± std and t-test against hand computations; a tiny end-to-end run."""
+"""Experiment runner: mean ± std and t-test against hand computations; a tiny end-to-end
+fine-tuning run through Lightning; a frozen-probe task scored by midol eval."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.finetune import REPO, SIZE
+from experiments import scoring
+from tests.helpers.finetune import REPO, SIZE, pretrain_checkpoint
 from tests.helpers.tiny import TINY_SWIN
 
 from experiments.downstream import report
@@ -70,7 +72,7 @@ def test_relocate_and_dotted_overrides():
     assert out["model"]["init_args"]["lr"] == 0.1
 
 
-def test_runner_end_to_end_on_real_xrays(sample_data, tmp_path, monkeypatch):
+def test_runner_end_to_end_fine_tuning_on_real_xrays(sample_data, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the runner works from the repository root; restored afterwards
     config = {
         "seed_everything": 0,
@@ -81,7 +83,7 @@ def test_runner_end_to_end_on_real_xrays(sample_data, tmp_path, monkeypatch):
                                    "init_args": {"dirpath": "outputs/finetune/tiny/ck", "monitor": "val/auc", "mode": "max"}}]},
         "model": {"class_path": "midol.methods.ClassificationModule",
                   "init_args": {"num_classes": 2, "backbone": "swin_tiny_patch4_window7_224",
-                                "backbone_kwargs": dict(TINY_SWIN), "linear_probe": True}},
+                                "backbone_kwargs": dict(TINY_SWIN), "linear_probe": False}},
         "data": {"class_path": "midol.data.LabelledDataModule",
                  "init_args": {"train": {"path": str(sample_data / "xray")}, "val_fraction": 0.2, "test_fraction": 0.2,
                                "image_size": SIZE, "batch_size": 8, "num_workers": 0}},
@@ -105,3 +107,70 @@ def test_runner_end_to_end_on_real_xrays(sample_data, tmp_path, monkeypatch):
     before = result["finished"]
     assert runner.main([str(tmp_path / "spec.yaml"), "--allow-missing"]) == 0
     assert json.loads((tmp_path / "work/X-ray/Random_B/seed1/result.json").read_text())["finished"] == before
+
+
+def _probe_config(sample_data: Path, **init_args) -> dict:
+    return {
+        "trainer": {"default_root_dir": "outputs/finetune/probe"},
+        "model": {"class_path": "midol.methods.ClassificationModule",
+                  "init_args": {"num_classes": 2, "linear_probe": True, "head_norm": True, **init_args}},
+        "data": {"class_path": "midol.data.LabelledDataModule",
+                 "init_args": {"train": {"path": str(sample_data / "xray")}, "val_fraction": 0.2,
+                               "test_fraction": 0.3, "split_seed": 0, "image_size": SIZE}},
+    }
+
+
+def test_frozen_probe_task_is_scored_by_midol_eval(sample_data, tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(REPO)
+    ckpt = pretrain_checkpoint(tmp_path_factory)
+    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(_probe_config(sample_data)))
+    spec = {
+        "name": "tiny-probe", "workdir": str(tmp_path / "work"), "out": str(tmp_path / "table.md"),
+        "seeds": [0, 1], "probe": {"protocols": "knn,linear", "bootstrap": 200},
+        "tasks": {"X-ray probe": {"config": str(tmp_path / "probe.yaml")}},
+        "backbones": {
+            "Pretrained": {"model.init_args.init_checkpoint": str(ckpt)},
+            "Pretrained student": {"model.init_args.init_checkpoint": str(ckpt),
+                                   "model.init_args.init_prefix": "student.backbone."},
+            "Random init": {"model.init_args.init_checkpoint": None,
+                            "model.init_args.backbone": "swin_tiny_patch4_window7_224",
+                            "model.init_args.backbone_kwargs": dict(TINY_SWIN)},
+            "Missing": {"model.init_args.init_checkpoint": str(tmp_path / "none.ckpt")},
+        },
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert runner.main([str(tmp_path / "spec.yaml"), "--allow-missing"]) == 0
+    report = json.loads((tmp_path / "work/X-ray_probe/midol_eval/report.json").read_text())
+    specs = {b["label"]: b["spec"] for b in report["provenance"]["backbones"]}
+    assert specs == {"Pretrained": str(ckpt), "Pretrained student": f"{ckpt}:student_backbone",
+                     "Random init": "random:swin_tiny_patch4_window7_224,depths=[1, 1, 1, 1],"
+                                    "embed_dim=16,img_size=32,num_heads=[1, 2, 2, 4],window_size=2"}
+    # the named random init is the reference of the Swin: no second one is added
+    assert [r["key"] for r in report["rows"] if r["reference"]] == ["Random init"]
+    # the config's carving (val 0.2, test 0.3, split_seed 0) is the suite's: 60 x-rays
+    assert report["tasks"]["X-ray probe"]["sizes"] == {"train": 30, "val": 12, "test": 18}
+    auc = scoring.digest(report, "auc")
+    text = (tmp_path / "table.md").read_text()
+    for row in ("Pretrained", "Pretrained student"):
+        linear = scoring.cell(auc, row, "X-ray probe")
+        assert linear["lo"] <= linear["mean"] <= linear["hi"]
+        assert f"| {row} | " in text and scoring.ci_cell(linear) in text
+        assert scoring.verdict_cell(scoring.versus(auc, row, "X-ray probe")) in text
+    assert "| Random init (reference) |" in text and "| Missing | skipped |" in text
+    assert "scored by midol eval" in text and not (tmp_path / "work/X-ray_probe/Pretrained").exists()
+
+
+def test_backbone_specs_from_downstream_overrides(tmp_path):
+    def spec(**init):
+        return runner.backbone_spec({"model": {"init_args": init}})
+
+    ckpt = str(tmp_path / "run.ckpt")
+    assert spec(init_checkpoint=ckpt) == ckpt
+    assert spec(init_checkpoint=ckpt, init_part="student_backbone") == f"{ckpt}:student_backbone"
+    assert spec(init_checkpoint=ckpt, dex_mode="experts") == f"{ckpt}:experts_backbone"
+    assert spec(backbone="resnet18", backbone_kwargs={"in_chans": 3}) == "random:resnet18,in_chans=3"
+    assert spec(backbone="resnet18", init_checkpoint="w.pth", init_format="timm") == "timm:resnet18@w.pth"
+    with pytest.raises(ValueError, match="drop backbone_kwargs"):
+        spec(init_checkpoint=ckpt, backbone_kwargs={"drop_path_rate": 0.1})
+    with pytest.raises(ValueError, match="contradicts"):
+        spec(init_checkpoint=ckpt, init_part="teacher_backbone", dex_mode="director")
