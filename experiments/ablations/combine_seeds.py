@@ -51,8 +51,9 @@ def markdown(runs: list[dict[str, Any]], files: list[str], out: str, title: str)
         "|" + "---|" * (12 + len(heldout)),
     ]
     for name in names:
-        rows = [b.get(name) for b in by_name]
-        if any(r is None or not r.get("probes") for r in rows):
+        found = [b.get(name) for b in by_name]
+        rows = [r for r in found if r is not None and r.get("probes")]
+        if len(rows) != len(found):
             continue
         ho = [r["probes"]["heldout"] for r in rows]
         co = [r["probes"]["corpus"] for r in rows]

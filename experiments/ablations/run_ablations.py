@@ -9,7 +9,7 @@ architecture; the held-out MedMNIST tasks reported apart from the corpus tasks).
 
 Run from the repository root (writes outputs/ablations/<row>/ and the results file):
 
-    .venv/bin/python experiments/ablations/run_ablations.py --out experiments/results/ablation_2026-12-01.md
+    .venv/bin/python experiments/ablations/run_ablations.py --out experiments/results/ablation_<date>.md
 
 Options: --rows no_moe,midol (a subset), --max-epochs, --seed, --per-modality, --protocols.
 The results file is rewritten after every row, so an interrupted run keeps its finished rows;

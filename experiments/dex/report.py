@@ -76,7 +76,7 @@ def markdown(runs: list[dict[str, Any]], files: list[str], out: str) -> str:
         "block NMI mean (min-max) | block purity mean | experts used (mean of blocks) | min |",
         "|" + "---|" * (11 + len(heldout)),
     ]
-    table = [("random init ViT (no pre-training, the reference)" + (" [" + ref.rsplit(" [", 1)[1] if " [" in ref else ""),
+    table: list[tuple[str, str, str | None]] = [("random init ViT (no pre-training, the reference)" + (" [" + ref.rsplit(" [", 1)[1] if " [" in ref else ""),
               ref, None) for ref in first["references"]]
     table += [(label + key[len(name):], key, blocks)
               for label, name, blocks in ROWS for key in row_keys(first, name)]

@@ -158,7 +158,7 @@ def fit_and_test(cfg: dict[str, Any], test: bool) -> dict[str, Any]:
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)[0]
     out.update(metrics={k: float(v) for k, v in results.items()}, best_checkpoint=ckpt,
                best_val=None if score is None else float(score),
-               monitor=trainer.checkpoint_callback.monitor)
+               monitor=getattr(trainer.checkpoint_callback, "monitor", None))
     return out
 
 
@@ -205,7 +205,8 @@ def suite_task(name: str, cfg: dict[str, Any], entry: dict[str, Any]) -> Any:
         name=name, type=kind, modality=entry.get("modality", "unknown"), train=dict(d["train"]),
         val=d.get("val"), test=d.get("test"), split_seed=int(d.get("split_seed", 0)),
         classes=d.get("classes"), image_size=d.get("image_size"),
-        uncertain_label=d.get("uncertain_label", "error"), **fractions,
+        uncertain_label=d.get("uncertain_label", "error"), val_fraction=fractions["val_fraction"],
+        test_fraction=fractions["test_fraction"],
         split_rule=("the config's splits: " + ", ".join(
             [k for k in ("train", "val", "test") if d.get(k)]
             + [f"{k} {v:g} (split_seed {int(d.get('split_seed', 0))})" for k, v in fractions.items() if v])))

@@ -102,6 +102,12 @@ def test_ablation_probes_are_midol_evals_output(suite, tmp_path):
     assert held in text and "[" in held
     assert scoring.verdict_cell(scoring.versus(probes["corpus"], "midol")) in text
     assert f"| 0. random init | {scoring.ci_cell(scoring.cell(probes['heldout'], SWIN_REF))} | (reference) |" in text
+    # ... and so does the table over seeds (one seed here)
+    from experiments.ablations import combine_seeds
+
+    combined = combine_seeds.markdown([{"meta": meta, "rows": rows}], ["s1.json"], "o.md", "T")
+    assert f"| 1. midol | {scoring.ci_cell(scoring.cell(probes['heldout'], 'midol'))} | " in combined
+    assert held in combined and scoring.verdict_cell(scoring.versus(probes["heldout"], "midol")) in combined
 
 
 def test_dex_study_scores_director_and_experts_against_mae(suite, tmp_path):
