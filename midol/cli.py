@@ -25,12 +25,14 @@ from midol.errors import UsageError, debug_requested, run_reporting
 from midol.io.checkpoint_io import last_checkpoint, resolve_resume
 from midol.run_guard import (
     OUTPUT_KEYS,
+    RunFolderLock,
     check_outputs_writable,
     checkpoint_dirs,
     format_differences,
     hparam_differences,
     refuse_foreign_resume,
     refuse_overwrite,
+    run_folder,
 )
 
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
@@ -49,16 +51,23 @@ class MidolCLI(LightningCLI):
     Run safety (docs/troubleshooting.md, "Run folders, overwrites and checkpoint safety"):
     checkpoints are written atomically (:class:`midol.io.checkpoint_io.AtomicCheckpointIO`);
     ``midol fit`` refuses a run folder that already holds checkpoints unless ``--ckpt_path`` (a
-    checkpoint of that folder) or ``--overwrite true`` is given, and checks before training that every output folder can be
-    written; a resume keeps the config's settings (naming those that differ from the
-    checkpoint's) and falls back to the newest readable checkpoint when the one named is damaged.
+    checkpoint of that folder) or ``--overwrite true`` is given, checks before training that
+    every output folder can be written, and locks the run folder for the whole fit (a second
+    fit into it is refused); a resume keeps the config's settings (naming those that differ
+    from the checkpoint's) and falls back to the newest readable checkpoint when the one named
+    is damaged.
     """
 
     def __init__(self, *args: Any, config_root: str | None = None, **kwargs: Any) -> None:
         self._config_root = config_root  # trainer.default_root_dir of the --config files
         self._outputs_filled = False
         self._resume: dict[str, Any] | None = None
-        super().__init__(*args, **kwargs)
+        self._lock: RunFolderLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # also after an error: a later fit in this process may use the folder
+            if self._lock is not None:
+                self._lock.release()
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -186,6 +195,8 @@ class MidolCLI(LightningCLI):
             elif ckpt_path not in ("last", "hpc", "best"):  # those name this run's own files
                 refuse_foreign_resume(trainer, str(ckpt_path))
         check_outputs_writable(trainer)
+        self._lock = RunFolderLock(run_folder(trainer))
+        self._lock.acquire()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`AtomicCheckpointIO` unless a CheckpointIO plugin is given."""

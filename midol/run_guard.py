@@ -6,11 +6,13 @@
   resumes it, ``--overwrite true`` starts over in it), neither by a resume of another run's
   checkpoint;
 * a resumed checkpoint's hyper-parameters are compared with the config's: the config wins, and
-  every setting that differs is named.
+  every setting that differs is named;
+* one ``midol fit`` at a time per run folder (:class:`RunFolderLock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +22,11 @@ from midol.errors import UsageError
 
 # Init arguments of callbacks / loggers that name an output folder of the run.
 OUTPUT_KEYS = ("dirpath", "output_dir", "image_dir", "save_dir")
+# In the run folder, not the checkpoint folder (Lightning warns when that one is not empty).
+LOCK_NAME = ".midol-fit.lock"
+# Set to a non-zero rank in the other processes of a distributed run (launched by Lightning,
+# torchrun or srun), which share rank 0's run folder and must not take its lock.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
 class OutputFolderError(PermissionError):
@@ -141,6 +148,59 @@ def refuse_foreign_resume(trainer: Any, ckpt_path: str) -> None:
                 f"run's folder {folder} already holds checkpoints of a previous run ({shown}) "
                 "that resuming would replace: resume that run in its own folder, choose an empty "
                 "folder with --trainer.default_root_dir, or replace them with --overwrite true")
+
+
+class RunFolderLock:
+    """An exclusive advisory lock (``fcntl.flock``) on ``<folder>/.midol-fit.lock`` for the
+    whole of one ``midol fit``: a second fit into the same folder is refused at once (one's
+    clean-up of temporary checkpoint files deleted the other's checkpoint). The file holds the
+    owner's PID for the message; the kernel drops the lock when the process exits, however it
+    exits, so a killed run leaves no stale lock (the file itself stays). A no-op where ``fcntl``
+    is missing (Windows) and in the non-zero ranks of a distributed run."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`UsageError` naming the folder and the owner's PID."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        if any(os.environ.get(v, "0") != "0" for v in _RANK_VARIABLES):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(
+                f"{self.folder} is in use by another midol fit (PID {owner}; lock file "
+                f"{self.path}): wait for it to end, or choose another folder with "
+                "--trainer.default_root_dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing the last descriptor drops a flock
+            self._fd = None
+
+
+def run_folder(trainer: Any) -> str:
+    """The folder a ``midol fit`` run owns: ``trainer.default_root_dir`` (every output is filled
+    from it, :func:`midol.cli.fill_output_dirs`), else Lightning's default, the working folder."""
+    root = trainer.get("default_root_dir") if trainer is not None else None
+    return str(root) if _is_local(root) and root else os.getcwd()
 
 
 def _plain(value: Any) -> Any:

@@ -334,6 +334,63 @@ def test_resuming_another_runs_checkpoint_into_a_folder_with_checkpoints_is_refu
     assert record_fit[-1]["ckpt_path"] == str(ckpt_a)
 
 
+HOLD_LOCK = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\\n".encode())
+    print("locked", flush=True)
+    time.sleep(300)
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fcntl locks are POSIX")
+def test_a_second_fit_into_a_run_folder_in_use_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 26, break 3: two fits into one folder were both let through (one's clean-up of
+    temporary files deleted the other's checkpoint)."""
+    import fcntl
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".midol-fit.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        fits: list[bool] = []
+        monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: fits.append(True))
+        started = time.monotonic()
+        with pytest.raises(UsageError) as err:
+            main(ablation_args(run))
+        assert time.monotonic() - started < 60  # at once, not after waiting for the other
+        assert str(err.value) == (
+            f"{run} is in use by another midol fit (PID {holder.pid}; lock file {lock}): wait "
+            "for it to end, or choose another folder with --trainer.default_root_dir")
+        assert fits == []
+    finally:
+        holder.kill()  # the kernel drops a killed process's lock
+        holder.wait()
+
+    def fit_while_checking_the_lock(*args: Any, **kwargs: Any) -> None:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # held by this fit for its whole length
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert lock.read_text() == f"{os.getpid()}\n"
+        fits.append(True)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_while_checking_the_lock)
+    main(ablation_args(run))
+    main(ablation_args(run, "--overwrite", "true"))  # released when the first fit ended
+    assert fits == [True, True]
+
+
 def _outputs(cli) -> dict[str, Any]:
     cbs = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
     return {
