@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv demo medmix-demo test test-all typecheck clean-demo
+.PHONY: .venv demo medmix-demo eval-demo test test-all typecheck clean-demo
 
 .venv: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 medmix-demo: $(STAMP)
 	$(BIN)/midol fit --config configs/fusion/medmix_demo.yaml --overwrite true
 	$(BIN)/midol robustness outputs/medmix_demo/checkpoints/best.ckpt --out outputs/medmix_demo/robustness --cost
+
+# midol eval on the bundled images: the demo's M-IDoL teacher vs the random init of its Swin
+# (run `make demo` first; seconds). The report is outputs/eval_demo/report.md.
+eval-demo: $(STAMP)
+	test -f outputs/demo/teacher_backbone.safetensors || $(MAKE) demo
+	$(BIN)/midol eval --suite configs/eval/sample_data.yaml --backbones midol=outputs/demo/teacher_backbone.safetensors --out outputs/eval_demo
 
 test: $(STAMP) typecheck
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -110,16 +110,7 @@ def score(backbones: Sequence[str | tuple[str, str]], out: str | os.PathLike[str
         raise ValueError(f"backbone labels must be unique, got {labels}")
     if options.baseline is not None and options.baseline not in labels:
         raise ValueError(f"baseline {options.baseline!r} is not one of the backbones {labels}")
-    loaded = [feats.load(r) for r in refs]
-    for b in loaded:  # a random init among the backbones is the reference of its architecture
-        b.ref.reference = b.ref.spec.checkpoint is None
-    for b in list(loaded):
-        if any(x.ref.reference and x.architecture == b.architecture for x in loaded):
-            continue
-        ref = feats.random_reference(b, reference_seed)
-        if ref.label in {x.ref.label for x in loaded}:
-            ref = feats.with_label(ref, f"{ref.label}#{len(loaded)}")
-        loaded.append(feats.load(ref))
+    loaded = feats.add_references([feats.load(r) for r in refs], seed=reference_seed)
     embedder = feats.Embedder(str(cache_dir), device, batch_size, num_workers)
     start = dt.datetime.now(dt.timezone.utc)
     with warnings.catch_warnings():
@@ -135,10 +126,7 @@ def score(backbones: Sequence[str | tuple[str, str]], out: str | os.PathLike[str
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "cache_dir": str(cache_dir), "seconds": round(seconds, 1),
         "features": {"computed": embedder.computed, "reused": embedder.reused},
-        "backbones": [{"label": b.ref.label, "spec": b.ref.text, "source": b.recipe["source"],
-                       "model": b.recipe["model"], "readouts": b.readouts,
-                       "image_size": b.image_size, "reference": b.ref.reference,
-                       "sha256": feats.sha256_files(b.ref)} for b in loaded],
+        "backbones": feats.provenance_rows(loaded),
     }
     path = report.write(out, results, options, provenance)
     written: dict[str, Any] = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))

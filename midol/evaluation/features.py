@@ -319,3 +319,32 @@ def sha256_files(ref: BackboneRef) -> dict[str, str]:
 
 def with_label(ref: BackboneRef, label: str) -> BackboneRef:
     return replace(ref, label=label, spec=replace(ref.spec, name=label))
+
+
+def add_references(loaded: list[LoadedBackbone], seeds: list[int] | None = None,
+                   seed: int = 0) -> list[LoadedBackbone]:
+    """``loaded`` plus the seeded random init of every architecture without one: a random
+    init among the backbones is the reference of its architecture. ``seeds`` (pre-training
+    groups) adds one reference per seed, labelled ``random:<model>@<seed>``; otherwise one at
+    ``seed`` (midol eval: 0; a study may pass its pre-training seed)."""
+    out = list(loaded)
+    for b in out:
+        b.ref.reference = b.ref.spec.checkpoint is None
+    for b in list(out):
+        if any(x.ref.reference and x.architecture == b.architecture for x in out):
+            continue
+        for s in seeds or [seed]:
+            ref = random_reference(b, s)
+            if seeds:
+                ref = with_label(ref, f"{ref.label}@{s}")
+            if ref.label in {x.ref.label for x in out}:
+                ref = with_label(ref, f"{ref.label}#{len(out)}")
+            out.append(load(ref))
+    return out
+
+
+def provenance_rows(loaded: list[LoadedBackbone]) -> list[dict[str, Any]]:
+    """What the report says of each backbone: spec, source, read-outs, size, sha256 of files."""
+    return [{"label": b.ref.label, "spec": b.ref.text, "source": b.recipe["source"],
+             "model": b.recipe["model"], "readouts": b.readouts, "image_size": b.image_size,
+             "reference": b.ref.reference, "sha256": sha256_files(b.ref)} for b in loaded]

@@ -171,19 +171,11 @@ def main(argv: list[str]) -> int:
     if options.baseline is not None and options.baseline not in groups:
         raise UsageError(f"--baseline {options.baseline!r} is not one of the backbones {sorted(set(groups))}")
     loaded = [feats.load(r) for r in refs]
-    for b in loaded:  # a random init the user names is the reference of its architecture
-        b.ref.reference = b.ref.spec.checkpoint is None
     if cfg.random_references:
-        for b in list(loaded):
-            if any(x.ref.reference and x.architecture == b.architecture for x in loaded):
-                continue
-            for seed in [int(s) for s in seeds] or [0]:
-                ref = feats.random_reference(b, seed)
-                if seeds:
-                    ref = feats.with_label(ref, f"{ref.label}@{seed}")
-                if ref.label in {x.ref.label for x in loaded}:
-                    ref = feats.with_label(ref, f"{ref.label}#{len(loaded)}")
-                loaded.append(feats.load(ref))
+        loaded = feats.add_references(loaded, [int(s) for s in seeds] or None)
+    else:
+        for b in loaded:
+            b.ref.reference = b.ref.spec.checkpoint is None
     embedder = feats.Embedder(cfg.cache_dir, device, cfg.batch_size, cfg.num_workers)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     if not os.access(Path(cfg.out).parent, os.W_OK):
@@ -199,10 +191,7 @@ def main(argv: list[str]) -> int:
         "command": "midol eval " + shlex.join(argv), "commit": _commit(), "midol": midol.__version__,
         "device": _device_name(device), "cache_dir": cfg.cache_dir, "seconds": round(seconds, 1),
         "features": {"computed": embedder.computed, "reused": embedder.reused},
-        "backbones": [{"label": b.ref.label, "spec": b.ref.text, "source": b.recipe["source"],
-                       "model": b.recipe["model"], "readouts": b.readouts,
-                       "image_size": b.image_size, "reference": b.ref.reference,
-                       "sha256": feats.sha256_files(b.ref)} for b in loaded],
+        "backbones": feats.provenance_rows(loaded),
     }
     path = report.write(cfg.out, results, options, provenance)
     if cfg.wandb_project:
