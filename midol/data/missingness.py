@@ -3,8 +3,9 @@
 The protocols are the paper's (Cho, Qiu, Li 2026, arXiv 2605.16639, figures: train-time
 one-modality drop, train-time multi-random drop, test-time drop-rate sweep); their exact form
 and the not-at-random pattern (a referee's objection) are midol's design, see
-``../shared/docs/medmix.md``. A mask is N x M bool (patients x inputs, True = present); every function
-returns a new mask, a subset of the given one, and never leaves a patient without an input.
+``docs/papers/medmix.md``, 'Missingness protocols'. A mask is N x M bool (patients x inputs,
+True = present); every function returns a new mask, a subset of the given one, and never
+leaves a patient without an input.
 Randomness comes only from the ``torch.Generator`` passed in, so a seed fixes the patients.
 """
 

@@ -108,7 +108,7 @@ class PatientDataset(Dataset[dict[str, Any]]):
 
 class PatientDataModule(TaskDataModule):
     """Patients with several named inputs (images, tabular columns, precomputed embeddings)
-    from one CSV manifest, one row per patient (MedMIX; ``../shared/docs/medmix.md``).
+    from one CSV manifest, one row per patient (MedMIX; ``docs/papers/medmix.md``).
 
     Args:
         manifest: The CSV manifest (one row per patient).

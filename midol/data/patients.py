@@ -3,8 +3,8 @@
 An input is an ``image`` (a path column), ``tabular`` (numeric and categorical columns) or an
 ``embedding`` (a column with the path of a ``.npy`` or ``.safetensors`` vector, e.g. a report
 embedded by any text model). Any input may be absent for a patient: absence is the boolean
-``present`` mask, never a zero image or a zero vector (design: ``../shared/docs/medmix.md``,
-sections 2-3).
+``present`` mask, never a zero image or a zero vector (design: ``docs/papers/medmix.md``,
+'Inputs and absence').
 
 :func:`read_patient_table` reads a manifest once, with every split, into a
 :class:`PatientTable`; the Lightning side is :mod:`midol.data.patient_datamodule`.

@@ -1,6 +1,7 @@
 """DEX losses and the director's group EMA (He, You, Li 2026, "Learning Emergent Modular
 Representations in Multi-modality Medical Vision Foundation Models"), plus the MAE
-reconstruction loss DEX pre-trains with. Plain PyTorch, no Lightning.
+reconstruction loss DEX pre-trains with; formulas in docs/papers/dex.md. Plain PyTorch, no
+Lightning.
 
 The total pre-training loss is ``L_MAE + lambda_co * L_co + lambda_bal * L_bal``; the per-block
 terms are combined over blocks with :func:`weighted_layer_mean`.
@@ -45,7 +46,7 @@ def coherence_loss(
 
     ``form="ce"`` (authors' code, the default): cross-entropy over the feature axis of every
     token, ``-sum_d softmax(f_D / 0.5)_d * log_softmax(f_E / 1.0)_d``, mean over batch and
-    tokens. ``form="cosine"`` (supplement Eq. 7): ``1 - cos(f_E, f_D)`` over features, mean.
+    tokens. ``form="cosine"`` (DEX Eq. 7): ``1 - cos(f_E, f_D)`` over features, mean.
     Computed in float32 so bf16 activations do not round the softmax.
 
     Args:

@@ -1,5 +1,6 @@
 """The authors' L_cst variant: DINO's cross-entropy between the centred, sharpened teacher
-output and the student output over the head's out_dim (spec §2, "Authors' code variant")."""
+output and the student output over the head's out_dim (docs/papers/m-idol.md, "Authors' code
+variant of L_cst")."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Training-only distillation terms of MedMIX.
 
 midol's design (MedMIX paper: a large teacher used only in training; Cho, Qiu, Li 2026,
-arXiv 2605.16639, a reconstruction from the abstract): ``L = L_task + lambda_f *
-cosine_distill_loss(P(z), t, present) [+ lambda_kd * logit_kl_loss(...)]``. The teacher is
-always detached, so the deployed student carries no teacher cost. Plain PyTorch, no Lightning.
+arXiv 2605.16639, a reconstruction from the abstract; docs/papers/medmix.md, 'Training
+loss'): ``L = L_task + lambda_f * cosine_distill_loss(P(z), t, present) [+ lambda_kd *
+logit_kl_loss(...)]``. The teacher is always detached, so the deployed student carries no
+teacher cost. Plain PyTorch, no Lightning.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Intra-modality contrastive loss L_cst: InfoNCE inside each expert's subspace
-(paper Eq. 19-20, spec §2)."""
+(M-IDoL Eq. 19-20, docs/papers/m-idol.md)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def expert_infonce_loss(
     check_inputs: bool = True,
     expert_mean: Literal["nonempty", "all"] = "nonempty",
 ) -> torch.Tensor:
-    """L_cst (paper Eq. 19-20) with ``s(u, v) = exp(cos(u, v) / temperature)``.
+    """L_cst (M-IDoL Eq. 19-20) with ``s(u, v) = exp(cos(u, v) / temperature)``.
 
     For view j of image b routed to expert i, the positives are the teacher views k != j of the
     same image; the denominator runs over every image beta of B_i (views k != j). Each expert's

@@ -1,4 +1,5 @@
-"""Switch Transformer load-balance term, an optional counter to expert collapse (spec §2b)."""
+"""Switch Transformer load-balance term, an optional counter to expert collapse
+(docs/papers/m-idol.md, 'Known risk: expert collapse')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing-consistency loss L_route (paper Eq. 15, spec §2)."""
+"""Routing-consistency loss L_route (M-IDoL Eq. 15, docs/papers/m-idol.md)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def routing_consistency_loss(
     iters: int = 3,
     form: RouteForm = "student_weighted",
 ) -> torch.Tensor:
-    """L_route (paper Eq. 15) from per-view router logits.
+    """L_route (M-IDoL Eq. 15) from per-view router logits.
 
     a_S = softmax(student / student_temp); a_T = Sinkhorn-Knopp(teacher / teacher_temp) per
     teacher view, without gradient. Student view k and teacher view k are the same crop.

@@ -1,8 +1,9 @@
-"""Sinkhorn-Knopp balancing of teacher routing scores (spec §2, paper Eq. 15 text).
+"""Sinkhorn-Knopp balancing of teacher routing scores (the text of M-IDoL Eq. 15,
+docs/papers/m-idol.md).
 
 The teacher's router logits are turned into a routing matrix in which every expert receives
 the same share of the (global) batch. Without this balance every image collapses onto one
-expert (paper Table 2, row "MoE only").
+expert (M-IDoL Table 2, row "MoE only").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """DEX pre-training (Director-Experts, He, You, Li 2026): a timm ViT whose block MLPs are DEX
 layers (image-wise routed experts + a group-EMA director), trained with MAE.
 
-``L = L_MAE + lambda_co L_co + lambda_bal L_bal`` (DEX supplement Eq. 8; code: 0.01 / 0.01).
+``L = L_MAE + lambda_co L_co + lambda_bal L_bal`` (DEX Eq. 8; code: 0.01 / 0.01).
 ``use_dex: false`` is the plain-MAE baseline of the same ViT (dense MLPs, no L_co, no L_bal),
 the monolithic pre-training DEX claims to improve on. Facts and the code-vs-supplement table:
-``docs/dex.md``.
+``docs/papers/dex.md``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DEX(BaseMethod):
         co_weight: lambda_co (code: 0.01).
         co_form: ``ce``: the code's feature-axis cross-entropy, director target at
             ``co_director_temp`` and experts at ``co_expert_temp`` (default: what produced the
-            released model); ``cosine``: the supplement's Eq. 7, ``1 - cos(f_E, f_D)``.
+            released model); ``cosine``: DEX Eq. 7 (supplement), ``1 - cos(f_E, f_D)``.
         co_director_temp: Temperature of the director's softmax in ``ce`` (0.5).
         co_expert_temp: Temperature of the experts' log-softmax in ``ce`` (1.0).
         bal_weight: lambda_bal at step 0 (code: 0.01 constant; supplement: 0.001, cosine decay).

@@ -4,7 +4,7 @@ MedMIX (Cho, Qiu, Li 2026, "MedMIX: Modality-Internal Expert Fusion for Multimod
 Diagnosis", arXiv 2605.16639) establishes three parts: intra-modality fusion of several small
 expert embeddings, learned sample-specific fusion over the modalities that are present, and a
 large teacher used only in training. Its code is not public: everything below is midol's
-reconstruction from the abstract (``../shared/docs/medmix.md``, section 2).
+reconstruction from the abstract (``docs/papers/medmix.md``, "midol's design").
 
 The training loss (midol's design)::
 

@@ -1,6 +1,7 @@
 """M-IDoL (arXiv 2604.08936): a DINO-style student/EMA teacher whose outputs pass through a
-Mixture-of-Experts projector, trained with L_route (Eq. 15) and L_cst (Eq. 19-20). The plain
-DINO baseline (paper Table 2 row 1) is one switch away (``use_moe: false``)."""
+Mixture-of-Experts projector, trained with L_route (M-IDoL Eq. 15) and L_cst (M-IDoL Eq. 19-20),
+docs/papers/m-idol.md. The plain DINO baseline (M-IDoL Table 2 row 1) is one switch away
+(``use_moe: false``)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 class MomentumMethod(BaseMethod):
-    """Student/teacher training with ``T <- m T + (1 - m) S`` (M-IDoL paper Eq. 22) after every
+    """Student/teacher training with ``T <- m T + (1 - m) S`` (M-IDoL Eq. 22) after every
     optimiser step that trained; ``m`` follows a cosine from ``momentum_start`` to
     ``momentum_end`` over training. The update runs inside :meth:`optimizer_step`, right after
     ``optimizer.step()`` (as dinov2 does), so a checkpoint written at any step already holds that

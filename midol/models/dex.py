@@ -41,7 +41,8 @@ class DEXRouting:
 
 class DEXLayer(nn.Module):
     """E expert MLPs routed per image (top-k of the class token's routing probabilities) and a
-    director MLP tracking them by group EMA (DEX, He, You, Li 2026, Sec. 3 / supplement).
+    director MLP tracking them by group EMA (DEX, He, You, Li 2026; docs/papers/dex.md,
+    'Image-wise routing' and 'Director update (group EMA)').
 
     Set from outside every step: ``noise_std`` (sigma_t, cosine 1 -> 0 in the paper),
     ``director_momentum`` (m, cosine 0.99 -> 0.999), ``update_director`` and ``mode``

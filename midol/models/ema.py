@@ -1,5 +1,5 @@
-"""The momentum teacher's update: T <- m T + (1 - m) S (M-IDoL paper Eq. 22); the schedule of m
-is :func:`midol.optim.schedules.momentum_at`."""
+"""The momentum teacher's update: T <- m T + (1 - m) S (M-IDoL Eq. 22, docs/papers/m-idol.md);
+the schedule of m is :func:`midol.optim.schedules.momentum_at`."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ MedMIX (Cho, Qiu, Li 2026, "MedMIX: Modality-Internal Expert Fusion for Multimod
 Diagnosis", arXiv 2605.16639) establishes two fusion stages: intra-modality fusion of several
 small expert embeddings, and learned, sample-specific fusion over the modalities a patient
 has. Its code is not public; the layers below are midol's design, a reconstruction from the
-abstract (see ``../shared/docs/medmix.md``). Plain PyTorch, no Lightning.
+abstract (see ``docs/papers/medmix.md``). Plain PyTorch, no Lightning.
 
 Absence is always a boolean mask, never a zero image or a zero vector: every block replaces
 an absent row by a constant with ``torch.where`` before any arithmetic, so NaN or garbage in
@@ -29,7 +29,7 @@ MISSING_CODE = -1
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax of ``scores`` over the entries where ``mask`` is True (midol's design).
 
-    ``beta_m = r_m exp(s_m) / sum_j r_j exp(s_j)`` (../shared/docs/medmix.md, inter-input fusion).
+    ``beta_m = r_m exp(s_m) / sum_j r_j exp(s_j)`` (docs/papers/medmix.md, 'Inter-input fusion').
     Masked entries get exactly 0 and do not enter the normaliser, whatever their score (NaN
     and inf included); their gradient is 0. A slice with no True entry returns all zeros.
     Half-precision scores are normalised in float32 and returned in their own dtype.

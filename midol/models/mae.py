@@ -1,7 +1,7 @@
 """MAE building blocks around any timm ViT (He et al. 2022, "Masked Autoencoders Are Scalable
 Vision Learners"): per-image random masking, the encoder pass over the kept patches, and the
-light decoder with fixed sin-cos positions. DEX pre-trains with exactly this (DEX supplement,
-"MAE objective"; decoder 512 wide, 8 blocks, 16 heads).
+light decoder with fixed sin-cos positions. DEX pre-trains with exactly this (docs/papers/dex.md,
+'L_MAE'; decoder 512 wide, 8 blocks, 16 heads).
 
 Written here rather than taken from lightly: lightly's ``MaskedVisionTransformerTIMM`` /
 ``MAEDecoderTIMM`` would add a dependency (absent on the GPU machines) for ~80 lines, and midol

@@ -2,7 +2,7 @@
 
 MedMIX (Cho, Qiu, Li 2026, arXiv 2605.16639) establishes intra-modality fusion of several
 expert embeddings and learned, sample-specific fusion over the inputs that are present; the
-layers are midol's design, a reconstruction from the abstract (``../shared/docs/medmix.md``
+layers are midol's design, a reconstruction from the abstract (``docs/papers/medmix.md``
 and :mod:`midol.models.fusion`). This module holds what is deployed: no teacher and no
 distillation projection live here. Plain PyTorch, no Lightning.
 

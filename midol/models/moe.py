@@ -1,4 +1,5 @@
-"""The MoE projector of M-IDoL (paper Eq. 9-11): router, N experts, shared projection."""
+"""The MoE projector of M-IDoL (M-IDoL Eq. 9-11, docs/papers/m-idol.md): router, N experts,
+shared projection."""
 
 from __future__ import annotations
 

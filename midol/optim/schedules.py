@@ -47,5 +47,5 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
 
 def momentum_at(step: int, total_steps: int, start: float = 0.996, end: float = 1.0) -> float:
     """EMA momentum used for the update after optimiser step ``step`` (0-based): cosine from
-    ``start`` to ``end`` (M-IDoL paper Eq. 22 with DINO's schedule)."""
+    ``start`` to ``end`` (M-IDoL Eq. 22 with DINO's schedule)."""
     return cosine_schedule(step, total_steps, start, end)

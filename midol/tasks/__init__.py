@@ -1,5 +1,6 @@
-"""Downstream tasks (M-IDoL spec §4): linear probing and fine-tuning of a pre-trained backbone
-for classification, multi-label classification and segmentation."""
+"""Downstream tasks (docs/papers/m-idol.md, 'Downstream protocol'): linear probing and
+fine-tuning of a pre-trained backbone for classification, multi-label classification and
+segmentation."""
 
 from midol.tasks.base import FinetuneModule
 from midol.tasks.classification import ClassificationModule, LinearHead

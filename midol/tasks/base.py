@@ -1,5 +1,6 @@
-"""Shared base of the downstream LightningModules (spec §4): backbone loading, linear probing vs
-full fine-tuning with layer-wise lr decay, warm-up + cosine/poly schedules, per-stage metrics.
+"""Shared base of the downstream LightningModules (docs/papers/m-idol.md, 'Downstream
+protocol'): backbone loading, linear probing vs full fine-tuning with layer-wise lr decay,
+warm-up + cosine/poly schedules, per-stage metrics.
 
 Subclasses (classification, multi-label, segmentation) add a head, a loss and their metrics.
 """

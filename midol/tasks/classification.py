@@ -1,5 +1,5 @@
 """Multi-class classification: cross-entropy with label smoothing, Mixup/CutMix; ACC and macro
-one-vs-rest AUC (spec §4)."""
+one-vs-rest AUC (docs/papers/m-idol.md, 'Downstream protocol')."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Multi-label classification (NIH ChestX-ray14, CheXpert): BCE-with-logits; per-label and
-macro AUC (spec §4)."""
+macro AUC (docs/papers/m-idol.md, 'Downstream protocol')."""
 
 from __future__ import annotations
 

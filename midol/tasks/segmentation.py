@@ -1,5 +1,5 @@
 """Semantic segmentation: a decoder over the backbone's stage maps, Dice + cross-entropy loss;
-Dice and IoU over the foreground classes (spec §4)."""
+Dice and IoU over the foreground classes (docs/papers/m-idol.md, 'Downstream protocol')."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""DINO's multi-crop views (M-IDoL paper Sec. 3.1 and spec §1): global and local crops with
-DINO's augmentations, as uint8 ``C x H x W`` tensors."""
+"""DINO's multi-crop views (M-IDoL Sec. 3.1; docs/papers/m-idol.md, 'Views'): global and local
+crops with DINO's augmentations, as uint8 ``C x H x W`` tensors."""
 
 from __future__ import annotations
 
