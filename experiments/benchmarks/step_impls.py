@@ -62,7 +62,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The paper's model and head (spec §1): Swin-B, 5 experts 1024-2048-1024, 65536-d l.
+    # The paper's model and head (docs/papers/m-idol.md, 'Defaults'): Swin-B, 5 experts
+    # 1024-2048-1024, 65536-d l.
     "swin_base": Preset("swin_base_patch4_window7_224", {}, 224, 96),
     # The demo's tiny Swin (configs/pretrain/demo.yaml), views 64 / 32 px.
     "tiny": Preset(
