@@ -1,4 +1,4 @@
-"""Reference tests for ``midol.losses.expert_infonce_loss`` (paper Eq. 19-20, spec section 2).
+"""Reference tests for ``midol.losses.expert_infonce_loss`` (M-IDoL Eq. 19-20, docs/papers/m-idol.md).
 
 For expert i with image set B_i (non-empty), s(u, v) = exp(cos(u, v) / tau):
 

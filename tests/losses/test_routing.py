@@ -1,4 +1,4 @@
-"""Reference tests for ``midol.losses.routing_consistency_loss`` (paper Eq. 15, spec section 2).
+"""Reference tests for ``midol.losses.routing_consistency_loss`` (M-IDoL Eq. 15, docs/papers/m-idol.md).
 
     a_S = softmax(student_logits / student_temp)                  (per student view)
     a_T = sinkhorn_knopp(teacher_logits / teacher_temp, eps, iters)  (per teacher view, no grad)
