@@ -181,8 +181,17 @@ def main(argv: list[str]) -> int:
     if not os.access(Path(cfg.out).parent, os.W_OK):
         raise PermissionError(f"--out {cfg.out}: its folder is not writable")
     start = dt.datetime.now(dt.timezone.utc)
+    default_show = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, EvalWarning):  # one plain line, not the source line behind it
+            print(f"midol eval: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, *args, **kwargs)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always", EvalWarning)
+        warnings.showwarning = show
         results = evaluate(suite, loaded, embedder, options, options.baseline,
                            progress=lambda m: print(f"midol eval: {m}", file=sys.stderr))
     seconds = (dt.datetime.now(dt.timezone.utc) - start).total_seconds()

@@ -99,13 +99,13 @@ def test_whole_command_report_cache_and_paired_verdicts(checkpoint, tmp_path):
     assert twins and all(c["diff"] == 0.0 and c["verdict"] == "not distinguishable" for c in twins)
 
 
-def test_too_few_examples_skips_that_k_with_a_warning(tmp_path):
+def test_too_few_examples_skips_that_k_with_a_warning(tmp_path, capsys):
     suite = _suite(tmp_path)
-    with pytest.warns(UserWarning, match=r"task 'xray': shots=25 skipped"):
-        assert main(["eval", "--suite", str(suite), "--backbones", MICRO_VIT, "--out",
-                     str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--seeds", "1",
-                     "--bootstrap", "100", "--shots", "25", "--fractions", "1.0",
-                     "--protocols", "fewshot", "--tasks", "xray"]) == 0
+    assert main(["eval", "--suite", str(suite), "--backbones", MICRO_VIT, "--out",
+                 str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--seeds", "1",
+                 "--bootstrap", "100", "--shots", "25", "--fractions", "1.0",
+                 "--protocols", "fewshot", "--tasks", "xray"]) == 0
+    assert "midol eval: warning: task 'xray': shots=25 skipped" in capsys.readouterr().err
     text = (tmp_path / "o" / "report.md").read_text()
     assert "shots=25 skipped" in text
 
@@ -147,12 +147,13 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, capsys):
         parse_backbone(str(suite))
 
 
-def test_image_size_mismatch_warns_and_uses_the_backbones(tmp_path):
+def test_image_size_mismatch_warns_and_uses_the_backbones(tmp_path, capsys):
     suite = _suite(tmp_path)
     raw = yaml.safe_load(suite.read_text())
     raw["tasks"][0]["image_size"] = 48
     suite.write_text(yaml.safe_dump(raw))
-    with pytest.warns(UserWarning, match=r"image_size 48 differs from backbone 'v'.s 32"):
-        assert main(["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out",
-                     str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--protocols", "knn",
-                     "--bootstrap", "100", "--tasks", "xray"]) == 0
+    assert main(["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out",
+                 str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--protocols", "knn",
+                 "--bootstrap", "100", "--tasks", "xray"]) == 0
+    assert ("midol eval: warning: task 'xray': image_size 48 differs from backbone 'v''s 32; "
+            "the backbone's size is used") in capsys.readouterr().err
