@@ -157,3 +157,35 @@ def test_image_size_mismatch_warns_and_uses_the_backbones(tmp_path, capsys):
                  "--bootstrap", "100", "--tasks", "xray"]) == 0
     assert ("midol eval: warning: task 'xray': image_size 48 differs from backbone 'v''s 32; "
             "the backbone's size is used") in capsys.readouterr().err
+
+
+def test_wandb_tables_when_a_project_is_given(tmp_path, monkeypatch):
+    """--wandb_project logs runs.csv and the comparisons as W&B tables (a stand-in wandb module
+    records the calls: nothing leaves the machine)."""
+    import sys
+    import types
+
+    logged: dict = {}
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class Run:
+        def log(self, values):
+            logged.update(values)
+
+        def finish(self):
+            logged["finished"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kw: logged.setdefault("init", kw) and Run() or Run(),
+                                 Table=Table)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    suite = _suite(tmp_path)
+    assert main(["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out",
+                 str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--protocols", "knn",
+                 "--bootstrap", "100", "--tasks", "xray", "--wandb_project", "p"]) == 0
+    assert logged["init"]["project"] == "p" and logged["finished"]
+    runs = _rows(tmp_path / "o" / "runs.csv")
+    assert len(logged["eval/runs"].data) == len(runs) == 2 * 2 * 7  # k=10, 20 x cls/avg x 7
+    assert "verdict" in logged["eval/comparisons"].columns
