@@ -12,6 +12,7 @@ import torch
 
 from midol.errors import CheckpointFileError, UsageError, truncated_checkpoint_error
 from midol.io.weights import load_state_dict_file
+from midol.models.backbone import HubModelNameError
 
 # Rebuilding for inference: weights come from the state dict, so nothing is re-read or compiled.
 _INFERENCE_OVERRIDES: dict[str, Any] = {
@@ -124,7 +125,10 @@ def load_method(path: str | Path, device: str | torch.device = "cpu",
             )
     kwargs.update({k: v for k, v in _INFERENCE_OVERRIDES.items()
                    if k in kwargs or (accepted is not None and k in accepted)})
-    module = _construct_outside_cli(cls, kwargs)
+    try:
+        module = _construct_outside_cli(cls, kwargs)
+    except HubModelNameError as err:  # a backbone name the checkpoint chose: name the file
+        raise HubModelNameError(f"{path}: {err}") from err
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -10,13 +10,43 @@ import timm
 import torch
 from torch import nn
 
+from midol.errors import UsageError
 from midol.io.weights import load_state_dict_file
 
 DEFAULT_BACKBONE = "swin_base_patch4_window7_224"
+# timm's one prefix that reads a local model folder; every other prefix (hf-hub:, hf_hub:, any
+# case) or a bare repo id (timm/resnet18.a1_in1k) is, or looks like, a Hugging Face Hub download.
+_LOCAL_SOURCE = "local-dir"
 
 # Containers that checkpoints of DINO, solo-learn, Lightning and the Swin release nest weights in.
 _NESTED_KEYS = ("state_dict", "model", "teacher", "module")
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "encoder.", "model.")
+
+
+class HubModelNameError(UsageError):
+    """A backbone name that timm would fetch from the Hugging Face Hub (exit 2)."""
+
+
+def check_local_model_name(name: str, origin: str | None = None) -> None:
+    """:class:`HubModelNameError` unless ``name`` is a timm registry name or ``local-dir:``.
+
+    ``timm.create_model("hf-hub:org/repo", pretrained=False)`` still downloads the repo's
+    ``config.json``, so a name read from a checkpoint or an export JSON could make midol reach
+    the network (and fetch what the file chooses). Checked before timm sees the name; nothing
+    is fetched. ``origin`` (the file the name came from) starts the message."""
+    text = str(name).strip()
+    source, sep, _ = text.partition(":")
+    if sep:
+        remote = source.strip().lower() != _LOCAL_SOURCE
+    else:
+        remote = "/" in text or "\\" in text
+    if remote:
+        where = f"{origin}: " if origin else ""
+        raise HubModelNameError(
+            f"{where}backbone {text!r} is a Hugging Face Hub (or URL) spelling, which timm would "
+            "download from; midol never downloads: use the timm registry name (e.g. "
+            "'swin_base_patch4_window7_224') with local weights (init_checkpoint), or a "
+            "'local-dir:' folder")
 
 
 def build_backbone(
@@ -29,8 +59,10 @@ def build_backbone(
 
     ``overrides`` go to ``timm.create_model`` (tests build a tiny Swin through this same path).
     The model accepts any input size, so 96 px local views run through a 224 px Swin (see
-    :func:`enable_dynamic_size`). Nothing is downloaded: ``init_checkpoint`` is a local file.
+    :func:`enable_dynamic_size`). Nothing is downloaded: ``init_checkpoint`` is a local file,
+    and a Hub name is refused (:func:`check_local_model_name`).
     """
+    check_local_model_name(name)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **(overrides or {}))
     except RuntimeError as err:  # timm raises RuntimeError for an unknown name

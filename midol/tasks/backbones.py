@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from midol.models.backbone import build_backbone
+from midol.models.backbone import build_backbone, check_local_model_name
 from midol.io.export import BackboneExport, read_export_meta
 from midol.io.weights import load_state_dict_file
 
@@ -150,6 +150,7 @@ def load_backbone(
     elif fmt == "exported":
         meta = read_export_meta(path)
         name, overrides = meta["timm_model"], dict(meta.get("overrides") or {})
+        check_local_model_name(name, str(path.with_suffix(".json")))  # the JSON chose it
         image_size = meta.get("image_size")
         state = load_state_dict_file(path)
         dex = meta.get("dex")
