@@ -147,10 +147,15 @@ def parse_backbone(text: str) -> BackboneRef:
         try:
             cfg = json.loads(config.read_text(encoding="utf-8"))
             name, kwargs = cfg["architecture"], dict(cfg.get("model_args") or {})
-        except (ValueError, KeyError) as err:
+            input_size = (cfg.get("pretrained_cfg") or {}).get("input_size")
+        except (ValueError, KeyError, AttributeError) as err:
             raise BackboneError(f"{where}: {config} is not a timm config ({err})") from None
+        kwargs.pop("num_classes", None)  # midol builds pooled-feature backbones (num_classes=0)
+        size = int(input_size[-1]) if isinstance(input_size, list) and input_size else None
+        if isinstance(kwargs.get("img_size"), list) and len(set(kwargs["img_size"])) == 1:
+            kwargs["img_size"] = int(kwargs["img_size"][0])
         spec = ExpertSpec(name=label or folder.name, backbone=name, backbone_kwargs=kwargs,
-                          checkpoint=str(weights_file), checkpoint_format="timm")
+                          checkpoint=str(weights_file), checkpoint_format="timm", image_size=size)
         return BackboneRef(label or folder.name, spec, text, [str(weights_file)])
     path_text, part = spec_text, None
     if ":" in spec_text and not os.path.exists(os.path.expanduser(spec_text)):

@@ -189,3 +189,28 @@ def test_wandb_tables_when_a_project_is_given(tmp_path, monkeypatch):
     runs = _rows(tmp_path / "o" / "runs.csv")
     assert len(logged["eval/runs"].data) == len(runs) == 2 * 2 * 7  # k=10, 20 x cls/avg x 7
     assert "verdict" in logged["eval/comparisons"].columns
+
+
+def test_every_spelling_of_one_backbone_gives_the_same_features(checkpoint, tmp_path):
+    """The checkpoint, its export (file and folder) and timm's local format are one backbone:
+    identical features from each spelling."""
+    import numpy as np
+
+    from midol.evaluation.features import Embedder, load
+    from midol.evaluation.suite import load_suite, load_task
+
+    export = tmp_path / "export"
+    assert main(["export", str(checkpoint), "--out", str(export)]) == 0
+    suite = load_suite(_suite(tmp_path), only=["xray"])
+    split = load_task(suite.tasks[0], suite.data_root).splits["test"]
+    spellings = [str(checkpoint), f"{checkpoint}:teacher", str(export / "teacher_backbone.safetensors"),
+                 str(export), f"local-dir:{export / 'teacher_backbone_timm'}"]
+    feats = []
+    for text in spellings:
+        backbone = load(parse_backbone(text))
+        assert backbone.readouts == ["pool"] and backbone.image_size == 32
+        feats.append(Embedder(str(tmp_path / "cache" / str(len(feats)))).embed(backbone, split, 32, text)["pool"])
+    for other in feats[1:]:
+        np.testing.assert_allclose(other, feats[0], rtol=0, atol=1e-5)
+    with pytest.raises(BackboneError, match="exactly one exported part"):
+        parse_backbone(f"{export}:student_backbone")
