@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from midol.errors import CheckpointFileError
 from midol.io.atomic import atomic_path
+from midol.io.weights import verify_archive
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LAST = re.compile(r"^last(-(\d+))?$")  # Lightning's names of save_last files (last, last-v1, ...)
@@ -93,11 +94,13 @@ def unreadable_reason(path: Path, err: BaseException) -> str:
 
 def read_checkpoint_file(path: str | Path, weights_only: bool | None = True) -> dict[str, Any]:
     """The checkpoint at ``path``, memory-mapped (cheap: tensors are not read) when it is in
-    torch's zip format. A damaged file raises :class:`CheckpointFileError`; a file whose
+    torch's zip format, after its CRCs are checked (:func:`verify_archive`). A damaged file
+    raises :class:`CheckpointFileError`; a file whose
     pickled objects ``weights_only`` refuses raises torch's ``UnpicklingError`` unchanged."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    verify_archive(path)  # the mmap load below reads no tensor, so would not see a bit flip
     try:
         with open(path, "rb") as fh:
             zipped = fh.read(4) == _ZIP_MAGIC

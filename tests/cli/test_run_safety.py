@@ -35,7 +35,7 @@ from midol.config_compose import load_composed
 from midol.errors import CheckpointFileError, UsageError
 from midol.io.checkpoint_io import AtomicCheckpointIO, last_checkpoint
 from midol.run_guard import OutputFolderError
-from tests.helpers.faults import midol_env, tiny_config
+from tests.helpers.faults import flip_a_bit, midol_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 2  # 16 samples per epoch, batches of 8
@@ -282,6 +282,34 @@ def test_resume_from_empty_last_ckpt_falls_back_to_newest_readable_checkpoint(
         f"interrupted), and {ckpt_dir} holds no other readable checkpoint: start a new run "
         "(--overwrite true) or pass another --ckpt_path")
     assert len(record_fit) == 2
+
+
+def test_bit_flipped_checkpoint_is_not_resumed(
+    tmp_path: Path, crashed_run: dict[str, Any], record_fit: list, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 26, break 11: a bit flip in last.ckpt's tensor data resumed with exit 0 (torch
+    does not check the zip CRCs); now it is a damaged checkpoint like a truncated one."""
+    monkeypatch.chdir(REPO)
+    run = _resume_folder(tmp_path, crashed_run)
+    last = run / "checkpoints" / "last.ckpt"
+    member = flip_a_bit(last)
+    code = main(ablation_args(run, "--ckpt_path", "last"), report=True)
+    err = capsys.readouterr().err
+    assert code == 3 and record_fit == []
+    lines = [line for line in err.splitlines() if line.startswith("midol: error: ")]
+    assert lines == [
+        f"midol: error: {last}: the checkpoint file is truncated or damaged "
+        f"({last.stat().st_size} bytes; member {member} fails its CRC-32 check: it changed after "
+        f"it was written, e.g. a bit flip or a bad copy), and {last.parent} holds no other "
+        "readable checkpoint: start a new run (--overwrite true) or pass another --ckpt_path"]
+    # An intact older checkpoint beside it is resumed instead, with the usual warning.
+    older = run / "checkpoints" / "epoch=0.ckpt"
+    shutil.copy2(crashed_run["copy"], older)
+    os.utime(older, (time.time() - 60, time.time() - 60))
+    with pytest.warns(UserWarning, match="fails its CRC-32 check"):
+        main(ablation_args(run, "--ckpt_path", "last"))
+    assert record_fit[-1]["ckpt_path"] == str(older)
 
 
 # ------------------------------------------------------------------ item 2: overwrites, one root

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,19 @@ def step_metrics(out: Path, version: int) -> dict[int, dict[str, float]]:
             merged = rows.setdefault(int(row["step"]), {})
             merged.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return rows
+
+
+def flip_a_bit(path: Path) -> str:
+    """Flip one bit in the middle of the largest member of a torch zip checkpoint (what a bad
+    disk or copy does); the member's name."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(fh.read(2), "little") for _ in range(2))
+        at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0x10]))
+    return info.filename

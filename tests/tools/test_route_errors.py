@@ -18,6 +18,7 @@ import torch
 from midol.cli import main
 from midol.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_USAGE
 from midol.tools import cmd_route
+from tests.helpers.faults import flip_a_bit
 from tests.helpers.tiny import SAMPLE_DATA, tiny_module
 
 OCT = str(SAMPLE_DATA / "oct")  # 16 real OCT images
@@ -68,6 +69,23 @@ def test_empty_or_truncated_checkpoint_is_named(checkpoints, tmp_path, capsys, t
     assert line.startswith(f"midol: error: {ckpt} is empty or truncated (not a readable checkpoint)")
     assert ("0 bytes" if kind == "empty" else "the end of the file is missing") in line
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("tool", ["route", "export"])
+def test_bit_flipped_checkpoint_is_named_not_loaded(checkpoints, tmp_path, capsys, tool):
+    """load_method checks the zip CRCs: a flipped bit in the tensor data used to load silently."""
+    ckpt = tmp_path / "flipped.ckpt"
+    ckpt.write_bytes(checkpoints["moe"].read_bytes())
+    member = flip_a_bit(ckpt)
+    rest = {"route": ["--folder", OCT, "--out", str(tmp_path / "tags.csv"), "--no-progress"],
+            "export": ["--out", str(tmp_path / "export")]}[tool]
+    code, err = _run([tool, str(ckpt), *rest], capsys)
+    assert code == EXIT_INPUT == 3
+    assert _error_line(err) == (
+        f"midol: error: {ckpt}: the checkpoint file is truncated or damaged "
+        f"({ckpt.stat().st_size} bytes; member {member} fails its CRC-32 check: it changed after "
+        "it was written, e.g. a bit flip or a bad copy)")
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.filterwarnings("ignore:exporting an untrained model")
