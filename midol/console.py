@@ -32,12 +32,39 @@ def quiet_known_noise() -> None:
 
 
 def version_line() -> str:
-    """``midol X (torch Y, lightning Z, timm W)``."""
-    import lightning
-    import timm
-    import torch
-
+    """``midol X (torch Y, lightning Z, timm W)``, read without importing those libraries (the
+    10 s of ``import lightning``): from the modules when already imported, else their
+    installed metadata (torch: its ``version.py``, which keeps the build, e.g. ``+cu130``)."""
     import midol
 
-    return (f"midol {midol.__version__} (torch {torch.__version__}, lightning {lightning.__version__}, "
-            f"timm {timm.__version__})")
+    return (f"midol {midol.__version__} (torch {_installed_version('torch')}, lightning "
+            f"{_installed_version('lightning')}, timm {_installed_version('timm')})")
+
+
+def _installed_version(name: str) -> str:
+    """The version of package ``name`` without importing it; ``not installed`` when absent."""
+    import importlib.metadata
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    module = sys.modules.get(name)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return str(module.__version__)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        try:  # torch writes its full version (with the CUDA build) into torch/version.py
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

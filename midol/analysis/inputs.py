@@ -11,6 +11,7 @@ import torch
 
 from midol.config_compose import load_composed
 from midol.data.sources import DataSource
+from midol.tools.options import add_figure_options, add_trust_option  # noqa: F401 (their old home)
 
 
 def sources_from_config(path: str | Path) -> tuple[list[DataSource], int | None]:
@@ -74,21 +75,6 @@ def resolve_image_size(explicit: int | None, config_size: int | None, module: An
             f"at {trained} px: using {trained} (pass --image-size {config_size} to use the "
             "config's)", stacklevel=2)
     return trained
-
-
-def add_trust_option(parser: Any) -> None:
-    """``--class-path``: a module class outside ``midol.`` that the user trusts to import
-    (their own subclass); checkpoints cannot choose what code runs otherwise."""
-    parser.add_argument("--class-path", action="append", default=[], metavar="MODULE.CLASS",
-                        help="trust this module class of the checkpoint (your own subclass "
-                        "outside midol); repeatable")
-
-
-def add_figure_options(parser: Any) -> None:
-    """``--format`` and ``--dpi`` of every figure a tool saves."""
-    parser.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"],
-                        help="figure file format(s); several write one file each (default: png)")
-    parser.add_argument("--dpi", type=int, default=100, help="raster resolution (default: 100)")
 
 
 def pick_device(name: str) -> torch.device:

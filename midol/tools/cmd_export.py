@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from midol.analysis.inputs import add_trust_option
-from midol.io.export import export_method
+from midol.tools.options import add_trust_option
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +25,7 @@ def main(argv: list[str]) -> int:
                         help="replace an existing MedMIX export (backbone exports are always replaced)")
     add_trust_option(parser)
     ns = parser.parse_args(argv)
+    from midol.io.export import export_method  # after parsing: --help stays instant
     from midol.methods.loading import load_method
 
     method = load_method(ns.checkpoint, trusted_class_paths=tuple(ns.class_path))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from midol.data.shards.writer import write_shards
-from midol.data.sources import DataSource
 from midol.errors import UsageError
+
+if TYPE_CHECKING:
+    from midol.data.sources import DataSource
 
 
 def _sources_from_config(path: str) -> list[DataSource]:
@@ -50,6 +52,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"--shard-size must be >= 1, got {ns.shard_size}")
     if ns.max_side is not None and ns.max_side < 1:
         parser.error(f"--max-side must be >= 1, got {ns.max_side}")
+    # imported after parsing: `midol shard --help` stays instant
+    from midol.data.shards.writer import write_shards
+    from midol.data.sources import DataSource
+
     sources = [DataSource(path, modality) for path, modality in ns.source]
     if ns.from_config:
         sources += _sources_from_config(ns.from_config)
