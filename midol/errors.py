@@ -23,6 +23,7 @@ that caught ``ValueError`` before keeps working.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -40,6 +41,8 @@ EXIT_INTERRUPTED = 130
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MIDOL_DEBUG"
+# --debug of the command being run (run_reporting sets it), for code that prints its own message
+_DEBUG = contextvars.ContextVar("midol_debug", default=False)
 
 
 class MidolError(Exception):
@@ -218,6 +221,12 @@ def debug_requested(tokens: list[str]) -> tuple[bool, list[str]]:
     return flag or env, kept
 
 
+def debug_active() -> bool:
+    """Whether the running command asked for full messages and tracebacks (``--debug`` under
+    :func:`run_reporting`, or ``MIDOL_DEBUG=1``)."""
+    return _DEBUG.get() or debug_requested([])[0]
+
+
 def _close_progress_bars() -> None:
     """End open tqdm bars (their line), so the error message starts a line of its own."""
     tqdm_module = sys.modules.get("tqdm")
@@ -233,6 +242,7 @@ def run_reporting(fn: Callable[[], int | None], debug: bool = False,
     message (their traceback with ``debug``), unexpected errors with their traceback.
     ``SystemExit`` passes through (argparse and LightningCLI have printed their message)."""
     stream = stream or sys.stderr
+    token = _DEBUG.set(debug)
     try:
         result = fn()
     except SystemExit as err:
@@ -251,4 +261,6 @@ def run_reporting(fn: Callable[[], int | None], debug: bool = False,
         print(format_error(err), file=stream)
         stream.flush()
         return code
+    finally:
+        _DEBUG.reset(token)
     return EXIT_OK if result is None else int(result)

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from midol.cli import TOOLS
+from midol.config_errors import short_parse_error
 from midol.config_compose import expand_bases
-from midol.errors import UsageError
+from midol.errors import EXIT_USAGE, UsageError, debug_active
 from midol.io.checkpoint_io import last_checkpoint, resolve_resume
 from midol.run_guard import (
     OUTPUT_KEYS,
@@ -34,6 +36,27 @@ from midol.run_guard import (
     refuse_overwrite,
     run_folder,
 )
+
+class MidolArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one ``midol: error: ...`` line with the closest
+    valid key (:func:`midol.config_errors.short_parse_error`), exit status 2, instead of the
+    usage dump and jsonargparse's nested message (printed after the line with ``--debug``)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a nested parser whose caller handles the error
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        subcommand = re.match(r"Subcommand '([^']+)'", message)
+        subparsers = getattr(getattr(self, "_subcommands_action", None), "_name_parser_map", {})
+        if subcommand and subcommand.group(1) in subparsers:
+            parser = subparsers[subcommand.group(1)]
+        line = short_parse_error(message, parser, subcommands=list(subparsers), tools=TOOLS)
+        sys.stderr.write(f"midol: error: {line}\n")
+        if debug_active():
+            sys.stderr.write(f"jsonargparse's message:\n{message}\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_USAGE)
+
 
 class MidolCLI(LightningCLI):
     """LightningCLI in subclass mode: configs pick module and datamodule by ``class_path``,
@@ -366,6 +389,7 @@ def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=MidolArgumentParser,
         save_config_callback=LoggedSaveConfig,
         # midol's modules build their own optimiser groups (no decay on norms and biases, layer
         # decay) and set the lr every step from their schedule: LightningCLI's --optimizer /
