@@ -82,12 +82,12 @@ def markdown(results: Results, options: Options, provenance: dict[str, Any]) -> 
     pooled = [c for c in results.comparisons if c["task"] == "(suite)"]
     if pooled:
         lines += [f"## Suite-level verdicts ({metric}, pooled over tasks)", "",
-                  "| setting | backbone | against | tasks | difference [95 % CI] | p | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| setting | backbone | against | tasks | seeds paired | difference [95 % CI] | p | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in pooled:
             note = " †" if c.get("note") else ""
             lines.append(f"| {c['setting']} | {c['row']} | {c['against']} ({c['kind']}){note} | "
-                         f"{c['n_tasks']} | {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+                         f"{c['n_tasks']} | {c.get('seeds', 1)} | {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
                          f"{c['p']:.3g} | **{c['verdict']}** |")
         lines.append("")
     settings: list[Setting] = []

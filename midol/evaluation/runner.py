@@ -261,13 +261,16 @@ def build_rows(backbones: list[LoadedBackbone], groups: bool) -> list[Row]:
 
 def _paired_members(row: Row, other: Row, a: list[list[np.ndarray]],
                     b: list[list[np.ndarray]]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
-    """Members of two rows paired by pre-training seed; a single-member row pairs with each."""
-    if len(b) == 1 and len(a) > 1:
-        return a, [b[0]] * len(a)
-    if len(a) == 1 and len(b) > 1:
-        return [a[0]] * len(b), b
+    """Members of two rows paired by pre-training seed (the seeds both have); a row without
+    seeds (one backbone, not ``NAME@SEED``) pairs with each member of the other."""
     common = [s for s in row.seeds if s in other.seeds]
-    return ([a[row.seeds.index(s)] for s in common], [b[other.seeds.index(s)] for s in common])
+    if common:
+        return ([a[row.seeds.index(s)] for s in common], [b[other.seeds.index(s)] for s in common])
+    if other.seeds == ("",):
+        return a, [b[0]] * len(a)
+    if row.seeds == ("",):
+        return [a[0]] * len(b), b
+    return [], []
 
 
 def pairs(rows: list[Row], baseline: str | None) -> Iterable[tuple[Row, Row, str, str]]:
@@ -306,6 +309,7 @@ def _pool(results: Results, options: Options) -> None:
         comparison = stats.compare(point, boot, options.metric, n_tasks=len(items))
         pooled.append({"task": "(suite)", "setting": setting, "row": row, "against": against,
                        "kind": kind, "metric": options.metric, "n_tasks": len(items),
+                       "seeds": min(c["seeds"] for c in items),
                        "note": next((c["note"] for c in items if c["note"]), ""),
                        **_comparison_fields(comparison)})
     for c in results.comparisons:

@@ -81,3 +81,16 @@ def test_pretrain_groups_pair_seeds_with_seeded_random_references(tmp_path):
     summary = next(s for s in report["summaries"] if s["row"] == "v [cls]" and s["metric"] == "auc"
                    and s["setting"] == "linear full" and s["task"] == "xray")
     assert summary["n_draws"] == 2  # one draw per seed, two seeds
+
+
+def test_rows_pair_on_the_seeds_they_share_and_never_across_seeds():
+    from midol.evaluation.runner import Row, _paired_members
+
+    a = Row("a", "pool", "x", False, False, ("a@0", "a@4"), ("0", "4"))
+    b = Row("b", "pool", "x", False, False, ("b@4",), ("4",))
+    c = Row("c", "pool", "x", False, False, ("c@1",), ("1",))
+    single = Row("s", "pool", "x", False, False, ("s",), ("",))
+    sa, sb, sc, ss = [["a0"], ["a4"]], [["b4"]], [["c1"]], [["s"]]
+    assert _paired_members(a, b, sa, sb) == ([["a4"]], [["b4"]])  # seed 4 only
+    assert _paired_members(a, c, sa, sc) == ([], [])  # no shared seed: no comparison
+    assert _paired_members(a, single, sa, ss) == (sa, [["s"], ["s"]])  # one backbone: each seed
