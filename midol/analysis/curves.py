@@ -46,12 +46,11 @@ def read_metrics(paths: list[str | Path]) -> dict[str, tuple[np.ndarray, np.ndar
 
 def find_metrics(checkpoint: str | Path) -> Path | None:
     """The newest ``metrics.csv`` under the run folder of ``checkpoint`` (``<run>/checkpoints/
-    x.ckpt`` -> ``<run>/**/metrics.csv``), or None."""
-    run = Path(checkpoint).resolve().parent
-    if run.name == "checkpoints":
-        run = run.parent
-    found = sorted(run.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    x.ckpt`` -> ``<run>/**/metrics.csv``), or None: possibly another run's; ``midol analyze``
+    reads the files the checkpoint records (:func:`midol.utils.run_logs.run_metrics_files`)."""
+    from midol.utils.run_logs import newest_metrics
+
+    return newest_metrics(checkpoint)
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from midol.optim.grad_norms import term_grad_norms, total_norm
 from midol.optim.param_groups import decay_groups, set_lr_and_wd
 from midol.optim.schedules import cosine_schedule, warmup_cosine_schedule
 from midol.utils.dist import all_reduce_max, rank, world_size
+from midol.utils.run_logs import record_log_dirs, recorded_log_dirs
 
 ClipMode = Literal["global", "per_param"]
 NonFinite = Literal["raise", "skip"]
@@ -101,6 +102,8 @@ class BaseMethod(L.LightningModule):
         self._total_steps = 1
         # Set by callbacks (the routing monitor) to ask for StepOutput["health"] every n steps.
         self.health_every_n_steps = 0
+        # log folders of the run a resumed fit continues (its checkpoints list them first)
+        self._resumed_log_dirs: list[str] = []
 
     def _validate_base(self) -> None:
         h = self.hparams
@@ -136,6 +139,13 @@ class BaseMethod(L.LightningModule):
         # (a top-level key: ``_class_path`` among the hyper-parameters would reach __init__ in
         # Lightning's own load_from_checkpoint)
         checkpoint["midol_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # the run's CSVLogger folders: `midol analyze` reads this run's metrics.csv, not the
+        # newest one in the folder (midol.utils.run_logs)
+        if self._trainer is not None:
+            record_log_dirs(checkpoint, self._trainer, self._resumed_log_dirs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_log_dirs = recorded_log_dirs(checkpoint)
 
     # ------------------------------------------------------------------ what a method defines
     def trainable_modules(self) -> list[nn.Module]:

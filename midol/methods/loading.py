@@ -107,7 +107,15 @@ def load_method(path: str | Path, device: str | torch.device = "cpu",
     dict holds the trained weights) and ``compile``/``grad_checkpointing`` are off. Classes
     outside ``midol.`` are imported only when named in ``trusted_class_paths``."""
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    return method_from_checkpoint(read_checkpoint(path), path, device, trusted_class_paths)
+
+
+def method_from_checkpoint(ckpt: dict[str, Any], path: str | Path,
+                           device: str | torch.device = "cpu",
+                           trusted_class_paths: tuple[str, ...] = ()) -> Any:
+    """:func:`load_method` of a checkpoint already read (:func:`read_checkpoint`) from
+    ``path``, for a caller that also needs its other entries."""
+    path = Path(path)
     hparams = dict(ckpt["hyper_parameters"])
     # LightningCLI writes _class_path; BaseMethod writes midol_class_path (a plain Trainer)
     class_path = hparams.get("_class_path") or ckpt.get("midol_class_path") or DEFAULT_CLASS_PATH

@@ -81,6 +81,7 @@ class MomentumMethod(BaseMethod):
     # Checkpoints of midol <= 0.1.0 (commit f90bd5f) were written before the EMA update of their
     # last step and mark it with "midol_last_ema_step": resuming one applies that update once.
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         last = checkpoint.get("midol_last_ema_step")
         self._legacy_ema_pending = last is not None and int(last) < int(checkpoint.get("global_step", 0))
 

@@ -35,7 +35,8 @@ from midol.analysis.plotting import save_figure, set_output
 from midol.data.corpus import Corpus
 from midol.errors import OutputFileError
 from midol.io.atomic import atomic_write_text
-from midol.methods.loading import load_method
+from midol.methods.loading import method_from_checkpoint, read_checkpoint
+from midol.utils.run_logs import run_metrics_files
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", choices=["tsne", "umap", "pca"], default="tsne")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     p.add_argument("--metrics", nargs="+", default=None,
-                   help="CSVLogger metrics.csv file(s) of the run (default: the newest under the checkpoint's run folder)")
+                   help="CSVLogger metrics.csv file(s) of the run (default: those of the run that "
+                   "wrote the checkpoint, which it records; for an older checkpoint the newest "
+                   "under its run folder, with a warning)")
     p.add_argument("--smoothing", type=int, default=10, help="moving-average window of the loss curves")
     p.add_argument("--gradcam-per-modality", type=int, default=2, help="Grad-CAM images per modality (0 = none)")
     p.add_argument("--gradcam-stage", type=int, default=-1, help="backbone stage for Grad-CAM (-1 = last)")
@@ -186,13 +189,14 @@ def embedding_stage(routed: RoutedImages, ns: argparse.Namespace, out: Path) -> 
     return result
 
 
-def loss_curve_stage(ns: argparse.Namespace, out: Path, keys: list[str] | None = None) -> dict[str, Any] | None:
+def loss_curve_stage(ns: argparse.Namespace, out: Path, keys: list[str] | None = None,
+                     run_files: list[Path] | None = None) -> dict[str, Any] | None:
     """``loss_curves.png`` of ``keys`` (default: M-IDoL's L_route and L_cst; a method's own
-    ``summary_metrics()``) from ``--metrics`` or the run's newest metrics.csv; None if none."""
-    from midol.analysis.curves import DEFAULT_KEYS, find_metrics, loss_curves, read_metrics
+    ``summary_metrics()``) from ``--metrics``, else ``run_files``: the metrics.csv files of the
+    run that wrote the checkpoint (:func:`midol.utils.run_logs.run_metrics_files`); None if none."""
+    from midol.analysis.curves import DEFAULT_KEYS, loss_curves, read_metrics
 
-    found = find_metrics(ns.checkpoint)
-    files = ns.metrics or ([found] if found else [])
+    files = ns.metrics or run_files or []
     if not files:
         return None
     series = read_metrics(files)
@@ -212,7 +216,11 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         raise OutputFileError(f"--out {out}: cannot create the output folder ({err.strerror or err})") from err
     device = pick_device(ns.device)
-    module = load_method(ns.checkpoint, device, tuple(ns.class_path))  # the inputs first: errors before any progress bar
+    # the inputs first: errors before any progress bar
+    checkpoint = read_checkpoint(ns.checkpoint)
+    module = method_from_checkpoint(checkpoint, ns.checkpoint, device, tuple(ns.class_path))
+    run_files = None if ns.metrics else run_metrics_files(ns.checkpoint, checkpoint)
+    del checkpoint  # its tensors are the module's now
     sources, config_size = sources_from_config(ns.data)
     corpus = Corpus(sources)
     stages = ["teacher pass", "routing matrix", "embedding", "loss curves", "grad-cam", "classifier"]
@@ -254,9 +262,10 @@ def main(argv: list[str]) -> int:
     summary["embedding"] = embedding_stage(routed, ns, out)
     done("embedding")
 
-    curves = loss_curve_stage(ns, out, getattr(module, "summary_metrics", lambda: None)())
+    curves = loss_curve_stage(ns, out, getattr(module, "summary_metrics", lambda: None)(), run_files)
     if curves is None:
-        summary["skipped"]["loss_curves"] = "no metrics.csv under the checkpoint's run folder (pass --metrics)"
+        summary["skipped"]["loss_curves"] = ("no metrics.csv of the checkpoint's run (it had no "
+                                             "CSVLogger?; pass --metrics)")
     else:
         summary["loss_curves"] = curves
     done("loss curves")
