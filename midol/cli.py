@@ -1,8 +1,10 @@
-"""The ``midol`` command: LightningCLI subcommands (fit, validate, test, predict) plus tools.
+"""The ``midol`` command: LightningCLI subcommands (fit, validate, test) plus tools (predict,
+export, route, analyze, ...).
 
     midol fit --config configs/pretrain/demo.yaml [--model.init_args.num_experts 8 ...]
     midol fit --config configs/pretrain/demo.yaml --print_config
     midol export CKPT --out DIR
+    midol predict CKPT --images FOLDER_OR_CSV --out preds.csv
 
 This module only dispatches, and imports neither torch nor Lightning: ``midol --version`` and
 ``midol --help`` answer in a fraction of a second. The LightningCLI subcommands live in
@@ -24,14 +26,14 @@ if TYPE_CHECKING:
 # Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
 TOOLS: dict[str, str] = {"export": "midol.tools.cmd_export", "route": "midol.tools.cmd_route",
                          "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard",
-                         "robustness": "midol.tools.cmd_robustness", "eval": "midol.tools.cmd_eval"}
+                         "robustness": "midol.tools.cmd_robustness", "eval": "midol.tools.cmd_eval",
+                         "predict": "midol.tools.cmd_predict"}
 # LightningCLI's subcommands, for the top-level help (the parser itself is built only when one runs)
 LIGHTNING_SUBCOMMANDS: dict[str, str] = {
     "fit": "train a model (pre-training or fine-tuning) from --config presets",
     "validate": "one evaluation pass over the validation split",
     "test": "one evaluation pass over the test split",
-    "predict": "Lightning's predict loop",
-}
+}  # Lightning's "predict" is replaced by the tool (midol/tools/cmd_predict.py)
 
 # Names of the LightningCLI part that were importable from midol.cli (midol <= 0.1.0).
 _LIGHTNING_NAMES = frozenset({

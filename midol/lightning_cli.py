@@ -86,6 +86,13 @@ class MidolCLI(LightningCLI):
             if self._lock is not None:
                 self._lock.release()
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test. Lightning's ``predict`` is left out: its loop needs the
+        training config and writes no file; ``midol predict`` (a tool, midol/tools/
+        cmd_predict.py) writes a CSV of class probabilities from a fine-tuned checkpoint."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if "weights_only" in self._subcommand_method_arguments[subcommand]:

@@ -133,10 +133,16 @@ def method_from_checkpoint(ckpt: dict[str, Any], path: str | Path,
             )
     kwargs.update({k: v for k, v in _INFERENCE_OVERRIDES.items()
                    if k in kwargs or (accepted is not None and k in accepted)})
+    rebuild = getattr(cls, "inference_arguments", None)  # fine-tuned modules: the recorded recipe
+    if callable(rebuild):
+        kwargs = rebuild(ckpt, kwargs)
     try:
         module = _construct_outside_cli(cls, kwargs)
     except HubModelNameError as err:  # a backbone name the checkpoint chose: name the file
         raise HubModelNameError(f"{path}: {err}") from err
+    prepare = getattr(module, "prepare_for_weights", None)
+    if callable(prepare):
+        prepare(ckpt)
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -20,12 +20,17 @@ from torchmetrics import Metric, MetricCollection
 from midol.data.normalize import PixelNormalizer
 from midol.optim.layer_decay import layer_decay_param_groups
 from midol.optim.schedules import poly_schedule, warmup_cosine_schedule
-from midol.tasks.backbones import CheckpointFormat, load_backbone, part_from_prefix
+from midol.tasks.backbones import CheckpointFormat, load_backbone, part_from_prefix, with_dex_layers
 from midol.tasks.task_metrics import stage_results
 from midol.utils.dist import world_size
+from midol.utils.run_logs import record_log_dirs, recorded_log_dirs
 
 STAGES = ("train", "val", "test")
 Schedule = Literal["cosine", "poly"]
+# Top-level checkpoint key: what inference needs without the training config (``midol predict``):
+# {"prediction": "softmax" | "sigmoid" | None, "output_names": [...] | None, "image_size": int |
+#  None, "backbone": {"model": timm name, "overrides": {...}, "dex": {...} | None}}
+TASK_KEY = "midol_task"
 
 
 class FinetuneModule(L.LightningModule):
@@ -76,6 +81,9 @@ class FinetuneModule(L.LightningModule):
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    # How the logits of one image become its prediction (``midol predict``): ``softmax`` (one
+    # class), ``sigmoid`` (independent labels), None (no per-image prediction: segmentation).
+    prediction: str | None = None
 
     def __init__(
         self,
@@ -117,6 +125,8 @@ class FinetuneModule(L.LightningModule):
         self._total_steps = 1
         self._peak_lr = lr
         self._feature_cache: dict[str, dict[int, Any]] = {}
+        self._input_size: int | None = None  # the datamodule's image_size, recorded at setup
+        self._resumed_log_dirs: list[str] = []
 
     def _validate_common(self) -> None:
         h = self.hparams
@@ -251,6 +261,9 @@ class FinetuneModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         self.check_datamodule(datamodule)
+        size = getattr(datamodule, "image_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            self._input_size = size
         if self.hparams.cache_features and getattr(datamodule, "train_augment", False):
             raise ValueError(
                 "cache_features reuses the first epoch's features, which is only exact without "
@@ -259,6 +272,78 @@ class FinetuneModule(L.LightningModule):
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Subclasses compare their settings with the datamodule's (clear error on mismatch)."""
+
+    # ------------------------------------------------------------------ inference settings
+    def output_names(self) -> list[str] | None:
+        """Names of the outputs (classes, labels), when known."""
+        return None
+
+    def set_output_names(self, names: list[str]) -> None:
+        """Restore the output names a checkpoint records (subclasses with names store them)."""
+
+    def input_size(self) -> int | None:
+        """Side of the square input the model was trained on: the datamodule's
+        ``image_size``, else the size the backbone's weights record."""
+        if self._input_size is not None:
+            return self._input_size
+        size = self.backbone_info.image_size
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+    def task_settings(self) -> dict[str, Any]:
+        """What :data:`TASK_KEY` records: prediction rule, output names, input size and the
+        backbone's timm recipe (so inference rebuilds the architecture without re-reading
+        ``init_checkpoint``)."""
+        info = self.backbone_info
+        return {"prediction": self.prediction, "output_names": self.output_names(),
+                "image_size": self.input_size(),
+                "backbone": {"model": info.model, "overrides": dict(info.overrides), "dex": info.dex}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["midol_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[TASK_KEY] = self.task_settings()
+        if self._trainer is not None:
+            record_log_dirs(checkpoint, self._trainer, self._resumed_log_dirs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_log_dirs = recorded_log_dirs(checkpoint)
+        self.restore_task_settings(checkpoint)
+
+    def restore_task_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Output names and input size from a checkpoint's :data:`TASK_KEY`, where the module
+        does not know them itself (no datamodule has set them)."""
+        task = checkpoint.get(TASK_KEY) or {}
+        names = task.get("output_names")
+        if self.output_names() is None and names:
+            self.set_output_names([str(n) for n in names])
+        size = task.get("image_size")
+        if self._input_size is None and isinstance(size, int):
+            self._input_size = size
+
+    @classmethod
+    def inference_arguments(cls, checkpoint: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments that rebuild ``checkpoint``'s architecture for inference
+        (:func:`midol.methods.loading.load_method`): the backbone recipe it records, random
+        weights (the state dict holds the trained ones), no ``init_checkpoint`` read. A
+        checkpoint written before the recipe was recorded keeps its ``init_checkpoint`` when
+        that file names the architecture (``backbone`` null)."""
+        recipe = (checkpoint.get(TASK_KEY) or {}).get("backbone")
+        if not recipe:
+            hparams = checkpoint.get("hyper_parameters") or {}
+            if kwargs.get("backbone") is None and hparams.get("init_checkpoint"):
+                return {**kwargs, "init_checkpoint": hparams["init_checkpoint"]}
+            return kwargs
+        return {**kwargs, "backbone": recipe["model"], "backbone_kwargs": dict(recipe.get("overrides") or {}),
+                "init_checkpoint": None, "init_format": "timm", "init_part": None,
+                "init_prefix": None, "dex_mode": None}
+
+    def prepare_for_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Before ``load_state_dict`` of an :meth:`inference_arguments` rebuild: the DEX
+        layers the recipe records, and the recorded output names and input size."""
+        recipe = (checkpoint.get(TASK_KEY) or {}).get("backbone") or {}
+        if recipe.get("dex") and self.backbone_info.dex is None:
+            self.backbone = with_dex_layers(self.backbone, recipe["dex"])
+            self.backbone_info.dex = recipe["dex"]
+        self.restore_task_settings(checkpoint)
 
     def _metrics(self, stage: str) -> MetricCollection:
         return self.stage_metrics[f"{stage}_"]

@@ -48,6 +48,7 @@ class ClassificationModule(FinetuneModule):
 
     monitor = "val/auc"
     monitor_mode = "max"
+    prediction = "softmax"
 
     def __init__(
         self,
@@ -101,6 +102,13 @@ class ClassificationModule(FinetuneModule):
 
     def metric_names(self, name: str) -> list[str] | None:
         return self.class_names
+
+    def output_names(self) -> list[str] | None:
+        return self.class_names
+
+    def set_output_names(self, names: list[str]) -> None:
+        if len(names) == self.num_classes:
+            self.class_names = list(names)
 
     def augment(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if self.mixup is None:

@@ -31,6 +31,7 @@ class MultiLabelModule(FinetuneModule):
 
     monitor = "val/auc"
     monitor_mode = "max"
+    prediction = "sigmoid"
 
     def __init__(
         self,
@@ -72,6 +73,13 @@ class MultiLabelModule(FinetuneModule):
 
     def metric_names(self, name: str) -> list[str] | None:
         return self.label_names
+
+    def output_names(self) -> list[str] | None:
+        return self.label_names
+
+    def set_output_names(self, names: list[str]) -> None:
+        if len(names) == self.num_labels:
+            self.label_names = list(names)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, train: bool) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=self.pos_weight)
