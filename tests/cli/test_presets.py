@@ -47,6 +47,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
     ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
     "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
+    "init_args.route_backbone_grad": True,
 }
 SWIN_B_SPEED = {
     "model.init_args.compile": "auto", "model.init_args.grad_checkpointing": "auto",
