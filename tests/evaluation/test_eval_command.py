@@ -8,7 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -16,7 +15,7 @@ import yaml
 from midol.cli import main
 from midol.evaluation.features import BackboneError, parse_backbone
 from midol.evaluation.suite import SuiteError, load_suite, load_task
-from tests.helpers.tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
+from tests.helpers.tiny import SAMPLE_DATA, save_trained_checkpoint, tiny_module
 
 MICRO_VIT = "random:vit_tiny_patch16_224,img_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2"
 FAST = ["--seeds", "2", "--bootstrap", "200", "--shots", "1,5", "--fractions", "0.2",
@@ -39,15 +38,8 @@ def _suite(tmp: Path, extra: dict | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    module = tiny_module()
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
-    trainer.fit(module, tiny_datamodule(batch_size=8))
-    path = tmp / "midol.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_trained_checkpoint(tiny_module(), tmp_path_factory.mktemp("ckpt") / "midol.ckpt")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -43,3 +43,15 @@ def tiny_datamodule(batch_size: int = 8, num_local: int = 2, **overrides: Any) -
     )
     kwargs.update(overrides)
     return PretrainDataModule(**kwargs)
+
+
+def save_trained_checkpoint(module: Any, path: Path, batch_size: int = 8) -> Path:
+    """One optimiser step of ``module`` on the tiny datamodule, saved as a Lightning checkpoint."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=path.parent)
+    trainer.fit(module, tiny_datamodule(batch_size=batch_size))
+    trainer.save_checkpoint(path)
+    return path

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from midol.cli import main
-from tests.helpers.tiny import SAMPLE_DATA, TINY_SWIN, tiny_datamodule
+from tests.helpers.tiny import SAMPLE_DATA, TINY_SWIN, save_trained_checkpoint
 from tests.helpers.user_subclass import MyMIDoL
 
 
@@ -22,12 +21,7 @@ def subclass_checkpoint(tmp_path_factory) -> Path:
     module = MyMIDoL(my_option=0.25, backbone="swin_tiny_patch4_window7_224", backbone_kwargs=TINY_SWIN,
                      num_experts=3, expert_hidden_dim=32, bottleneck_dim=16, out_dim=64,
                      warmup_epochs=1, freeze_last_layer_epochs=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
-    trainer.fit(module, tiny_datamodule(batch_size=8))
-    path = tmp / "mine.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_trained_checkpoint(module, tmp / "mine.ckpt")
 
 
 def test_subclass_outside_midol_needs_class_path_then_routes(subclass_checkpoint, tmp_path):
