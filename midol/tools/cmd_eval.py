@@ -151,6 +151,7 @@ def main(argv: list[str]) -> int:
     from midol.evaluation import report
     from midol.evaluation.runner import EvalWarning, evaluate
     from midol.evaluation.suite import load_suite
+    from midol.run_guard import check_writable
 
     options = options_from(cfg)
     if cfg.threads is not None:
@@ -160,6 +161,10 @@ def main(argv: list[str]) -> int:
     set_output(tuple(cfg.format), cfg.dpi)
     device = str(pick_device(cfg.device))
     suite = load_suite(cfg.suite, cfg.data_root, cfg.tasks)
+    # Both outputs are checked before any image is embedded: an unwritable cache would
+    # otherwise fail only after the first full feature pass.
+    check_writable(cfg.out, "--out")
+    check_writable(cfg.cache_dir, "--cache_dir")
     refs = [feats.parse_backbone(text) for text in cfg.backbones]
     labels = [r.label for r in refs]
     if len(set(labels)) != len(labels):
@@ -177,9 +182,6 @@ def main(argv: list[str]) -> int:
         for b in loaded:
             b.ref.reference = b.ref.spec.checkpoint is None
     embedder = feats.Embedder(cfg.cache_dir, device, cfg.batch_size, cfg.num_workers)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(Path(cfg.out).parent, os.W_OK):
-        raise PermissionError(f"--out {cfg.out}: its folder is not writable")
     start = dt.datetime.now(dt.timezone.utc)
     default_show = warnings.showwarning
 

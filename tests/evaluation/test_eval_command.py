@@ -206,3 +206,15 @@ def test_every_spelling_of_one_backbone_gives_the_same_features(checkpoint, tmp_
         np.testing.assert_allclose(other, feats[0], rtol=0, atol=1e-5)
     with pytest.raises(BackboneError, match="exactly one exported part"):
         parse_backbone(f"{export}:student_backbone")
+
+
+def test_unwritable_cache_or_out_stops_before_any_image_is_embedded(tmp_path, capsys):
+    blocker = tmp_path / "a_file"  # a path through a file: cannot be created, even by root
+    blocker.write_text("x")
+    for option in ("--cache_dir", "--out"):
+        args = {"--cache_dir": str(tmp_path / "c"), "--out": str(tmp_path / "o")}
+        args[option] = str(blocker / "x")
+        code, line = _error(capsys, ["eval", "--suite", str(_suite(tmp_path)), "--backbones",
+                                     MICRO_VIT, *[v for kv in args.items() for v in kv]])
+        assert code == 3 and f"({option})" in line and "cannot be created" in line, line
+        assert not (tmp_path / "c").exists()  # nothing embedded
