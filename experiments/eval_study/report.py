@@ -191,6 +191,16 @@ def write(study: dict[str, Any], evals: list[dict[str, Any]], md_path: Path, res
     L += ["## Runs done (minutes of wall time per run)", "",
           "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean min |",
           "|---|" + "---|" * (len(seeds) + 1)]
+    spans = {}
+    for key, r in runs.items():
+        end = dt.datetime.fromisoformat(r["finished_at"]).timestamp()
+        spans[key] = (end - r["wall_seconds"], end)
+
+    def overlapped(key: tuple[str, int]) -> bool:
+        a0, a1 = spans[key]
+        return any(k != key and b0 < a1 and a0 < b1 for k, (b0, b1) in spans.items())
+
+    n_over = 0
     for n in order:
         cells, mins = [], []
         for s in seeds:
@@ -200,9 +210,17 @@ def write(study: dict[str, Any], evals: list[dict[str, Any]], md_path: Path, res
             elif r["status"] != "done":
                 cells.append(f"FAILED (rc {r['returncode']}, step {r['global_step']})")
             else:
-                cells.append(f"{r['minutes']:.1f}")
+                star = "*" if overlapped((n, s)) else ""
+                n_over += bool(star)
+                cells.append(f"{r['minutes']:.1f}{star}")
                 mins.append(r["minutes"])
         L.append(f"| {n} | " + " | ".join(cells) + f" | {(sum(mins) / len(mins)) if mins else float('nan'):.1f} |")
+    if n_over:
+        L += ["", f"\\* {n_over} run(s) overlapped in time with another training run of this "
+              "study: a second stream (/tmp/extra_seeds.sh: dino and midol at seeds 4, 3, 2 "
+              "through `run_study.py --only`, same commands and run folders) was started at "
+              "19:23 beside the driver, not by the driver; those wall times are inflated by "
+              "sharing the 2 cores, the runs themselves follow the protocol."]
     t0 = runs.get(("midol", 0))
     if t0:
         L += ["", f"Timing run (first of the study, alone on the driver): midol seed 0, "
