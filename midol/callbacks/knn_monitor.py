@@ -13,6 +13,7 @@ random-init reference).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,16 @@ class KNNSet:
     datamodule_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def input_size(module: Any) -> int:
+    """The side the module's backbone takes: its ``image_size`` or ``img_size`` (DEX) option,
+    else ``backbone_kwargs.img_size`` (M-IDoL), else 224."""
+    h = getattr(module, "hparams", {}) or {}
+    size = h.get("image_size") or h.get("img_size") or (h.get("backbone_kwargs") or {}).get("img_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size or 224)
+
+
 class KNNMonitor(L.Callback):
     """Log the weighted k-NN accuracy of ``pl_module.embed`` features on labelled sets.
 
@@ -57,8 +68,7 @@ class KNNMonitor(L.Callback):
         every_n_epochs: score after every this many training epochs (and after the last).
         at_start: also score before the first step (the initialisation's accuracy).
         k / temperature: the k-NN classifier's neighbours and temperature (DINO: 20, 0.07).
-        image_size: side of the evaluation images (default: the module's ``image_size``
-            hyper-parameter, else 224).
+        image_size: side of the evaluation images (default: :func:`input_size` of the module).
         batch_size: images per forward pass.
     """
 
@@ -68,9 +78,15 @@ class KNNMonitor(L.Callback):
         super().__init__()
         if not sets:
             raise ValueError("KNNMonitor needs at least one labelled set")
-        if every_n_epochs < 1 or k < 1 or temperature <= 0 or batch_size < 1:
-            raise ValueError("every_n_epochs, k and batch_size must be >= 1 and temperature > 0")
+        if every_n_epochs < 1 or k < 1 or batch_size < 1:
+            raise ValueError("every_n_epochs, k and batch_size must be >= 1")
+        if not math.isfinite(temperature) or temperature <= 0:  # nan passes a plain `<= 0`
+            raise ValueError(f"KNNMonitor temperature must be a finite number > 0, got {temperature}")
         self.sets = [s if isinstance(s, KNNSet) else KNNSet(**s) for s in sets]
+        for spec in self.sets:
+            if spec.max_images < 1:
+                raise ValueError(f"KNNMonitor set {spec.name!r}: max_images must be >= 1, got "
+                                 f"{spec.max_images}")
         self.every_n_epochs = every_n_epochs
         self.at_start = at_start
         self.k = k
@@ -107,7 +123,7 @@ class KNNMonitor(L.Callback):
 
     def evaluate(self, module: Any) -> dict[str, float]:
         """``{knn/<name>_acc: accuracy}`` of every set, the module in eval mode meanwhile."""
-        size = self.image_size or int(getattr(module, "hparams", {}).get("image_size", 0) or 224)
+        size = self.image_size or input_size(module)
         was_training = module.training
         module.eval()
         out: dict[str, float] = {}

@@ -77,5 +77,26 @@ def test_monitor_logs_knn_accuracy_during_pretraining(tmp_path):
 def test_monitor_rejects_bad_settings():
     with pytest.raises(ValueError, match="at least one labelled set"):
         KNNMonitor([])
-    with pytest.raises(ValueError, match="temperature > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         KNNMonitor([{"name": "a", "train": {"path": "x"}}], temperature=0)
+
+
+def test_nan_temperature_is_refused():  # nan passed the old `temperature <= 0` check
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got nan"):
+        KNNMonitor(sets=[{"name": "x", "train": {"path": "unused"}}], temperature=float("nan"))
+
+
+def test_max_images_zero_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"set 'x': max_images must be >= 1, got 0"):
+        KNNMonitor(sets=[{"name": "x", "train": {"path": "unused"}, "max_images": 0}])
+
+
+def test_input_size_comes_from_each_methods_own_option():
+    from types import SimpleNamespace
+
+    from midol.callbacks.knn_monitor import input_size
+
+    assert input_size(SimpleNamespace(hparams={"img_size": 64})) == 64  # DEX
+    assert input_size(SimpleNamespace(hparams={"backbone_kwargs": {"img_size": 32}})) == 32  # M-IDoL
+    assert input_size(SimpleNamespace(hparams={"image_size": 48, "img_size": 64})) == 48
+    assert input_size(SimpleNamespace(hparams={})) == 224
