@@ -100,3 +100,14 @@ def test_input_size_comes_from_each_methods_own_option():
     assert input_size(SimpleNamespace(hparams={"backbone_kwargs": {"img_size": 32}})) == 32  # M-IDoL
     assert input_size(SimpleNamespace(hparams={"image_size": 48, "img_size": 64})) == 48
     assert input_size(SimpleNamespace(hparams={})) == 224
+
+
+def test_a_dex_module_is_scored_at_its_own_size_without_image_size():
+    """A tiny DEX ViT is built for 32 px; the monitor used to feed it 224 px and crash."""
+    from tests.helpers.dex import tiny_dex
+    from tests.helpers.tiny import SAMPLE_DATA
+
+    monitor = KNNMonitor(sets=[{"name": "oct", "train": {"path": str(SAMPLE_DATA / "oct")},
+                                "test_fraction": 0.5}], k=3)
+    result = monitor.evaluate(tiny_dex())
+    assert set(result) == {"knn/oct_acc"} and 0.0 <= result["knn/oct_acc"] <= 1.0
