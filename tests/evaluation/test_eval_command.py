@@ -218,3 +218,19 @@ def test_unwritable_cache_or_out_stops_before_any_image_is_embedded(tmp_path, ca
                                      MICRO_VIT, *[v for kv in args.items() for v in kv]])
         assert code == 3 and f"({option})" in line and "cannot be created" in line, line
         assert not (tmp_path / "c").exists()  # nothing embedded
+
+
+def test_print_config_round_trips_through_config(tmp_path, capsys):
+    """`--print_config` writes every option; `--config` reads them back, the command line wins."""
+    suite = _suite(tmp_path)
+    base = ["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out", str(tmp_path / "o"),
+            "--cache_dir", str(tmp_path / "c"), "--protocols", "knn", "--bootstrap", "100"]
+    with pytest.raises(SystemExit):
+        main([*base, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["protocols"] == "knn" and printed["seeds"] == 5 and printed["knn_temperature"] == 0.07
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(printed))
+    assert main(["eval", "--config", str(config), "--tasks", "xray", "--knn_k", "5"]) == 0
+    runs = _rows(tmp_path / "o" / "runs.csv")
+    assert {r["setting"] for r in runs} == {"k=5"} and {r["task"] for r in runs} == {"xray"}
