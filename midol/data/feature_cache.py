@@ -22,6 +22,7 @@ import json
 import math
 import os
 import stat
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 import midol
 from midol.data.image_io import UnreadableImageError, UnreadableImageWarning, load_image
 from midol.data.loader_utils import check_loader_args, worker_init
+from midol.errors import OutputFileError
 from midol.io.atomic import atomic_path, atomic_write_text
 
 try:  # POSIX only; elsewhere concurrent writers to one entry are simply not serialised
@@ -146,6 +148,24 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+
+    def check_writable(self, option: str = "cache_dir") -> None:
+        """Raise :class:`~midol.errors.OutputFileError` (exit 3, one line) unless the cache
+        folder exists writable or can be created; creates nothing. Called at start, so a
+        read-only cache fails before an hour-long feature pass, not after it."""
+        existing = self.root.absolute()
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        problem = None if existing.is_dir() else f"{existing} is a file, not a folder"
+        if problem is None:
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".midol-write-check-", dir=existing)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                problem = f"{existing} is not writable ({err.strerror or err})"
+        if problem is not None:
+            raise OutputFileError(f"{option} {self.root}: the feature cache cannot be written: {problem}")
 
     def entry_dir(self, encoder_key: str, transform_key: str) -> Path:
         """``root / sha256(encoder_key + '\\n' + transform_key).hexdigest()[:20]``."""

@@ -260,6 +260,8 @@ class MedMIX(BaseMethod):
         """Read the datamodule's patient table: build the network (first time), fit the
         tabular statistics on the training split (``fit``), and load or compute the cached
         expert and teacher features of every patient."""
+        if fit:  # before the first feature pass, not after it (issue 26 item 7)
+            self._cache().check_writable("model.init_args.cache_dir")
         if getattr(datamodule, "table", None) is None:
             datamodule.setup("fit")
         table = datamodule.table

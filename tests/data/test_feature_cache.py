@@ -344,3 +344,15 @@ def test_weights_fingerprint(tmp_path: Path) -> None:
     assert weights_fingerprint(a) != weights_fingerprint(c)
     assert len(weights_fingerprint(a)) == 64
     assert weights_fingerprint(None) == "none"
+
+
+def test_check_writable_refuses_a_cache_that_cannot_be_created(tmp_path):
+    from midol.errors import OutputFileError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputFileError, match=r"cache_dir .*a_file/cache: the feature cache cannot be "
+                                              r"written: .*a_file is a file, not a folder"):
+        FeatureCache(blocker / "cache").check_writable()
+    FeatureCache(tmp_path / "new" / "cache").check_writable()  # creatable: fine
+    assert not (tmp_path / "new").exists()  # and nothing created

@@ -296,3 +296,17 @@ def test_initialisation_does_not_depend_on_a_warm_cache(tmp_path):
         states.append({k: v.clone() for k, v in model.net.state_dict().items()})
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unwritable_cache_stops_fit_before_the_feature_pass(tmp_path):
+    """Issue 26 item 7: a cache that cannot be written failed only after the first full
+    feature pass; now attach(fit=True) refuses it first, naming the option."""
+    from midol.errors import OutputFileError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    model = medmix(blocker / "cache")
+    dm = datamodule(odir_subset(tmp_path, {"train": 8, "val": 4, "test": 4}))
+    with pytest.raises(OutputFileError, match=r"model.init_args.cache_dir .* cannot be written"):
+        model.attach(dm, fit=True)
+    assert model.net is None  # nothing was built or encoded
