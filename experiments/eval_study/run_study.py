@@ -185,8 +185,13 @@ def run_evals(study: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
     return done
 
 
-def commit(message: str) -> None:
-    paths = [p for p in STUDY_FILES if Path(p).exists()] + [str(RESULTS_MD), str(RESULTS_DIR)]
+def commit(message: str, evals: list[dict[str, Any]]) -> None:
+    """Commit this study's own files only: the scripts, the results file and the report.json /
+    runs.csv / report.md each eval of this round copied (never the whole results folder, where
+    other sessions may keep files of their own)."""
+    copied = [Path(e["copied_to"]) / f for e in evals if e.get("copied_to")
+              for f in ("report.json", "runs.csv", "report.md")]
+    paths = [p for p in STUDY_FILES if Path(p).exists()] + [str(RESULTS_MD)] + [str(c) for c in copied]
     for attempt in range(12):
         add = subprocess.run(["git", "add", "--", *paths], cwd=REPO, capture_output=True, text=True)
         if add.returncode == 0:
@@ -230,13 +235,16 @@ def main() -> int:
         return 0
 
     def evaluate_and_report(label: str) -> None:
-        import report  # experiments/eval_study/report.py (read at each round: fixes apply)
+        import importlib
 
+        import report  # experiments/eval_study/report.py, reloaded each round: fixes apply
+
+        importlib.reload(report)
         evals = run_evals(study, list(study["seeds"]))
         report.write(study, evals, RESULTS_MD, RESULTS_DIR)
         if not ns.no_commit:
             commit(f"Eval study ({label}): midol eval of every finished run, "
-                   "experiments/results/eval_study_2026-12-07.md")
+                   "experiments/results/eval_study_2026-12-07.md", evals)
 
     if ns.eval_only:
         evaluate_and_report("evals re-run")
