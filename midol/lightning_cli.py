@@ -241,12 +241,14 @@ class MidolCLI(LightningCLI):
 def resolve_run_id(run_id: str) -> str:
     """``auto`` -> ``$WANDB_RUN_ID`` or the local start time; else the id itself (one folder
     name: no ``/``, not empty)."""
+    where = "--run_id"
     if run_id == "auto":
         import time
 
-        return os.environ.get("WANDB_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
-    if not run_id.strip() or "/" in run_id or run_id in (".", ".."):
-        raise UsageError(f"--run_id must be one folder name (no '/'), got {run_id!r}")
+        run_id = os.environ.get("WANDB_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+        where = "--run_id auto (from WANDB_RUN_ID)"  # the environment must not escape the root
+    if not run_id.strip() or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+        raise UsageError(f"{where} must be one folder name (no '/'), got {run_id!r}")
     return run_id
 
 

@@ -614,3 +614,14 @@ def test_run_id_gives_each_run_its_own_folder(tmp_path, monkeypatch):
     assert len(resolve_run_id("auto")) == len("20261203-084100")
     with pytest.raises(UsageError, match="one folder name"):
         resolve_run_id("a/b")
+
+
+@pytest.mark.parametrize("value", ["../..", "..", "a/../../b", "x\\..\\y"])
+def test_run_id_from_the_environment_cannot_leave_the_root(value, monkeypatch):
+    """Issue 26 item 16: WANDB_RUN_ID=../.. was taken as the run folder by --run_id auto."""
+    from midol.cli import resolve_run_id
+    from midol.errors import UsageError
+
+    monkeypatch.setenv("WANDB_RUN_ID", value)
+    with pytest.raises(UsageError, match=r"--run_id auto \(from WANDB_RUN_ID\) must be one folder name"):
+        resolve_run_id("auto")
