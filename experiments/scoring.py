@@ -85,12 +85,11 @@ def score(backbones: Sequence[str | tuple[str, str]], out: str | os.PathLike[str
     Returns:
         The report as written to ``out/report.json`` (plus ``"report_md"``, its path).
     """
+    import midol
     from midol.evaluation import features as feats
     from midol.evaluation import report
     from midol.evaluation.runner import EvalWarning, evaluate
     from midol.evaluation.suite import Suite, load_suite
-
-    import midol
 
     options = options or study_options()
     if not isinstance(suite, Suite):

@@ -17,17 +17,13 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
+from midol.commands import TOOLS
 from midol.console import quiet_known_noise, version_line
 from midol.errors import debug_requested, run_reporting
 
 if TYPE_CHECKING:
     from midol.lightning_cli import MidolCLI
 
-# Subcommand -> module in midol.tools with ``main(argv) -> int``; imported only when used.
-TOOLS: dict[str, str] = {"export": "midol.tools.cmd_export", "route": "midol.tools.cmd_route",
-                         "analyze": "midol.tools.cmd_analyze", "shard": "midol.tools.cmd_shard",
-                         "robustness": "midol.tools.cmd_robustness", "eval": "midol.tools.cmd_eval",
-                         "predict": "midol.tools.cmd_predict"}
 # LightningCLI's subcommands, for the top-level help (the parser itself is built only when one runs)
 LIGHTNING_SUBCOMMANDS: dict[str, str] = {
     "fit": "train a model (pre-training or fine-tuning) from --config presets",

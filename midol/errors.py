@@ -45,6 +45,16 @@ DEBUG_ENV = "MIDOL_DEBUG"
 _DEBUG = contextvars.ContextVar("midol_debug", default=False)
 
 
+class UnreadableImageError(Exception):
+    """An image file that cannot be decoded; ``path`` and ``reason`` say which and why (raised by
+    :mod:`midol.data.image_io`; here so that the exit-status table needs no data import)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
 class MidolError(Exception):
     """Base of the errors midol raises for its user; ``exit_code`` is the command's status."""
 
@@ -163,8 +173,6 @@ def exit_code(err: BaseException) -> int:
     err = root_error(err)
     if isinstance(err, MidolError):
         return err.exit_code
-    from midol.data.image_io import UnreadableImageError
-
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                         FileExistsError, UnreadableImageError)):
         return EXIT_INPUT

@@ -20,9 +20,9 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from midol.cli import TOOLS
-from midol.config_errors import short_parse_error
+from midol.commands import TOOLS
 from midol.config_compose import expand_bases
+from midol.config_errors import short_parse_error
 from midol.errors import EXIT_USAGE, UsageError, debug_active
 from midol.io.checkpoint_io import last_checkpoint, resolve_resume
 from midol.run_guard import (
@@ -36,6 +36,7 @@ from midol.run_guard import (
     refuse_overwrite,
     run_folder,
 )
+
 
 class MidolArgumentParser(LightningArgumentParser):
     """LightningCLI's parser whose errors are one ``midol: error: ...`` line with the closest

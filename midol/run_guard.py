@@ -71,8 +71,7 @@ def output_dirs(trainer: Any) -> list[tuple[str, str]]:
         return out
     if _is_local(trainer.get("default_root_dir")):
         out.append((str(trainer["default_root_dir"]), "trainer.default_root_dir"))
-    for section, spec in ([("logger", s) for s in _items(trainer.get("logger"))]
-                          + [("callbacks", s) for s in _items(trainer.get("callbacks"))]):
+    for spec in [*_items(trainer.get("logger")), *_items(trainer.get("callbacks"))]:
         args = _init_args(spec)
         if args is None:
             continue

@@ -21,10 +21,10 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from midol.analysis.cluster_metrics import routing_report
 from midol.analysis.features import per_modality_indices
 from midol.data import Corpus, EvalTransform
 from midol.data.sources import DataSource
+from midol.utils.cluster_metrics import routing_report
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:

@@ -42,13 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import probes, routing_metrics, routing_set  # noqa: E402
 
 from experiments import scoring  # noqa: E402  (evaluate put the repository on sys.path)
-
-from midol.config_compose import merge  # noqa: E402
-from midol.methods.loading import load_pretrain_module  # noqa: E402
 from midol.cli import main as midol_main  # noqa: E402
+from midol.config_compose import merge  # noqa: E402
 from midol.data.sources import DataSource  # noqa: E402
 from midol.evaluation.suite import load_suite  # noqa: E402
 from midol.methods import PretrainModule  # noqa: E402
+from midol.methods.loading import load_pretrain_module  # noqa: E402
 
 BASE = REPO / "configs/ablations/base.yaml"
 SHARED = REPO / "experiments/ablations/shared_data.yaml"

@@ -68,15 +68,15 @@ def image_paths(per_set: int, data_root: Path | None) -> tuple[list[Path], str]:
 
 def build(pipeline: str, views: str, seed: int) -> tuple[Callable[[Any], Any], Callable[[Path], Any]]:
     """(transform, decoder) of a pipeline; the decoder makes what the transform takes."""
-    g, l = VIEW_SETTINGS[views]
+    g, loc = VIEW_SETTINGS[views]
     if pipeline == "ours":
-        return MultiCropTransform(global_size=g, local_size=l, seed=seed), load_image
+        return MultiCropTransform(global_size=g, local_size=loc, seed=seed), load_image
     if pipeline == "torchvision":
-        return DINOTorchvisionTransform(global_size=g, local_size=l), lambda p: pil_loader(str(p))
+        return DINOTorchvisionTransform(global_size=g, local_size=loc), lambda p: pil_loader(str(p))
     if pipeline == "lightly":
         from lightly.transforms import DINOTransform
 
-        return DINOTransform(global_crop_size=g, local_crop_size=l), lambda p: pil_loader(str(p))
+        return DINOTransform(global_crop_size=g, local_crop_size=loc), lambda p: pil_loader(str(p))
     raise ValueError(f"unknown pipeline {pipeline!r}")
 
 
@@ -98,9 +98,9 @@ def interleaved_rates(fns: list[Callable[[Any], Any]], items: list[Any], repeats
 
 
 def check_views(views: list[torch.Tensor], setting: str) -> str:
-    g, l = VIEW_SETTINGS[setting]
+    g, loc = VIEW_SETTINGS[setting]
     sizes = [tuple(v.shape[-2:]) for v in views]
-    expected = [(g, g)] * 2 + [(l, l)] * 6
+    expected = [(g, g)] * 2 + [(loc, loc)] * 6
     if sizes != expected:
         raise AssertionError(f"{setting}: got view sizes {sizes}, expected {expected}")
     return str(views[0].dtype).replace("torch.", "")

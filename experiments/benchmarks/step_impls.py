@@ -36,8 +36,8 @@ from torch import nn
 from midol.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from midol.losses import dino_cross_entropy, routing_consistency_loss
 from midol.methods import PretrainModule
-from midol.optim.param_groups import decay_groups
 from midol.models import MoEProjector, build_backbone
+from midol.optim.param_groups import decay_groups
 
 IMPLS = ("midol", "midol-dinoce", "midol-dino", "authors", "lightly")
 VIEW_SETTINGS = ("dino", "authors")

@@ -84,7 +84,8 @@ def markdown(runs: list[dict[str, Any]], files: list[str], out: str) -> str:
         groups = {g: [p[g] for p in probes] for g in scoring.GROUPS}
         reference = key in first["references"]
 
-        def vs(group: str, kind: str) -> str:
+        def vs(group: str, kind: str, key: str = key, reference: bool = reference,
+               groups: dict = groups) -> str:
             if kind == "vs_random" and reference:
                 return "(reference)"
             if kind == "vs_baseline" and key.split(" [")[0] == baseline:

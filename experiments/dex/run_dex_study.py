@@ -42,13 +42,12 @@ sys.path.insert(0, str(REPO / "experiments" / "ablations"))
 from evaluate import EvalSet, routing_set  # noqa: E402
 
 from experiments import scoring  # noqa: E402  (evaluate put the repository on sys.path)
-
-from midol.analysis.cluster_metrics import routing_report  # noqa: E402
 from midol.cli import main as midol_main  # noqa: E402
 from midol.config_compose import merge  # noqa: E402
 from midol.data.sources import DataSource  # noqa: E402
 from midol.methods import DEX  # noqa: E402
 from midol.methods.loading import load_method  # noqa: E402
+from midol.utils.cluster_metrics import routing_report  # noqa: E402
 
 BASE = REPO / "experiments/dex/base.yaml"
 SHARED = REPO / "experiments/ablations/shared_data.yaml"

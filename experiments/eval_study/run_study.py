@@ -192,7 +192,7 @@ def commit(message: str, evals: list[dict[str, Any]]) -> None:
     copied = [Path(e["copied_to"]) / f for e in evals if e.get("copied_to")
               for f in ("report.json", "runs.csv", "report.md")]
     paths = [p for p in STUDY_FILES if Path(p).exists()] + [str(RESULTS_MD)] + [str(c) for c in copied]
-    for attempt in range(12):
+    for _attempt in range(12):
         add = subprocess.run(["git", "add", "--", *paths], cwd=REPO, capture_output=True, text=True)
         if add.returncode == 0:
             break
@@ -200,7 +200,7 @@ def commit(message: str, evals: list[dict[str, Any]]) -> None:
             log(f"git add failed: {add.stderr.strip()}")
             return
         time.sleep(5)
-    for attempt in range(12):
+    for _attempt in range(12):
         res = subprocess.run(["git", "commit", "-m", message, "--", *paths], cwd=REPO,
                              capture_output=True, text=True)
         if res.returncode == 0 or "nothing to commit" in res.stdout + res.stderr:

@@ -36,8 +36,8 @@ from midol.analysis.plotting import new_figure, save_figure  # noqa: E402
 from midol.analysis.robustness import Protocols, evaluate  # noqa: E402
 from midol.config_compose import load_composed  # noqa: E402
 from midol.data.patient_datamodule import PatientDataModule  # noqa: E402
-from midol.io.medmix_export import inference_cost  # noqa: E402
-from midol.methods.medmix import MedMIX  # noqa: E402
+from midol.fusion.export import inference_cost  # noqa: E402
+from midol.fusion.module import MedMIX  # noqa: E402
 
 PRESET = REPO / "configs/fusion/medmix_odir.yaml"
 INPUTS = ["left_fundus", "right_fundus", "demographics"]

@@ -4,7 +4,7 @@ Plot modules (tsne, heatmap, curves, confusion, gradcam) import matplotlib lazil
 this package stays light.
 """
 
-from midol.analysis.cluster_metrics import (
+from midol.utils.cluster_metrics import (
     distribution_stats,
     entropy,
     mean_pairwise_cosine,

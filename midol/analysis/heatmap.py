@@ -7,8 +7,8 @@ from typing import Literal
 import numpy as np
 from matplotlib.figure import Figure
 
-from midol.analysis.cluster_metrics import normalized_mutual_info, purity
 from midol.analysis.plotting import new_figure
+from midol.utils.cluster_metrics import normalized_mutual_info, purity
 
 Normalize = Literal["modality", "expert", "none"]
 

@@ -11,7 +11,6 @@ import torch
 
 from midol.config_compose import load_composed
 from midol.data.sources import DataSource
-from midol.tools.options import add_figure_options, add_trust_option  # noqa: F401 (their old home)
 
 
 def sources_from_config(path: str | Path) -> tuple[list[DataSource], int | None]:

@@ -7,7 +7,7 @@ the same masks (fixed seeds). Metric: macro AUC over labels (classes for multi-c
 torchmetrics, undefined labels left out.
 
 Anything with ``predict_rows(rows, present) -> probabilities`` and a patient ``table`` can be
-evaluated (a set-up :class:`~midol.methods.medmix.MedMIX`).
+evaluated (a set-up :class:`~midol.fusion.module.MedMIX`).
 """
 
 from __future__ import annotations

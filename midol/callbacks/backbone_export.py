@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from midol.io.export import export_method
+from midol.methods.export import export_method
 from midol.methods.interfaces import Pretrained
 
 

@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from midol.analysis.cluster_metrics import routing_report
 from midol.methods.interfaces import ExpertChoice, Routed
+from midol.utils.cluster_metrics import routing_report
 from midol.utils.dist import all_reduce_sum, rank, world_size
 
 

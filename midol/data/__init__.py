@@ -16,7 +16,12 @@ from midol.data.labelled import LabelledDataModule, LabelledSource
 from midol.data.normalize import PixelNormalizer
 from midol.data.patient_datamodule import PatientDataModule
 from midol.data.pretrain import PretrainDataModule
-from midol.data.pretrain_datasets import PretrainDataset, RoutingCollate, RoutingDataset, ViewCollate
+from midol.data.pretrain_datasets import (
+    PretrainDataset,
+    RoutingCollate,
+    RoutingDataset,
+    ViewCollate,
+)
 from midol.data.readers import ImageList
 from midol.data.sampler import WeightedSourceSampler
 from midol.data.segmentation import SegmentationDataModule, SegmentationSource

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from midol.data.medical_io import MEDICAL_EXTENSIONS, MedicalReadError, is_medical_file, read_medical
+from midol.data.medical_io import (
+    MEDICAL_EXTENSIONS,
+    MedicalReadError,
+    is_medical_file,
+    read_medical,
+)
+from midol.errors import UnreadableImageError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png",
@@ -42,15 +48,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".gif",
     ".webp",
 )
-
-
-class UnreadableImageError(Exception):
-    """An image file that cannot be decoded; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
 
 
 class UnreadableImageWarning(UserWarning):

@@ -42,7 +42,7 @@ from midol.data.labelled import LabelledSplit
 from midol.data.normalize import PixelNormalizer
 from midol.data.transforms.eval import EvalTransform
 from midol.errors import InputFileError
-from midol.methods.medmix_experts import ExpertSpec, build_expert, encoder_key
+from midol.fusion.experts import ExpertSpec, build_expert, encoder_key
 
 READOUTS = ("cls", "avg", "pool")
 _PART_ALIASES = {"director": "director_backbone", "experts": "experts_backbone",

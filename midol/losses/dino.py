@@ -4,7 +4,7 @@ variant of L_cst")."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -8,9 +8,9 @@ expert (M-IDoL Table 2, row "MoE only").
 
 from __future__ import annotations
 
-import torch
-
 from typing import Literal
+
+import torch
 
 from midol.utils.dist import all_reduce_max, all_reduce_sum, world_size
 

@@ -17,10 +17,9 @@ import timm
 import torch
 from torch import nn
 
-from midol.io.export import BackboneExport
 from midol.losses.dex import balance_loss, coherence_loss, masked_mae_loss, patchify
 from midol.methods.base import BaseMethod
-from midol.methods.interfaces import ExpertChoice, Routing, StepOutput
+from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models.backbone import build_backbone
 from midol.models.dex import DEXLayer, director_state_dict, inject_dex, set_dex_mode

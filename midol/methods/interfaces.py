@@ -8,11 +8,27 @@ A method without a router (the DINO baseline, MAE) simply reports none; one with
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, TypedDict, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 import torch
+from torch import nn
 
-from midol.io.export import BackboneExport
+
+@dataclass
+class BackboneExport:
+    """A backbone worth keeping after pre-training and its timm recipe:
+    ``timm.create_model(timm_model, num_classes=0, **overrides)`` loads it strictly."""
+
+    module: nn.Module
+    timm_model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    description: str = ""
+    # DEX routed-experts backbones: the DEX layers to inject into the timm model before the
+    # strict load (``blocks``, ``num_experts``, ``top_k``, ``temperature``, ``token_routing``);
+    # None for a plain timm backbone
+    dex: dict[str, Any] | None = None
 
 
 class ExpertChoice(NamedTuple):

@@ -12,6 +12,7 @@ import torch
 
 from midol.errors import CheckpointFileError, UsageError, truncated_checkpoint_error
 from midol.io.weights import load_state_dict_file
+from midol.legacy import resolve_class_path
 from midol.models.backbone import HubModelNameError
 
 # Rebuilding for inference: weights come from the state dict, so nothing is re-read or compiled.
@@ -30,7 +31,9 @@ def import_class(class_path: str, origin: str, allowed_prefixes: tuple[str, ...]
             f"{origin}: its module class {class_path!r} is outside midol; pass --class-path "
             f"{class_path} (or set it in the config) if you trust that code"
         )
-    module_name, _, name = class_path.rpartition(".")
+    # a class that moved since the checkpoint was written: its current home, without warning
+    # (a checkpoint cannot be edited; configs are warned about by midol.config_compose)
+    module_name, _, name = resolve_class_path(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:

@@ -10,8 +10,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from midol.analysis.cluster_metrics import distribution_stats, mean_pairwise_cosine
-from midol.io.export import BackboneExport
 from midol.losses import (
     DINOLoss,
     expert_infonce_loss,
@@ -20,7 +18,7 @@ from midol.losses import (
     teacher_routing_log_probs,
 )
 from midol.losses.routing import RouteForm
-from midol.methods.interfaces import ExpertChoice, Routing, StepOutput
+from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.momentum import MomentumMethod, frozen_copy
 from midol.methods.speed import resolve_checkpointing
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
@@ -28,6 +26,7 @@ from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
 from midol.models.speed_switches import set_fused_attention
 from midol.optim.schedules import linear_warmup
+from midol.utils.cluster_metrics import distribution_stats, mean_pairwise_cosine
 
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

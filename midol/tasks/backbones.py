@@ -12,9 +12,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from midol.models.backbone import build_backbone, check_local_model_name
-from midol.io.export import BackboneExport, read_export_meta
 from midol.io.weights import load_state_dict_file
+from midol.methods.export import read_export_meta
+from midol.methods.interfaces import BackboneExport
+from midol.models.backbone import build_backbone, check_local_model_name
 
 CheckpointFormat = Literal["auto", "midol", "exported", "timm"]
 TEACHER_PREFIX = "teacher.backbone."  # midol <= 0.1.0: init_prefix named a state-dict prefix
@@ -41,7 +42,7 @@ def part_from_prefix(prefix: str | None) -> str | None:
 def read_method_backbone(path: str | Path, part: str | None = None) -> tuple[dict[str, torch.Tensor], BackboneExport]:
     """Backbone tensors and recipe of export ``part`` (default: the method's first) of a midol
     training checkpoint, through the method's own ``export_modules()``."""
-    from midol.methods.loading import load_method  # methods sit above tasks' loading helpers
+    from midol.methods.loading import load_method
 
     method = load_method(path)
     parts = method.export_modules()

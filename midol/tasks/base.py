@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 

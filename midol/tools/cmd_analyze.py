@@ -22,20 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from midol.analysis.cluster_metrics import normalized_mutual_info, routing_report
 from midol.analysis.features import RoutedImages, collect, per_modality_indices, routing_loader
-from midol.analysis.inputs import (
-    add_figure_options,
-    add_trust_option,
-    pick_device,
-    resolve_image_size,
-    sources_from_config,
-)
+from midol.analysis.inputs import pick_device, resolve_image_size, sources_from_config
 from midol.analysis.plotting import save_figure, set_output
 from midol.data.corpus import Corpus
 from midol.errors import OutputFileError
 from midol.io.atomic import atomic_write_text
 from midol.methods.loading import method_from_checkpoint, read_checkpoint
+from midol.tools.options import add_figure_options, add_trust_option
+from midol.utils.cluster_metrics import normalized_mutual_info, routing_report
 from midol.utils.run_logs import run_metrics_files
 
 
@@ -120,7 +115,7 @@ def classifier_analysis(ns: argparse.Namespace, device: torch.device, out: Path)
     split, draw the confusion matrix and a Grad-CAM of the predicted class."""
     from midol.analysis.confusion import confusion_counts, confusion_figure, predict
     from midol.analysis.gradcam import grad_cam, gradcam_figure, top_logit_score
-    from midol.cli import run_lightning
+    from midol.lightning_cli import run_lightning
     from midol.methods.loading import read_weights_file
 
     cli = run_lightning(["--config", ns.classifier_config, "--trainer.logger", "false",

@@ -25,12 +25,12 @@ def main(argv: list[str]) -> int:
                         help="replace an existing MedMIX export (backbone exports are always replaced)")
     add_trust_option(parser)
     ns = parser.parse_args(argv)
-    from midol.io.export import export_method  # after parsing: --help stays instant
+    from midol.methods.export import export_method  # after parsing: --help stays instant
     from midol.methods.loading import load_method
 
     method = load_method(ns.checkpoint, trusted_class_paths=tuple(ns.class_path))
     if hasattr(method, "deployable"):  # a fusion model: experts + fusion network, no teacher
-        from midol.io.medmix_export import export_deployable
+        from midol.fusion.export import export_deployable
 
         print(f"wrote {export_deployable(method, ns.out, overwrite=ns.overwrite)}")
         return 0

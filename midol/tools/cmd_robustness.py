@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from midol.analysis.inputs import add_figure_options, add_trust_option
 from midol.analysis.plotting import set_output
 from midol.analysis.robustness import Protocols, evaluate, write_report
 from midol.io.atomic import atomic_write_text
+from midol.tools.options import add_figure_options, add_trust_option
 
 
 def load_fusion(checkpoint: str, data_config: str | None = None, trusted: tuple[str, ...] = ()) -> Any:
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
         method = load_fusion(ckpt, ns.data, tuple(ns.class_path))  # errors: midol's one-line report
         scores += evaluate(method, name, method.table.rows(ns.split), protocols)
         if ns.cost:
-            from midol.io.medmix_export import inference_cost
+            from midol.fusion.export import inference_cost
 
             costs[name] = inference_cost(method)
     header = f"Patients: the {ns.split} split. Checkpoints: " + ", ".join(

@@ -24,14 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from midol.analysis.cluster_metrics import routing_report
 from midol.analysis.features import RoutedImages, collect, routing_loader
-from midol.analysis.inputs import (
-    add_trust_option,
-    pick_device,
-    resolve_image_size,
-    sources_from_config,
-)
+from midol.analysis.inputs import pick_device, resolve_image_size, sources_from_config
 from midol.analysis.routing_table import format_routing_table
 from midol.data.corpus import Corpus
 from midol.data.sources import DataSource
@@ -39,6 +33,8 @@ from midol.errors import InputFileError, OutputFileError, UsageError
 from midol.io.atomic import atomic_write_text, default_file_mode
 from midol.methods.interfaces import has_routers
 from midol.methods.loading import load_method
+from midol.tools.options import add_trust_option
+from midol.utils.cluster_metrics import routing_report
 
 UNKNOWN = ""
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from midol.data.loader_utils import worker_init
 from midol.data.pretrain_datasets import RoutingCollate
 from midol.data.shards.index import ShardIndex
-from midol.data.shards.stream import ShardLoader, ShardStream, EvalStream
+from midol.data.shards.stream import EvalStream, ShardLoader, ShardStream
 from midol.data.transforms.base import ViewTransform
 from midol.data.view_datamodule import ViewDataModule
 from midol.utils.dist import world_size

@@ -1,0 +1,650 @@
+"""MedMIX: fusion of several frozen expert backbones across whichever inputs a patient has.
+
+MedMIX (Cho, Qiu, Li 2026, "MedMIX: Modality-Internal Expert Fusion for Multimodal Medical
+Diagnosis", arXiv 2605.16639) establishes three parts: intra-modality fusion of several small
+expert embeddings, learned sample-specific fusion over the modalities that are present, and a
+large teacher used only in training. Its code is not public: everything below is midol's
+reconstruction from the abstract (``docs/papers/medmix.md``, "midol's design").
+
+The training loss (midol's design)::
+
+    L = L_task + aux_weight * mean_m L_task(aux_m, present m)
+        + distill_weight * mean_{b,m present, teacher} (1 - cos(P_m z_m, t_m))
+        [+ kd_weight * T^2 KL(teacher logits || logits)]
+
+Frozen experts and teachers are run once per image and cached on disk
+(:class:`~midol.data.feature_cache.FeatureCache`); batches then carry patient rows, not pixels.
+With ``finetune_experts: true`` the experts train and see pixels every step (no cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from midol.data.feature_cache import FeatureCache
+from midol.data.missingness import random_drop
+from midol.data.transforms.eval import EvalTransform
+from midol.fusion.experts import (
+    ExpertSpec,
+    build_expert,
+    build_from_recipe,
+    encoder_key,
+    feature_encoder,
+    parse_expert_table,
+)
+from midol.losses.distill import cosine_distill_loss, logit_kl_loss
+from midol.methods.base import BaseMethod
+from midol.methods.interfaces import BackboneExport
+from midol.methods.validation import raise_on_failed
+from midol.models.fusion import FusionMode, PoolMode
+from midol.models.medmix_net import MedMIXNet, NetOutput
+from midol.tasks.task_metrics import classification_metrics, multilabel_metrics, stage_results
+
+STAGES = ("train", "val", "test")
+
+
+class MedMIX(BaseMethod):
+    """MedMIX fusion model on a :class:`~midol.data.patient_datamodule.PatientDataModule`.
+
+    Args:
+        experts: per image modality (an input's ``modality``, e.g. ``fundus`` for both eyes),
+            the list of frozen expert backbones (:class:`~midol.fusion.experts.
+            ExpertSpec` fields: ``name``, ``backbone``, ``backbone_kwargs``, ``checkpoint``,
+            ``image_size``, ``seed``, ...).
+        teachers: per image modality, one larger training-only backbone (same fields) whose
+            embeddings are distilled into each of that modality's fused inputs; null: no teacher.
+        dim: common width of every input embedding.
+        pooling: intra-input fusion of the experts: ``attention`` (MedMIX), ``mean`` or
+            ``concat`` (concatenate, then project).
+        expert_dropout: training-only probability of dropping each expert of a sample.
+        fusion: inter-input fusion: ``reliability`` (masked softmax over present inputs,
+            MedMIX), ``mean`` (of present inputs), ``concat_missing`` (learned embeddings for
+            absent inputs) or ``transformer`` (a small transformer over input tokens).
+        aux_heads: one auxiliary task head per input, trained on the samples that have it.
+        aux_weight: weight of the auxiliary losses (mean over inputs).
+        aux_entropy_scores: add the negative entropy of each input's auxiliary prediction to its
+            reliability score (needs ``aux_heads`` and ``fusion: reliability``).
+        hidden_dim: width of the tabular MLP and the reliability scorer.
+        head_dropout: dropout before the task head.
+        distill_weight: ``lambda_f`` of the feature distillation ``1 - cos(P_m z_m, t_m)``.
+        teacher_logits: optional CSV of a teacher classifier's logits (the manifest's id column
+            plus one column per label or class, named like them) for the logit KL term.
+        kd_weight: weight of that KL term.
+        kd_temperature: its temperature T (the term is scaled by T^2).
+        train_drop_rate: train-time multi-random drop: each present input of a training sample
+            is dropped with this probability (at least one kept).
+        train_drop_input: train-time one-input drop: this input is never seen in training
+            (training samples that have nothing else are left out of the loss).
+        finetune_experts: train the experts too (pixels every step, no feature cache).
+        cache_dir: folder of the on-disk feature cache.
+        feature_batch_size: images per forward pass when computing features for the cache.
+        feature_workers: data-loader workers when computing features for the cache.
+        structure: filled from the data when the model is set up and saved with checkpoints
+            (inputs, expert recipes, labels); leave it unset.
+        base_lr, lr_batch_size, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
+            ``**kwargs``: the shared schedule and optimiser settings of
+            :class:`~midol.methods.base.BaseMethod`.
+    """
+
+    def __init__(
+        self,
+        experts: dict[str, list[dict[str, Any]]],
+        teachers: dict[str, dict[str, Any]] | None = None,
+        dim: int = 128,
+        pooling: PoolMode = "attention",
+        expert_dropout: float = 0.0,
+        fusion: FusionMode = "reliability",
+        aux_heads: bool = False,
+        aux_weight: float = 0.3,
+        aux_entropy_scores: bool = False,
+        hidden_dim: int = 64,
+        head_dropout: float = 0.1,
+        distill_weight: float = 1.0,
+        teacher_logits: str | None = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 2.0,
+        train_drop_rate: float = 0.0,
+        train_drop_input: str | None = None,
+        finetune_experts: bool = False,
+        cache_dir: str = "outputs/feature_cache",
+        feature_batch_size: int = 64,
+        feature_workers: int = 0,
+        structure: dict[str, Any] | None = None,
+        base_lr: float = 1e-3,
+        lr_batch_size: int = 64,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 1.0,
+        weight_decay: float = 1e-4,
+        weight_decay_end: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_lr=base_lr, lr_batch_size=lr_batch_size, min_lr=min_lr,
+                         warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                         weight_decay_end=weight_decay_end, betas=betas, **kwargs)
+        self._validate_medmix()
+        self.expert_specs = parse_expert_table(experts, "experts")
+        if not self.expert_specs:
+            raise ValueError("experts: name at least one expert backbone for an image modality")
+        teacher_table = parse_expert_table({m: [t] for m, t in (teachers or {}).items()}, "teachers")
+        self.teacher_specs: dict[str, ExpertSpec] = {m: t[0] for m, t in teacher_table.items()}
+        unknown = sorted(set(self.teacher_specs) - set(self.expert_specs))
+        if unknown:
+            raise ValueError(f"teachers for modalities {unknown} that have no experts "
+                             f"(experts: {sorted(self.expert_specs)})")
+        self.experts = nn.ModuleDict()  # modality -> ModuleList of frozen backbones
+        self.expert_recipes: dict[str, list[dict[str, Any]]] = {}
+        self.net: MedMIXNet | None = None
+        self.projections = nn.ModuleDict()  # input -> P_m (training only, not exported)
+        # Training-only teachers sit outside the module tree: not in the state dict, not moved
+        # to the device, absent from the deployable model (built on a cache miss only).
+        self._features: dict[str, list[torch.Tensor]] = {}
+        self._available: torch.Tensor | None = None  # N x M: input present and readable
+        self._teacher_features: dict[str, torch.Tensor] = {}
+        self._teacher_ok: dict[str, torch.Tensor] = {}
+        self._teacher_logits: torch.Tensor | None = None
+        self.table: Any = None
+        if structure is not None:
+            self._build(structure, from_recipes=True)
+
+    def _validate_medmix(self) -> None:
+        h = self.hparams
+        checks = [
+            ("dim", h.dim >= 1, ">= 1"), ("hidden_dim", h.hidden_dim >= 1, ">= 1"),
+            ("expert_dropout", 0 <= h.expert_dropout < 1, "in [0, 1)"),
+            ("head_dropout", 0 <= h.head_dropout < 1, "in [0, 1)"),
+            ("aux_weight", h.aux_weight >= 0, ">= 0"),
+            ("distill_weight", h.distill_weight >= 0, ">= 0"),
+            ("kd_weight", h.kd_weight >= 0, ">= 0"), ("kd_temperature", h.kd_temperature > 0, "> 0"),
+            ("train_drop_rate", 0 <= h.train_drop_rate < 1, "in [0, 1)"),
+            ("feature_batch_size", h.feature_batch_size >= 1, ">= 1"),
+            ("feature_workers", h.feature_workers >= 0, ">= 0"),
+        ]
+        raise_on_failed(h, checks)
+        if h.pooling not in ("attention", "mean", "concat"):
+            raise ValueError(f"pooling must be attention, mean or concat, got {h.pooling!r}")
+        if h.fusion not in ("reliability", "mean", "concat_missing", "transformer"):
+            raise ValueError(f"fusion must be reliability, mean, concat_missing or transformer, "
+                             f"got {h.fusion!r}")
+        if h.kd_weight > 0 and not h.teacher_logits:
+            raise ValueError("kd_weight > 0 needs teacher_logits (a CSV of teacher logits)")
+        if h.teacher_logits and not Path(h.teacher_logits).expanduser().is_file():
+            raise FileNotFoundError(f"teacher_logits: {h.teacher_logits} does not exist")
+
+    # ------------------------------------------------------------------ building
+    def _build(self, structure: dict[str, Any], from_recipes: bool) -> None:
+        """Experts (from the files, or from recorded recipes when rebuilding a checkpoint), the
+        network and the distillation projections."""
+        h = self.hparams
+        for modality, recipes in structure["experts"].items():
+            if from_recipes:
+                self.experts[modality] = nn.ModuleList(build_from_recipe(r) for r in recipes)
+                self.expert_recipes[modality] = [dict(r) for r in recipes]
+        structure = dict(structure)
+        structure["expert_dims"] = {m: [int(r["dim"]) for r in rs] for m, rs in structure["experts"].items()}
+        self.net = MedMIXNet(structure, h.dim, h.pooling, h.expert_dropout, h.fusion, h.aux_heads,
+                             h.aux_entropy_scores, h.hidden_dim, h.head_dropout)
+        for name, dim in structure.get("teacher_dims", {}).items():
+            self.projections[name] = nn.Linear(h.dim, int(dim))
+        self.structure = structure
+        self.input_names = [s["name"] for s in structure["inputs"]]
+
+    def load_experts(self) -> None:
+        """Build every expert from its spec (reads the weight files)."""
+        for modality, specs in self.expert_specs.items():
+            built = [build_expert(s) for s in specs]
+            self.experts[modality] = nn.ModuleList(m for m, _ in built)
+            self.expert_recipes[modality] = [r for _, r in built]
+        if self.hparams.finetune_experts:
+            self.experts.requires_grad_(True)
+
+    def structure_from(self, table: Any) -> dict[str, Any]:
+        """The structure the data and the experts imply (JSON-able)."""
+        inputs: list[dict[str, Any]] = []
+        for spec in table.inputs:
+            entry: dict[str, Any] = {"name": spec.name, "kind": spec.kind}
+            if spec.kind == "image":
+                modality = spec.modality or spec.name
+                if modality not in self.expert_specs:
+                    raise ValueError(f"image input {spec.name!r} has modality {modality!r} but "
+                                     f"experts name only {sorted(self.expert_specs)}")
+                entry["modality"] = modality
+            elif spec.kind == "tabular":
+                arrays = table.tabular(spec.name)
+                entry.update(num_numeric=int(arrays.numeric.shape[1]),
+                             cardinalities=[int(c) for c in arrays.cardinalities],
+                             vocab=[list(v) for v in arrays.vocab])
+            else:
+                entry["dim"] = int(table.embeddings(spec.name).shape[1])
+            inputs.append(entry)
+        used = {e["modality"] for e in inputs if e["kind"] == "image"}
+        teacher_dims: dict[str, int] = {}
+        for e in inputs:
+            if e["kind"] == "image" and e["modality"] in self.teacher_specs:
+                teacher_dims[e["name"]] = -1  # filled once the teacher's width is known
+        return {"inputs": inputs, "task": table.task, "label_names": list(table.label_names),
+                "experts": {m: self.expert_recipes[m] for m in self.expert_specs if m in used},
+                "teacher_dims": teacher_dims}
+
+    def _check_same_structure(self, new: dict[str, Any]) -> None:
+        old = self.structure
+        keys = ("inputs", "task", "label_names")
+        for key in keys:
+            if old.get(key) != new.get(key):
+                raise ValueError(
+                    f"the data do not match the model this checkpoint built: {key} were "
+                    f"{old.get(key)} and are now {new.get(key)}")
+        old_dims = {m: [r["dim"] for r in rs] for m, rs in old["experts"].items()}
+        new_dims = {m: [r["dim"] for r in rs] for m, rs in new["experts"].items()}
+        if old_dims != new_dims:
+            raise ValueError(f"expert widths changed from {old_dims} to {new_dims}")
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "table"):
+            raise ValueError("MedMIX needs a patient datamodule (midol.data.PatientDataModule)")
+        self.attach(datamodule, fit=stage == "fit")
+
+    def attach(self, datamodule: Any, fit: bool = False) -> None:
+        """Read the datamodule's patient table: build the network (first time), fit the
+        tabular statistics on the training split (``fit``), and load or compute the cached
+        expert and teacher features of every patient."""
+        if fit:  # before the first feature pass, not after it (issue 26 item 7)
+            self._cache().check_writable("model.init_args.cache_dir")
+        if getattr(datamodule, "table", None) is None:
+            datamodule.setup("fit")
+        table = datamodule.table
+        if not all(m in self.experts for m in self.expert_specs):  # else rebuilt from a checkpoint
+            self.load_experts()
+        structure = self.structure_from(table)
+        if self.net is None:
+            self._compute_teachers(table, structure)
+            self._build(structure, from_recipes=False)
+            self.hparams["structure"] = {k: v for k, v in self.structure.items() if k != "expert_dims"}
+        else:
+            self._check_same_structure(structure)
+            self._compute_teachers(table, self.structure)
+        self.table = table
+        if fit:
+            self._fit_tabular(table)
+        self._compute_features(table)
+        if not self.hparams.finetune_experts:
+            datamodule.set_load_images(False)
+        if self.hparams.teacher_logits:
+            self._teacher_logits = self._read_teacher_logits(table)
+        self.to(self.device)
+
+    def _fit_tabular(self, table: Any) -> None:
+        assert self.net is not None
+        train = torch.as_tensor(table.rows("train"), dtype=torch.long)
+        for name, encoder in self.net.tabular.items():
+            arrays = table.tabular(name)
+            numeric = torch.as_tensor(arrays.numeric)[train]
+            present = torch.as_tensor(arrays.numeric_present)[train]
+            if encoder.num_numeric:
+                encoder.fit(numeric.to(encoder.mean), present.to(encoder.mean.device))
+
+    def _cache(self) -> FeatureCache:
+        return FeatureCache(Path(self.hparams.cache_dir).expanduser())
+
+    def _cached(self, spec: ExpertSpec, model: nn.Module | None, size: int, files: list[str | None],
+                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hparams
+        encoders: list[Any] = [] if model is None else [feature_encoder(model)]
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            if not encoders:  # a teacher: built only when the cache misses
+                encoders.append(feature_encoder(build_expert(spec)[0].to(self.device)))
+            return encoders[0](images)
+
+        # A cache miss builds loaders and models, which draw from the global RNG: without the
+        # fork, the fusion network's initialisation would depend on whether the cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            result = self._cache().features(encode, encoder_key(spec), files, EvalTransform(size),
+                                            f"EvalTransform({size})", h.feature_batch_size,
+                                            h.feature_workers, desc)
+        return result.features, result.ok
+
+    def _compute_features(self, table: Any) -> None:
+        available = torch.as_tensor(table.present, dtype=torch.bool).clone()
+        self._features = {}
+        for m, spec in enumerate(table.inputs):
+            if spec.kind != "image":
+                continue
+            modality = spec.modality or spec.name
+            files = table.image_files(spec.name)
+            if self.hparams.finetune_experts:
+                continue
+            feats = []
+            for expert_spec, model, recipe in zip(self.expert_specs[modality], self.experts[modality],
+                                                  self.expert_recipes[modality], strict=True):
+                f, ok = self._cached(expert_spec, model, recipe["image_size"], files,
+                                     f"{spec.name} / {expert_spec.name}")
+                feats.append(f)
+                available[:, m] &= ok
+            self._features[spec.name] = feats
+        self._available = available
+
+    def _compute_teachers(self, table: Any, structure: dict[str, Any]) -> None:
+        self._teacher_features, self._teacher_ok = {}, {}
+        for spec in table.inputs:
+            modality = spec.modality or spec.name
+            if spec.kind != "image" or modality not in self.teacher_specs:
+                continue
+            teacher = self.teacher_specs[modality]
+            size = teacher.image_size or int(teacher.backbone_kwargs.get("img_size", 0)) or None
+            if size is None:
+                raise ValueError(f"teachers.{modality}: set image_size (the teacher's input side)")
+            f, ok = self._cached(teacher, None, size, table.image_files(spec.name),
+                                 f"{spec.name} / teacher {teacher.name}")
+            self._teacher_features[spec.name] = f
+            self._teacher_ok[spec.name] = ok
+            dims = structure["teacher_dims"]
+            if dims.get(spec.name, -1) not in (-1, f.shape[1]):
+                raise ValueError(f"teacher width for {spec.name} changed from {dims[spec.name]} to {f.shape[1]}")
+            dims[spec.name] = int(f.shape[1])
+
+    def _read_teacher_logits(self, table: Any) -> torch.Tensor:
+        path = str(Path(self.hparams.teacher_logits).expanduser())
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            id_column = columns[0] if columns else ""
+            missing = [n for n in table.label_names if n not in columns]
+            if missing:
+                raise ValueError(f"{path}: no column for label(s) {missing} (columns: {columns})")
+            rows = {r[id_column]: [float(r[n]) for n in table.label_names] for r in reader}
+        absent = [p for p in table.patient_ids if p not in rows]
+        if absent:
+            raise ValueError(f"{path}: no teacher logits for {len(absent)} patient(s), e.g. {absent[:3]}")
+        return torch.tensor([rows[p] for p in table.patient_ids], dtype=torch.float32)
+
+    # ------------------------------------------------------------------ forward
+    def batch_size_of(self, batch: Any) -> int:
+        return int(batch["index"].shape[0])
+
+    def trainable_modules(self) -> list[nn.Module]:
+        if self.net is None:
+            raise RuntimeError("MedMIX: the network is built in setup() from the data")
+        modules: list[nn.Module] = [self.net, self.projections]
+        if self.hparams.finetune_experts:
+            modules.append(self.experts)
+        return modules
+
+    def train(self, mode: bool = True) -> MedMIX:
+        super().train(mode)
+        if not self.hparams.finetune_experts:
+            self.experts.eval()  # frozen: no dropout, no norm statistics
+        return self
+
+    def batch_inputs(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+        """Network inputs and the presence mask of a batch (cached features looked up by row)."""
+        if self.net is None or self._available is None:
+            raise RuntimeError("MedMIX: call setup()/attach(datamodule) before using the model")
+        index = batch["index"].long()
+        present = batch["present"].bool() & self._available[index.cpu()].to(batch["present"].device)
+        inputs: dict[str, Any] = {}
+        for spec in self.structure["inputs"]:
+            name = spec["name"]
+            if spec["kind"] == "image":
+                if self.hparams.finetune_experts:
+                    inputs[name] = self.expert_features(spec["modality"], batch["image"][name])
+                else:
+                    inputs[name] = [f[index.cpu()].to(self.device) for f in self._features[name]]
+            elif spec["kind"] == "tabular":
+                inputs[name] = batch["tabular"][name]
+            else:
+                inputs[name] = batch["embedding"][name]
+        return inputs, present
+
+    def expert_features(self, modality: str, images: torch.Tensor) -> list[torch.Tensor]:
+        """Features of uint8 images through each expert of ``modality`` (resized to its size)."""
+        x = self.normalize(images)
+        out = []
+        for model, recipe in zip(self.experts[modality], self.expert_recipes[modality], strict=True):
+            size = int(recipe["image_size"])
+            xi = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bicubic",
+                                                             antialias=True, align_corners=False)
+            out.append(model(xi).float())
+        return out
+
+    def task_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.structure["task"] == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return F.cross_entropy(logits.float(), target.long())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        h = self.hparams
+        assert self.net is not None
+        inputs, present = self.batch_inputs(batch)
+        target = batch["target"]
+        keep = torch.ones(present.shape[0], dtype=torch.bool, device=present.device)
+        if h.train_drop_input:
+            j = self.input_names.index(h.train_drop_input)
+            present = present.clone()
+            present[:, j] = False
+            keep = present.any(dim=1)
+        if h.train_drop_rate > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # from the per-batch seeded global RNG
+            generator = torch.Generator().manual_seed(seed)
+            dropped = random_drop(present[keep].cpu(), h.train_drop_rate, generator).to(present.device)
+            present = present.clone()
+            present[keep] = dropped
+        if not bool(keep.all()):
+            inputs = _select(inputs, keep)
+            present, target = present[keep], target[keep]
+            index = batch["index"][keep]
+        else:
+            index = batch["index"]
+        if present.shape[0] == 0:
+            return None
+        out = self.net(inputs, present)
+        l_task = self.task_loss(out.logits, target)
+        terms: dict[str, torch.Tensor] = {"l_task": l_task}
+        loss = l_task
+        if out.aux_logits and h.aux_weight > 0:
+            l_aux = self.aux_loss(out, present, target)
+            terms["l_aux"] = l_aux
+            loss = loss + h.aux_weight * l_aux
+        if self.projections and h.distill_weight > 0:
+            l_distill = self.distill_loss(out, present, index)
+            terms["l_distill"] = l_distill
+            loss = loss + h.distill_weight * l_distill
+        if self._teacher_logits is not None and h.kd_weight > 0:
+            teacher = self._teacher_logits[index.cpu()].to(out.logits.device)
+            l_kd = logit_kl_loss(out.logits, teacher, h.kd_temperature,
+                                 multilabel=self.structure["task"] == "multilabel")
+            terms["l_kd"] = l_kd
+            loss = loss + h.kd_weight * l_kd
+        terms["total"] = loss
+        if not self.check_finite(terms, batch_idx):
+            return None
+        self.update_metrics("train", out.logits.detach(), target)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True,
+                      batch_size=present.shape[0])
+        self.log_progress(loss)
+        self.mark_trained(present.shape[0])
+        return {"loss": loss}
+
+    def aux_loss(self, out: NetOutput, present: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over inputs of the task loss of each input's auxiliary head on the samples
+        that have the input (inputs no sample has are left out)."""
+        losses = []
+        for m, name in enumerate(self.input_names):
+            rows = present[:, m]
+            if bool(rows.any()):
+                losses.append(self.task_loss(out.aux_logits[name][rows], target[rows]))
+        return torch.stack(losses).mean()
+
+    def distill_loss(self, out: NetOutput, present: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``mean (1 - cos(P_m z_m, t_m))`` over the present inputs that have a teacher
+        embedding (midol's design; MedMIX: a large teacher used only in training)."""
+        students, teachers, masks = [], [], []
+        rows = index.cpu()
+        for m, name in enumerate(self.input_names):
+            if name not in self.projections:
+                continue
+            students.append(self.projections[name](out.z[:, m]))
+            teachers.append(self._teacher_features[name][rows].to(out.z.device))
+            masks.append(present[:, m] & self._teacher_ok[name][rows].to(present.device))
+        width = {s.shape[-1] for s in students}
+        if len(width) == 1:
+            return cosine_distill_loss(torch.stack(students, 1), torch.stack(teachers, 1),
+                                       torch.stack(masks, 1))
+        # teachers of different widths: the same per-entry mean, one input at a time
+        total = sum(cosine_distill_loss(s, t, k) * k.sum() for s, t, k in zip(students, teachers, masks, strict=True))
+        return total / torch.stack(masks).sum().clamp_min(1)
+
+    def forward(self, batch: dict[str, Any], present: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a batch of patient rows (``present`` overrides the natural presence)."""
+        assert self.net is not None
+        inputs, natural = self.batch_inputs(batch)
+        mask = natural if present is None else present.to(natural.device) & natural
+        return self.net(inputs, mask).logits
+
+    # ------------------------------------------------------------------ metrics
+    def configure_metrics(self) -> None:
+        if hasattr(self, "stage_metrics"):
+            return
+        n = len(self.structure["label_names"])
+        make = (lambda: multilabel_metrics(n)) if self.structure["task"] == "multilabel" \
+            else (lambda: classification_metrics(n))
+        from torchmetrics import MetricCollection
+
+        self.stage_metrics = nn.ModuleDict({f"{s}_": MetricCollection(make()) for s in STAGES}).to(self.device)
+
+    def update_metrics(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.configure_metrics()
+        metrics = self.stage_metrics[f"{stage}_"]
+        if self.structure["task"] == "multilabel":
+            metrics.update(logits.float().sigmoid(), target.long())
+        else:
+            metrics.update(logits.float().softmax(-1), target.long())
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.task_loss(logits, batch["target"])
+        self.update_metrics(stage, logits, batch["target"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val",
+                 batch_size=logits.shape[0], sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step("test", batch)
+
+    def _log_stage(self, stage: str) -> None:
+        self.configure_metrics()
+        results = stage_results(self.stage_metrics[f"{stage}_"], stage, self.structure["label_names"])
+        if results:
+            self.log_dict(results, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self._log_stage("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test")
+
+    # ------------------------------------------------------------------ predictions
+    @torch.no_grad()
+    def predict_rows(self, rows: np.ndarray | torch.Tensor, present: torch.Tensor | None = None,
+                     batch_size: int = 512) -> torch.Tensor:
+        """Probabilities (sigmoid or softmax) for table ``rows`` from the cached features;
+        ``present`` (len(rows) x M bool) restricts the inputs each patient has."""
+        if self.table is None:
+            raise RuntimeError("MedMIX.predict_rows: attach(datamodule) first")
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        out = []
+        with self._eval_mode():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                batch = patient_batch(self.table, chunk, self.device)
+                mask = None if present is None else present[start:start + batch_size]
+                logits = self(batch, mask)
+                out.append(logits.sigmoid() if self.structure["task"] == "multilabel" else logits.softmax(-1))
+        return torch.cat(out).cpu() if out else torch.zeros(0, len(self.structure["label_names"]))
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    # ------------------------------------------------------------------ export
+    def export_modules(self) -> dict[str, BackboneExport]:
+        """MedMIX trains no backbone worth exporting on its own (its experts are inputs): the
+        deployable model is written by :func:`midol.fusion.export.export_deployable`."""
+        return {}
+
+    def deployable(self) -> nn.Module:
+        """Experts + network, without teacher or projections (see :mod:`midol.fusion.export`)."""
+        from midol.fusion.export import MedMIXDeployable
+
+        assert self.net is not None
+        return MedMIXDeployable(self.experts, self.expert_recipes, self.net)
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(self.describe())
+
+    def describe(self) -> str:
+        """One paragraph: inputs, experts, teacher and parameter counts."""
+        assert self.net is not None
+        experts = {m: [r["name"] for r in rs] for m, rs in self.expert_recipes.items()}
+        trainable = sum(p.numel() for p in self.net.parameters())
+        frozen = sum(p.numel() for p in self.experts.parameters())
+        teachers = {m: t.name for m, t in self.teacher_specs.items()}
+        return (f"MedMIX: inputs {self.input_names}; experts {experts}; teachers {teachers or 'none'}; "
+                f"fusion network {trainable:,} parameters, experts {frozen:,} (frozen: "
+                f"{not self.hparams.finetune_experts}); distillation projections "
+                f"{sum(p.numel() for p in self.projections.parameters()):,} (training only)")
+
+
+def _select(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, list):
+            out[name] = [v[keep] for v in value]
+        elif isinstance(value, dict):
+            out[name] = {k: v[keep] for k, v in value.items()}
+        else:
+            out[name] = value[keep]
+    return out
+
+
+def patient_batch(table: Any, rows: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The datamodule's batch for table ``rows`` without pixels (evaluation from the cache):
+    the same items :class:`~midol.data.patient_datamodule.PatientDataset` gives a loader."""
+    from torch.utils.data import default_collate
+
+    from midol.data.patient_datamodule import PatientDataset
+
+    dataset = PatientDataset(table, rows.numpy(), load_images=False)
+    batch = default_collate([dataset[i] for i in range(len(dataset))])
+    return _to_device(batch, device)
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value.to(device)
+
