@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: .venv demo medmix-demo eval-demo test test-all typecheck clean-demo
+.PHONY: .venv demo medmix-demo eval-demo test test-experiments test-all typecheck lint clean-demo
 
 .venv: $(STAMP)
 
@@ -28,14 +28,21 @@ eval-demo: $(STAMP)
 	test -f outputs/demo/teacher_backbone.safetensors || $(MAKE) demo
 	$(BIN)/midol eval --suite configs/eval/sample_data.yaml --backbones midol=outputs/demo/teacher_backbone.safetensors --out outputs/eval_demo
 
-test: $(STAMP) typecheck
+test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# the studies' and benchmarks' own tests (experiments/ is not part of the library's tests)
+test-experiments: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q experiments
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
+lint: $(STAMP)
+	$(BIN)/python -m ruff check midol tests experiments
+
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests experiments
 
 clean-demo:
 	rm -rf outputs/demo

@@ -33,6 +33,9 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
         "MultiLabelModule": "midol.tasks:MultiLabelModule",
         "SegmentationModule": "midol.tasks:SegmentationModule",
     },
+    "midol.callbacks": {"ExportTeacherBackbone": "midol.callbacks.backbone_export:ExportBackbone"},
+    "midol.callbacks.backbone_export": {
+        "ExportTeacherBackbone": "midol.callbacks.backbone_export:ExportBackbone"},
     "midol.io": {"BackboneExport": "midol.methods.interfaces:BackboneExport",
                  **{n: f"midol.methods.export:{n}" for n in (
                      "export_backbone", "export_checkpoint", "export_method")}},

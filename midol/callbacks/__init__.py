@@ -1,14 +1,16 @@
 """Lightning callbacks shipped with midol."""
 
-from midol.callbacks.backbone_export import ExportBackbone, ExportTeacherBackbone
+from midol.callbacks.backbone_export import ExportBackbone
 from midol.callbacks.knn_monitor import KNNMonitor
 from midol.callbacks.preemption import PreemptionCheckpoint
 from midol.callbacks.pretrain_summary import PretrainSummary
 from midol.callbacks.routing_monitor import RoutingMonitor
+from midol.legacy import module_getattr
+
+__getattr__ = module_getattr("midol.callbacks")  # ExportTeacherBackbone, the name of midol <= 0.1.0
 
 __all__ = [
     "ExportBackbone",
-    "ExportTeacherBackbone",
     "KNNMonitor",
     "PreemptionCheckpoint",
     "PretrainSummary",

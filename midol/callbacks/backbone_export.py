@@ -7,6 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from midol.methods.export import export_method
 from midol.methods.interfaces import Pretrained
+from midol.legacy import module_getattr
 
 
 class ExportBackbone(L.Callback):
@@ -36,4 +37,4 @@ class ExportBackbone(L.Callback):
             rank_zero_info(f"backbone exported to {path}")
 
 
-ExportTeacherBackbone = ExportBackbone  # the name of midol <= 0.1.0
+__getattr__ = module_getattr("midol.callbacks.backbone_export")  # ExportTeacherBackbone (<= 0.1.0)

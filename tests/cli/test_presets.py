@@ -6,6 +6,8 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
 * ``data.init_args.{global,local}_{size,scale}``, ``num_global``, ``num_local`` moved into
   ``data.init_args.transform`` (a ``MultiCropTransform``, which can now be replaced);
 * ``midol.methods.PretrainModule`` is ``midol.methods.MIDoL`` (the old name is an alias);
+* ``midol.callbacks.ExportTeacherBackbone`` is ``midol.callbacks.ExportBackbone`` (the old name
+  still loads, with a DeprecationWarning: ``test_old_callback_name_loads_and_warns``);
 * ``init_prefix: teacher.backbone.`` (the old default) is ``init_part: null`` (the method's
   first export, the teacher);
 * checkpoint ``dirpath`` / export ``dirpath`` equal to the run folder are left null and filled
@@ -90,6 +92,8 @@ def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
             key = f"data.init_args.transform.init_args.{leaf}"
         if key == "model.class_path" and value == "midol.methods.PretrainModule":
             value = "midol.methods.MIDoL"
+        if value == "midol.callbacks.ExportTeacherBackbone":
+            value = "midol.callbacks.ExportBackbone"
         if key == "model.init_args.init_prefix" and value == "teacher.backbone.":
             value = None
         mapped[key] = value
@@ -168,3 +172,16 @@ def test_merge_rules_and_errors(tmp_path: Path) -> None:
     (tmp_path / "d.yaml").write_text("base: [e.yaml]\nk: {v: 1}\n")
     (tmp_path / "e.yaml").write_text("k: {v: 0, w: 2}\nz: 3\n")
     assert load_composed(tmp_path / "d.yaml") == {"k": {"v": 1, "w": 2}, "z": 3}
+
+
+def test_old_callback_name_loads_and_warns(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    text = (REPO / "configs/pretrain/demo.yaml").read_text()
+    assert "ExportBackbone" in text and "ExportTeacherBackbone" not in text
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("midol.callbacks.ExportBackbone", "midol.callbacks.ExportTeacherBackbone"))
+    with pytest.warns(DeprecationWarning, match=r"ExportTeacherBackbone moved to .*ExportBackbone in midol 0\.2; the old name goes in 0\.4"):
+        cli = run_lightning(["--config", str(old), "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    from midol.callbacks import ExportBackbone
+
+    assert sum(isinstance(c, ExportBackbone) for c in cli.trainer.callbacks) == 1

@@ -16,10 +16,10 @@ import lightning as L
 import pytest
 import torch
 
-from midol.callbacks import ExportTeacherBackbone
+from midol.callbacks import ExportBackbone
 from midol.data import MultiCropTransform, SingleViewTransform
 from midol.data.transforms import ClassificationTrainTransform, SegmentationTrainTransform
-from midol.io.export import export_method
+from midol.methods.export import export_method
 from tests.helpers.dex import tiny_dex
 from tests.helpers.tiny import tiny_datamodule, tiny_module
 
@@ -199,7 +199,7 @@ def test_export_callback_after_max_steps_0_warns_and_writes_readable_files(
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=[ExportTeacherBackbone(dirpath=str(tmp_path / "export"))])
+                        callbacks=[ExportBackbone(dirpath=str(tmp_path / "export"))])
     with pytest.warns(UserWarning, match=re.escape(
             "exporting an untrained model: MIDoL has trained on 0 images (global step 0), so "
             "teacher_backbone hold(s) its initial weights")):

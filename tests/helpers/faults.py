@@ -55,7 +55,7 @@ def tiny_config(
                        "every_n_train_steps": every_n_train_steps,
                        "enable_version_counter": False}},
         {"class_path": "midol.callbacks.PreemptionCheckpoint"},
-        {"class_path": "midol.callbacks.ExportTeacherBackbone", "init_args": {"dirpath": str(out)}},
+        {"class_path": "midol.callbacks.ExportBackbone", "init_args": {"dirpath": str(out)}},
     ]
     if pause is not None:
         callbacks.append({"class_path": "tests.helpers.faults.PauseAtStep",

@@ -16,10 +16,10 @@ import torch
 
 from midol.analysis.robustness import Protocols, evaluate, write_report
 from midol.data.feature_cache import FeatureCache
-from midol.io.medmix_export import export_deployable, inference_cost, load_deployable
+from midol.fusion.export import export_deployable, inference_cost, load_deployable
 from midol.methods.loading import load_method
-from midol.methods.medmix import MedMIX, patient_batch
-from midol.methods.medmix_experts import encoder_key
+from midol.fusion.module import MedMIX, patient_batch
+from midol.fusion.experts import encoder_key
 from tests.helpers.medmix import ODIR, datamodule, medmix, odir_subset
 
 pytestmark = pytest.mark.skipif(not (ODIR / "patients.csv").is_file(), reason="ODIR patients not found")
@@ -310,3 +310,22 @@ def test_unwritable_cache_stops_fit_before_the_feature_pass(tmp_path):
     with pytest.raises(OutputFileError, match=r"model.init_args.cache_dir .* cannot be written"):
         model.attach(dm, fit=True)
     assert model.net is None  # nothing was built or encoded
+
+
+@pytest.mark.parametrize("old", ["midol.methods.MedMIX", "midol.methods.medmix.MedMIX"])
+def test_checkpoint_written_before_the_move_to_fusion_loads(fitted, tmp_path, old):
+    ckpt = torch.load(fitted["ckpt"], map_location="cpu", weights_only=False)
+    ckpt["midol_class_path"] = old
+    if "_class_path" in ckpt.get("hyper_parameters", {}):
+        ckpt["hyper_parameters"]["_class_path"] = old
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # a checkpoint cannot be edited: no warning
+        rebuilt = load_method(path)
+    assert type(rebuilt) is MedMIX and type(rebuilt).__module__ == "midol.fusion.module"
+    rows = fitted["model"].table.rows("test")
+    dm = datamodule(fitted["manifest"])
+    dm.setup("test")
+    rebuilt.attach(dm, fit=False)
+    torch.testing.assert_close(rebuilt.predict_rows(rows), fitted["model"].predict_rows(rows))
