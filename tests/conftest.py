@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = REPO_ROOT / "sample_data"
-# The project's shared datasets live beside the repository, not inside it.
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.helpers.paths import SAMPLE_DATA, SHARED_DATA  # test modules import these from there
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.accelerators import CPUAccelerator
 
 from midol.cli import main, run_lightning
 from midol.loggers import WandbLogger
@@ -28,7 +30,11 @@ ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.s
 def test_every_config_parses_and_instantiates(config, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name paths relative to the repository root
     cli = run_lightning(["--config", str(config), *ON_CPU], run=False)
-    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+    # the classes the config names (through its bases), and the ON_CPU overrides took effect
+    assert type(cli.model).__name__ == cli.config.model.class_path.rsplit(".", 1)[-1]
+    assert isinstance(cli.datamodule, L.LightningDataModule)
+    assert type(cli.datamodule).__name__ == cli.config.data.class_path.rsplit(".", 1)[-1]
+    assert isinstance(cli.trainer.accelerator, CPUAccelerator) and cli.trainer.num_devices == 1
     if config.name == "dex_vit_base.yaml":
         check_dex_settings(cli)
     if config.name == "midol_swin_base.yaml":

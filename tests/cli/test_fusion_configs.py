@@ -11,7 +11,7 @@ import timm
 
 from midol.cli import run_lightning
 from midol.io.export import BackboneExport, export_backbone
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
 FUSION = REPO / "configs" / "fusion"

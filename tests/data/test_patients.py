@@ -16,7 +16,7 @@ from midol.data.image_io import UnreadableImageWarning
 from midol.data.patient_datamodule import PatientDataModule, PatientDataset, UnreadablePatientError
 from midol.data.patients import InputSpec, read_patient_table
 from midol.models.fusion import MISSING_CODE
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 ODIR = SHARED_DATA / "fundus" / "odir_patients"
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]

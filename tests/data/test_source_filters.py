@@ -9,7 +9,7 @@ import pytest
 
 from midol.data import DataSource, PretrainDataModule, SingleViewTransform
 from midol.data.sources import resolve_source, source_table
-from tests.conftest import SHARED_DATA, SAMPLE_DATA
+from tests.helpers.paths import SAMPLE_DATA, SHARED_DATA
 
 PH2 = SHARED_DATA / "dermoscopy" / "ph2_lesion"
 

@@ -14,14 +14,7 @@ from PIL import Image
 
 from midol.data import LabelledDataModule, LabelledSource, SegmentationDataModule, SegmentationSource
 from midol.data.splits import seeded_split
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from tests.helpers.task_data import pathology_pairs, write_csv
 
 
 def test_seeded_split_is_deterministic_disjoint_and_stratified():
@@ -158,19 +151,8 @@ def test_empty_folder_and_missing_paths_are_clear_errors(sample_data: Path, tmp_
         LabelledDataModule(train=LabelledSource(str(manifest)), num_workers=0).setup("fit")
 
 
-def _pathology_pairs(sample_data: Path, folder: Path, n: int = 6) -> Path:
-    """Real H&E tiles with real-derived masks: tissue = grey level below 200."""
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    for src in sorted((sample_data / "pathology").rglob("*.jpg"))[:n]:
-        shutil.copy(src, folder / "images" / src.name)
-        gray = np.asarray(Image.open(src).convert("L"))
-        Image.fromarray(((gray < 200) * 255).astype(np.uint8)).save(folder / "masks" / f"{src.stem}_mask.png")
-    return folder
-
-
 def test_segmentation_folder_pairs_masks_and_region(sample_data: Path, tmp_path: Path):
-    root = _pathology_pairs(sample_data, tmp_path / "seg")
+    root = pathology_pairs(sample_data, tmp_path / "seg")
     dm = SegmentationDataModule(
         train=SegmentationSource(str(root), mask_suffix="_mask"), val_fraction=0.34,
         image_size=32, batch_size=2, num_workers=0,
@@ -197,7 +179,7 @@ def test_segmentation_folder_pairs_masks_and_region(sample_data: Path, tmp_path:
 
 
 def test_segmentation_errors_name_the_files(sample_data: Path, tmp_path: Path):
-    root = _pathology_pairs(sample_data, tmp_path / "seg", n=2)
+    root = pathology_pairs(sample_data, tmp_path / "seg", n=2)
     mask = sorted((root / "masks").glob("*.png"))[0]
     original = mask.read_bytes()
     Image.open(mask).resize((50, 40)).save(mask)

@@ -15,25 +15,10 @@ import yaml
 from midol.cli import main
 from midol.evaluation.features import BackboneError, parse_backbone
 from midol.evaluation.suite import SuiteError, load_suite, load_task
+from tests.helpers.eval_suites import FAST, two_task_suite
 from tests.helpers.tiny import SAMPLE_DATA, save_trained_checkpoint, tiny_module
 
 MICRO_VIT = "random:vit_tiny_patch16_224,img_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2"
-FAST = ["--seeds", "2", "--bootstrap", "200", "--shots", "1,5", "--fractions", "0.2",
-        "--threads", "1"]
-
-
-def _suite(tmp: Path, extra: dict | None = None) -> Path:
-    tasks = [
-        {"name": "xray", "modality": "xray", "type": "binary", "train": {"path": "xray"},
-         "test_fraction": 0.3, "split_rule": "30 % seeded"},
-        {"name": "retina", "modality": "fundus", "type": "ordinal",
-         "train": {"path": "fundus_retinamnist.npz", "split": "train"}, "test_fraction": 0.3},
-    ]
-    if extra:
-        tasks.append(extra)
-    path = tmp / "suite.yaml"
-    path.write_text(yaml.safe_dump({"name": "two-task", "data_root": str(SAMPLE_DATA), "tasks": tasks}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +33,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_whole_command_report_cache_and_paired_verdicts(checkpoint, tmp_path):
-    suite, out, cache = _suite(tmp_path), tmp_path / "out", tmp_path / "cache"
+    suite, out, cache = two_task_suite(tmp_path), tmp_path / "out", tmp_path / "cache"
     args = ["eval", "--suite", str(suite), "--out", str(out), "--cache_dir", str(cache), *FAST]
     assert main([*args, "--backbones", f"m={checkpoint}", f"v={MICRO_VIT}", "--baseline", "v"]) == 0
     for name in ("report.md", "report.json", "runs.csv", "label_efficiency_shots.png",
@@ -92,7 +77,7 @@ def test_whole_command_report_cache_and_paired_verdicts(checkpoint, tmp_path):
 
 
 def test_too_few_examples_skips_that_k_with_a_warning(tmp_path, capsys):
-    suite = _suite(tmp_path)
+    suite = two_task_suite(tmp_path)
     assert main(["eval", "--suite", str(suite), "--backbones", MICRO_VIT, "--out",
                  str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--seeds", "1",
                  "--bootstrap", "100", "--shots", "25", "--fractions", "1.0",
@@ -109,7 +94,7 @@ def _error(capsys, args: list[str]) -> tuple[int, str]:
 
 
 def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, capsys):
-    suite, out = _suite(tmp_path), tmp_path / "out"
+    suite, out = two_task_suite(tmp_path), tmp_path / "out"
     base = ["eval", "--suite", str(suite), "--out", str(out), "--cache_dir", str(tmp_path / "c")]
     code, line = _error(capsys, [*base, "--backbones", str(tmp_path / "missing.ckpt")])
     assert code == 3 and "missing.ckpt does not exist" in line and line.startswith("midol: error:")
@@ -125,13 +110,13 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, capsys):
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    bad_type = _suite(bad, {"name": "t", "type": "regression", "train": {"path": "xray"}, "test_fraction": 0.3})
+    bad_type = two_task_suite(bad, {"name": "t", "type": "regression", "train": {"path": "xray"}, "test_fraction": 0.3})
     with pytest.raises(SuiteError, match=r"task 't': unknown task type 'regression'"):
         load_suite(bad_type)
     empty = tmp_path / "empty"
     empty.mkdir()
     (SAMPLE_DATA / "xray")  # a real folder; a test split of 0 images is refused by name
-    spec = load_suite(_suite(empty, {"name": "e", "type": "binary", "train": {"path": "xray"},
+    spec = load_suite(two_task_suite(empty, {"name": "e", "type": "binary", "train": {"path": "xray"},
                                      "test_fraction": 0.001})).tasks[-1]
     with pytest.raises(SuiteError, match=r"task 'e': the test split is empty"):
         load_task(spec, str(SAMPLE_DATA))
@@ -140,7 +125,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, capsys):
 
 
 def test_image_size_mismatch_warns_and_uses_the_backbones(tmp_path, capsys):
-    suite = _suite(tmp_path)
+    suite = two_task_suite(tmp_path)
     raw = yaml.safe_load(suite.read_text())
     raw["tasks"][0]["image_size"] = 48
     suite.write_text(yaml.safe_dump(raw))
@@ -173,7 +158,7 @@ def test_wandb_tables_when_a_project_is_given(tmp_path, monkeypatch):
     fake = types.SimpleNamespace(init=lambda **kw: logged.setdefault("init", kw) and Run() or Run(),
                                  Table=Table)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    suite = _suite(tmp_path)
+    suite = two_task_suite(tmp_path)
     assert main(["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out",
                  str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--protocols", "knn",
                  "--bootstrap", "100", "--tasks", "xray", "--wandb_project", "p"]) == 0
@@ -193,7 +178,7 @@ def test_every_spelling_of_one_backbone_gives_the_same_features(checkpoint, tmp_
 
     export = tmp_path / "export"
     assert main(["export", str(checkpoint), "--out", str(export)]) == 0
-    suite = load_suite(_suite(tmp_path), only=["xray"])
+    suite = load_suite(two_task_suite(tmp_path), only=["xray"])
     split = load_task(suite.tasks[0], suite.data_root).splits["test"]
     spellings = [str(checkpoint), f"{checkpoint}:teacher", str(export / "teacher_backbone.safetensors"),
                  str(export), f"local-dir:{export / 'teacher_backbone_timm'}"]
@@ -214,7 +199,7 @@ def test_unwritable_cache_or_out_stops_before_any_image_is_embedded(tmp_path, ca
     for option in ("--cache_dir", "--out"):
         args = {"--cache_dir": str(tmp_path / "c"), "--out": str(tmp_path / "o")}
         args[option] = str(blocker / "x")
-        code, line = _error(capsys, ["eval", "--suite", str(_suite(tmp_path)), "--backbones",
+        code, line = _error(capsys, ["eval", "--suite", str(two_task_suite(tmp_path)), "--backbones",
                                      MICRO_VIT, *[v for kv in args.items() for v in kv]])
         assert code == 3 and f"({option})" in line and "cannot be created" in line, line
         assert not (tmp_path / "c").exists()  # nothing embedded
@@ -222,7 +207,7 @@ def test_unwritable_cache_or_out_stops_before_any_image_is_embedded(tmp_path, ca
 
 def test_print_config_round_trips_through_config(tmp_path, capsys):
     """`--print_config` writes every option; `--config` reads them back, the command line wins."""
-    suite = _suite(tmp_path)
+    suite = two_task_suite(tmp_path)
     base = ["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out", str(tmp_path / "o"),
             "--cache_dir", str(tmp_path / "c"), "--protocols", "knn", "--bootstrap", "100"]
     with pytest.raises(SystemExit):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from midol.cli import main
 from midol.evaluation import stats
-from tests.evaluation.test_eval_command import FAST, _suite
+from tests.helpers.eval_suites import FAST, two_task_suite
 
 
 def _scores(rng: np.random.Generator, y: np.ndarray, signal: float) -> np.ndarray:
@@ -67,7 +67,7 @@ def test_pretrain_groups_pair_seeds_with_seeded_random_references(tmp_path):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         paths.append(path)
     spec = "timm:vit_tiny_patch16_224,img_size=32,patch_size=8,embed_dim=32,depth=1,num_heads=2@"
-    suite, out = _suite(tmp_path), tmp_path / "out"
+    suite, out = two_task_suite(tmp_path), tmp_path / "out"
     assert main(["eval", "--suite", str(suite), "--out", str(out), "--cache_dir", str(tmp_path / "c"),
                  *FAST, "--protocols", "knn,linear", "--pretrain_groups", "true", "--backbones",
                  f"v@0={spec}{paths[0]}", f"v@1={spec}{paths[1]}"]) == 0

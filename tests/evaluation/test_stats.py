@@ -20,7 +20,6 @@ from midol.evaluation.stats import (
     pool,
     summarize,
 )
-from tests.evaluation.test_metrics import pneumonia, retina  # noqa: F401  (module fixtures)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,7 +79,7 @@ def test_bootstrap_weights_reject_bad_arguments() -> None:
 # --- summarize and CI coverage ----------------------------------------------------------------
 
 
-def test_summarize_mean_sd_and_interval(retina: tuple) -> None:  # noqa: F811
+def test_summarize_mean_sd_and_interval(retina: tuple) -> None:
     y, p = retina
     draws = [p, _degraded(p, 0.3, seed=1), _degraded(p, 0.3, seed=2)]
     w = bootstrap_weights(len(y), 200, seed=0, strata=y)
@@ -136,7 +135,7 @@ def test_auc_interval_covers_the_truth_95_percent() -> None:
 # --- paired comparisons -----------------------------------------------------------------------
 
 
-def test_planted_difference_is_detected(pneumonia: tuple) -> None:  # noqa: F811
+def test_planted_difference_is_detected(pneumonia: tuple) -> None:
     y, a = pneumonia
     b = _degraded(a, 1.5, seed=0)
     w = bootstrap_weights(len(y), 1000, seed=0, strata=y)
@@ -161,7 +160,7 @@ def test_planted_difference_is_detected(pneumonia: tuple) -> None:  # noqa: F811
     assert c.hi - c.lo < 0.8 * np.ptp(np.percentile(unpaired, [2.5, 97.5]))
 
 
-def test_identical_backbones_are_not_distinguishable(retina: tuple) -> None:  # noqa: F811
+def test_identical_backbones_are_not_distinguishable(retina: tuple) -> None:
     y, p = retina
     draws = [p, _degraded(p, 0.2, seed=5)]
     w = bootstrap_weights(len(y), 200, seed=1, strata=y)
@@ -171,7 +170,7 @@ def test_identical_backbones_are_not_distinguishable(retina: tuple) -> None:  # 
         assert c.verdict == NOT_DISTINGUISHABLE and c.n_tasks == 1
 
 
-def test_pool_is_the_mean_over_tasks(pneumonia: tuple, retina: tuple) -> None:  # noqa: F811
+def test_pool_is_the_mean_over_tasks(pneumonia: tuple, retina: tuple) -> None:
     parts = []
     for seed, (y, p) in enumerate((pneumonia, retina)):
         w = bootstrap_weights(len(y), 300, seed=seed, strata=y)

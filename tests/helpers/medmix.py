@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 ODIR = SHARED_DATA / "fundus" / "odir_patients"
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]

@@ -25,6 +25,7 @@ import torch
 from torch.testing import assert_close
 
 from midol.losses import log_sinkhorn_knopp, sinkhorn_knopp
+from tests.helpers.sinkhorn_reference import authors_reference
 
 
 # --------------------------------------------------------------------------------------
@@ -248,23 +249,6 @@ def test_sinkhorn_does_not_modify_input_and_no_grad_needed() -> None:
     sinkhorn_knopp(logits, eps=0.05, iters=3)
     log_sinkhorn_knopp(logits, eps=0.05, iters=3)
     assert torch.equal(logits, before)
-
-
-def authors_reference(logits: np.ndarray, eps: float, iters: int) -> np.ndarray:
-    """The released M-IDoL code's teacher Sinkhorn, restated in NumPy float64 loops
-    (our restatement of main_MoE_Uni.py at commit cacb728: Q is N x B there)."""
-    tiny = 1e-12
-    x = logits - logits.max(axis=1, keepdims=True)
-    Q = np.maximum(np.exp(x / eps).T, tiny)
-    Q = Q / (Q.sum() + tiny)
-    K, B = Q.shape
-    for _ in range(iters):
-        Q = Q / (Q.sum(axis=1, keepdims=True) + tiny) / K
-        Q = Q / (Q.sum(axis=0, keepdims=True) + tiny) / B
-        Q = np.maximum(Q, tiny)
-    out = np.maximum((Q * B).T, tiny)
-    out = out / (out.sum(axis=1, keepdims=True) + tiny)
-    return np.log(np.maximum(out, tiny))
 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from midol.losses import log_balanced_routing
 from midol.models import MoEProjector
 from midol.optim.clipping import clip_grad_norm_per_param
+from tests.helpers.sinkhorn_reference import authors_reference
 from tests.helpers.tiny import tiny_datamodule, tiny_module
-from tests.losses.test_sinkhorn import authors_reference
 
 
 def tutel_head(proj: MoEProjector, x: torch.Tensor, gate_noise: float, training: bool,

@@ -11,7 +11,7 @@ from tests.helpers.tiny import TINY_SWIN
 from midol.io.export import export_checkpoint
 from midol.methods import ClassificationModule, PretrainModule
 from midol.tasks.backbones import detect_format, load_backbone
-from tests.tools.test_export import real_batch
+from tests.helpers.images import real_batch
 
 
 @pytest.fixture()

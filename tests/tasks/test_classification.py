@@ -12,7 +12,7 @@ import torch
 from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tiny_backbone_args
 from midol.data import LabelledDataModule, LabelledSource
 from midol.methods import ClassificationModule
-from tests.tasks.test_metrics import pair_auc
+from tests.helpers.metrics import pair_auc
 
 
 def xray_data(sample_data: Path, **overrides) -> LabelledDataModule:

@@ -10,9 +10,9 @@ from midol.data import SegmentationDataModule, SegmentationSource
 from midol.methods import ClassificationModule, SegmentationModule
 from midol.models.dex import DEXLayer
 from midol.models.unetr_decoder import UNETRDecoder
-from tests.data.test_task_data import _pathology_pairs
 from tests.helpers.dex import dex_datamodule, tiny_dex
 from tests.helpers.finetune import quick_trainer
+from tests.helpers.task_data import pathology_pairs
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_classification_from_dex_checkpoint_in_both_modes(dex_checkpoint, mode):
 
 def test_unetr_segmentation_fits_on_real_tiles_from_dex_experts(dex_checkpoint, sample_data, tmp_path):
     path, _ = dex_checkpoint
-    root = _pathology_pairs(sample_data, tmp_path / "seg", n=6)
+    root = pathology_pairs(sample_data, tmp_path / "seg", n=6)
     dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"),
                                 val_fraction=0.3, image_size=32, batch_size=4, num_workers=0)
     module = SegmentationModule(num_classes=2, init_checkpoint=str(path), dex_mode="experts",

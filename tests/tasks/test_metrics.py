@@ -13,15 +13,7 @@ from midol.tasks.task_metrics import (
     macro,
     segmentation_metrics,
 )
-
-
-def pair_auc(scores: list[float], positive: list[bool]) -> float:
-    """Mann-Whitney: fraction of (positive, negative) pairs ranked correctly, ties count 1/2."""
-    pos = [s for s, p in zip(scores, positive) if p]
-    neg = [s for s, p in zip(scores, positive) if not p]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
-    return wins / (len(pos) * len(neg))
-
+from tests.helpers.metrics import pair_auc
 
 PROBS = torch.tensor([
     [0.7, 0.2, 0.1],

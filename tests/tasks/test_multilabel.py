@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer
 from midol.data import LabelledDataModule, LabelledSource
 from midol.methods import MultiLabelModule
-from tests.data.test_task_data import write_csv
-from tests.tasks.test_metrics import pair_auc
-
-LABELS = ["xray", "abnormal", "pathology"]
-
-
-def manifest(sample_data: Path, out: Path) -> Path:
-    """X-ray, OCT and pathology images; labels: modality is X-ray, image is not NORMAL, pathology."""
-    rows = []
-    for r in csv.DictReader(open(sample_data / "labels.csv")):
-        if r["modality"] in ("xray", "oct", "pathology"):
-            rows.append([str(sample_data / r["path"]), str(int(r["modality"] == "xray")),
-                         str(int(r["label"] not in ("NORMAL", "NORM", "ADI", "BACK"))),
-                         str(int(r["modality"] == "pathology"))])
-    return write_csv(out / "multilabel.csv", ["path", *LABELS], rows)
+from tests.helpers.metrics import pair_auc
+from tests.helpers.task_data import MULTILABELS, multilabel_manifest
 
 
 def test_multilabel_step_and_per_label_auc(sample_data, tmp_path_factory, tmp_path):
     ckpt = pretrain_checkpoint(tmp_path_factory)
     dm = LabelledDataModule(
-        train=LabelledSource(str(manifest(sample_data, tmp_path)), label_columns=LABELS),
+        train=LabelledSource(str(multilabel_manifest(sample_data, tmp_path)), label_columns=MULTILABELS),
         task="multilabel", val_fraction=0.3, split_seed=0, image_size=SIZE, batch_size=16, num_workers=0,
     )
     module = MultiLabelModule(num_labels=3, init_checkpoint=str(ckpt), optimizer="sgd", lr=0.05, warmup_steps=1)
@@ -49,13 +33,13 @@ def test_multilabel_step_and_per_label_auc(sample_data, tmp_path_factory, tmp_pa
     scores, targets = torch.cat(scores), torch.cat(targets)
     assert targets.shape == (35, 3) and set(targets.unique().tolist()) == {0.0, 1.0}
     per_label = [pair_auc(scores[:, j].tolist(), (targets[:, j] == 1).tolist()) for j in range(3)]
-    for name, value in zip(LABELS, per_label):
+    for name, value in zip(MULTILABELS, per_label):
         assert results[f"val/auc_{name}"] == pytest.approx(value, abs=1e-6)
     assert results["val/auc"] == pytest.approx(sum(per_label) / 3, abs=1e-6)
 
 
 def test_label_count_mismatch_is_a_clear_error(sample_data, tmp_path):
-    dm = LabelledDataModule(train=LabelledSource(str(manifest(sample_data, tmp_path)), label_columns=LABELS),
+    dm = LabelledDataModule(train=LabelledSource(str(multilabel_manifest(sample_data, tmp_path)), label_columns=MULTILABELS),
                             task="multilabel", image_size=SIZE, batch_size=8, num_workers=0)
     module = MultiLabelModule(num_labels=2, backbone="swin_tiny_patch4_window7_224",
                               backbone_kwargs=dict(img_size=SIZE, embed_dim=16, depths=(1, 1, 1, 1),

@@ -10,7 +10,7 @@ from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tin
 from midol.data import SegmentationDataModule, SegmentationSource
 from midol.methods import SegmentationModule
 from midol.models.seg_decoder import stage_indices, stage_maps
-from tests.data.test_task_data import _pathology_pairs
+from tests.helpers.task_data import pathology_pairs
 
 
 def test_decoder_reads_the_four_swin_stages_and_returns_input_size_logits():
@@ -34,7 +34,7 @@ def hand_dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, floa
 
 def test_segmentation_step_on_real_tiles_and_metrics_match_predictions(sample_data, tmp_path_factory, tmp_path):
     ckpt = pretrain_checkpoint(tmp_path_factory)
-    root = _pathology_pairs(sample_data, tmp_path / "seg", n=10)
+    root = pathology_pairs(sample_data, tmp_path / "seg", n=10)
     dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"), val_fraction=0.3,
                                 image_size=SIZE, batch_size=4, num_workers=0)
     module = SegmentationModule(num_classes=2, init_checkpoint=str(ckpt), decoder_dim=16, layer_decay=0.65,
@@ -57,7 +57,7 @@ def test_segmentation_step_on_real_tiles_and_metrics_match_predictions(sample_da
 
 def test_linear_probe_segmentation_trains_the_decoder_only(sample_data, tmp_path_factory, tmp_path):
     ckpt = pretrain_checkpoint(tmp_path_factory)
-    root = _pathology_pairs(sample_data, tmp_path / "seg", n=4)
+    root = pathology_pairs(sample_data, tmp_path / "seg", n=4)
     dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"),
                                 image_size=SIZE, batch_size=4, num_workers=0)
     module = SegmentationModule(init_checkpoint=str(ckpt), linear_probe=True, decoder_dim=16, lr=1e-2)

@@ -10,16 +10,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.finetune import SAMPLE_DATA, pretrain_checkpoint
+from tests.helpers.finetune import pretrain_checkpoint
+from tests.helpers.images import real_batch
 from midol.cli import main
-from midol.data import EvalTransform, load_image
 from midol.methods import PretrainModule
-
-
-def real_batch(size: int = 32) -> torch.Tensor:
-    transform = EvalTransform(size)
-    files = sorted((SAMPLE_DATA / "xray").rglob("*.png"))[::15] + sorted((SAMPLE_DATA / "pathology").rglob("*.jpg"))[::10]
-    return torch.stack([transform(load_image(f)) for f in files])
 
 
 def test_export_reloads_into_timm_strictly_with_the_teachers_features(tmp_path_factory, tmp_path):

@@ -20,7 +20,7 @@ from midol.errors import UsageError
 from midol.methods import ClassificationModule, MultiLabelModule
 from midol.tasks.base import TASK_KEY
 from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer
-from tests.tasks.test_multilabel import LABELS, manifest
+from tests.helpers.task_data import MULTILABELS, multilabel_manifest
 
 
 def fine_tune(module, dm, root: Path, init: Path) -> Path:
@@ -79,7 +79,7 @@ def test_predict_multilabel_from_a_csv_manifest(sample_data, tmp_path_factory, t
     init = tmp_path / "pretrain.ckpt"
     shutil.copy(pretrain_checkpoint(tmp_path_factory), init)
     torch.manual_seed(0)
-    dm = LabelledDataModule(train=LabelledSource(str(manifest(sample_data, tmp_path)), label_columns=LABELS),
+    dm = LabelledDataModule(train=LabelledSource(str(multilabel_manifest(sample_data, tmp_path)), label_columns=MULTILABELS),
                             task="multilabel", val_fraction=0.3, split_seed=0, image_size=SIZE,
                             batch_size=16, num_workers=0)
     module = MultiLabelModule(num_labels=3, init_checkpoint=str(init), optimizer="sgd", lr=0.05,
@@ -94,13 +94,13 @@ def test_predict_multilabel_from_a_csv_manifest(sample_data, tmp_path_factory, t
     assert main(["predict", str(ckpt), "--images", str(images), "--root", str(sample_data),
                  "--out", str(out), "--threshold", "0.5", "--no-progress"]) == 0
     header, rows = read_csv(out)
-    assert header == ["path", "prediction", *(f"prob_{n}" for n in LABELS)]
+    assert header == ["path", "prediction", *(f"prob_{n}" for n in MULTILABELS)]
     assert [r["path"] for r in rows] == listed
-    probs = np.array([[float(r[f"prob_{n}"]) for n in LABELS] for r in rows])
+    probs = np.array([[float(r[f"prob_{n}"]) for n in MULTILABELS] for r in rows])
     expected = module_probs(module, [str(sample_data / p) for p in listed], "sigmoid")
     np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
     assert [r["prediction"] for r in rows] == [
-        ";".join(n for n, p in zip(LABELS, row) if p >= 0.5) for row in expected]
+        ";".join(n for n, p in zip(MULTILABELS, row) if p >= 0.5) for row in expected]
 
 
 def test_predict_refuses_a_pretraining_checkpoint_and_lightning_predict_is_gone(tmp_path_factory, tmp_path, sample_data):
