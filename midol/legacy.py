@@ -36,6 +36,9 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
     "midol.callbacks": {"ExportTeacherBackbone": "midol.callbacks.backbone_export:ExportBackbone"},
     "midol.callbacks.backbone_export": {
         "ExportTeacherBackbone": "midol.callbacks.backbone_export:ExportBackbone"},
+    "midol.losses.dex": {"group_ema_": "midol.models.ema:group_ema_",
+                         **{n: f"midol.losses.mae:{n}" for n in (
+                             "patchify", "unpatchify", "masked_mae_loss")}},
     "midol.io": {"BackboneExport": "midol.methods.interfaces:BackboneExport",
                  **{n: f"midol.methods.export:{n}" for n in (
                      "export_backbone", "export_checkpoint", "export_method")}},

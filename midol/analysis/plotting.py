@@ -42,10 +42,10 @@ def save_figure(fig: Figure, path: str | Path, formats: tuple[str, ...] | None =
     bounding box, so a PNG has exactly the figure's pixel size at 100 dpi). Returns the first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    chosen = formats or OUTPUT["formats"]
+    chosen: list[str] = list(formats or OUTPUT["formats"])  # type: ignore[call-overload]
     resolution = int(dpi or OUTPUT["dpi"])  # type: ignore[call-overload]
     written = []
-    for fmt in chosen:  # type: ignore[union-attr]
+    for fmt in chosen:
         target = path.with_suffix(f".{fmt}")
         fig.savefig(target, dpi=resolution, format=fmt)
         written.append(target)

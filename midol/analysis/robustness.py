@@ -27,6 +27,7 @@ import torch
 
 from midol.analysis.plotting import new_figure, save_figure
 from midol.data.missingness import DEFAULT_SWEEP_RATES, drop_input, not_at_random_drop, sweep_masks
+from midol.fusion.patient_features import PatientFeatures
 from midol.io.atomic import atomic_write_text
 from midol.tasks.task_metrics import OneVsRestAUROC, PerLabelAUROC, macro
 
@@ -98,7 +99,8 @@ def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | Non
     table = model.table
     rows = np.asarray(rows, dtype=np.int64)
     natural = torch.as_tensor(table.present[rows], dtype=torch.bool)
-    available = getattr(model, "_available", None)
+    features = getattr(model, "features", None)
+    available = features.available if isinstance(features, PatientFeatures) else None
     if available is not None:  # unreadable images count as absent
         natural &= available[torch.as_tensor(rows)].cpu()
     targets = torch.as_tensor(table.targets[rows])

@@ -53,7 +53,7 @@ def _embed(features: np.ndarray, method: Method, seed: int, perplexity: float) -
 def _scatter(ax, points: np.ndarray, labels: np.ndarray, names: list[str], title: str,
              palette: str | None = None) -> None:
     cmap = palette or ("tab10" if len(names) <= 10 else "tab20")
-    colours = np.asarray(matplotlib.colormaps[cmap].colors)
+    colours = np.asarray(matplotlib.colormaps[cmap].colors)  # type: ignore[attr-defined]  # listed maps
     for k, name in enumerate(names):
         keep = labels == k
         if keep.any():
@@ -74,7 +74,7 @@ def embedding_figure(points: np.ndarray, modality: np.ndarray, modalities: list[
     fig = new_figure(5.5 * panels, 5.0)
     _scatter(fig.add_subplot(1, panels, 1), points, modality, modalities,
              f"{method} of teacher features, by modality")
-    if panels == 2:
+    if expert is not None and panels == 2:
         # another palette than the modalities', so expert 0 is not read as modality 0
         _scatter(fig.add_subplot(1, 2, 2), points, expert, [f"expert {i}" for i in range(num_experts)],
                  f"{method} of teacher features, by routed expert",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from midol.legacy import module_getattr
 from midol.methods.export import export_method
 from midol.methods.interfaces import Pretrained
-from midol.legacy import module_getattr
 
 
 class ExportBackbone(L.Callback):

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from midol.methods.interfaces import ExpertChoice, Routed
+from midol.methods.interfaces import ExpertChoice, Monitored, Routed
 from midol.utils.cluster_metrics import routing_report
 from midol.utils.dist import all_reduce_sum, rank, world_size
 
@@ -174,8 +174,8 @@ class RoutingMonitor(L.Callback):
             )
         self._reset_state()
         self._every = self.teacher_every_n_steps or max(1, trainer.log_every_n_steps)
-        if hasattr(pl_module, "health_every_n_steps"):
-            pl_module.health_every_n_steps = self._every
+        if isinstance(pl_module, Monitored):
+            pl_module.request_health(self._every)
         names = getattr(trainer.datamodule, "modalities", None)
         self._modalities = list(names) if names else []
 

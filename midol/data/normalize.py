@@ -18,5 +18,8 @@ class PixelNormalizer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std

@@ -10,13 +10,14 @@ timm model with local weights or a seeded random initialisation. Its features de
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from midol.data.feature_cache import weights_fingerprint
@@ -156,3 +157,17 @@ def feature_encoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             model.train(was_training)
 
     return encode
+
+
+def expert_features(images: torch.Tensor, experts: Sequence[nn.Module],
+                    recipes: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    """Float features of normalised images through each expert, each input resized to that
+    expert's own side first (bicubic, antialiased, as the feature cache's pre-processing): the
+    one path of training (``MedMIX.expert_features``) and the deployable model."""
+    out = []
+    for model, recipe in zip(experts, recipes, strict=True):
+        size = int(recipe["image_size"])
+        x = images if tuple(images.shape[-2:]) == (size, size) else F.interpolate(
+            images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(model(x).float())
+    return out

@@ -22,6 +22,7 @@ from torch import nn
 
 import midol
 from midol.data.normalize import PixelNormalizer
+from midol.fusion.experts import build_expert, build_from_recipe, expert_features
 from midol.io.atomic import atomic_path, atomic_write_text
 from midol.models.medmix_net import MedMIXNet
 
@@ -45,14 +46,7 @@ class MedMIXDeployable(nn.Module):
         self.normalizer = PixelNormalizer()
 
     def features(self, modality: str, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.normalizer(images)
-        out = []
-        for model, recipe in zip(self.experts[modality], self.recipes[modality], strict=True):
-            size = int(recipe["image_size"])
-            xi = x if tuple(x.shape[-2:]) == (size, size) else F.interpolate(
-                x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            out.append(model(xi).float())
-        return out
+        return expert_features(self.normalizer(images), self.experts[modality], self.recipes[modality])
 
     def forward(self, inputs: dict[str, Any], present: torch.Tensor) -> torch.Tensor:
         """``inputs[name]``: image -> uint8 B x 3 x H x W; tabular -> dict (``numeric``,
@@ -97,7 +91,6 @@ def export_deployable(method: Any, out_dir: str | Path, overwrite: bool = False)
 def load_deployable(path: str | Path) -> MedMIXDeployable:
     """The model :func:`export_deployable` wrote (``medmix.safetensors`` or its folder), in
     eval mode; no teacher file is read or needed."""
-    from midol.fusion.experts import build_from_recipe  # io sits below methods
 
     path = Path(path)
     if path.is_dir():
@@ -125,7 +118,6 @@ def inference_cost(method: Any, patients: int = 64, batch_size: int = 32, image_
     """Parameters and patients/s of the deployable model, and of the same forward pass plus
     the training-only path (teacher backbones and distillation projections), on synthetic
     patients with every input present (the same tensors for both)."""
-    from midol.fusion.experts import build_expert
 
     model = method.deployable().eval()
     device = next(model.parameters()).device

@@ -20,10 +20,9 @@ With ``finetune_experts: true`` the experts train and see pixels every step (no 
 from __future__ import annotations
 
 import contextlib
-import csv
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -31,26 +30,52 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from midol.data.feature_cache import FeatureCache
 from midol.data.missingness import random_drop
-from midol.data.transforms.eval import EvalTransform
 from midol.fusion.experts import (
     ExpertSpec,
     build_expert,
     build_from_recipe,
-    encoder_key,
-    feature_encoder,
+    expert_features,
     parse_expert_table,
 )
+from midol.fusion.patient_features import FeatureSettings, PatientFeatures, patient_batch
+from midol.fusion.structure import check_same_structure, structure_from
 from midol.losses.distill import cosine_distill_loss, logit_kl_loss
-from midol.methods.base import BaseMethod
+from midol.methods.base import BaseMethod, BaseMethodOptions
 from midol.methods.interfaces import BackboneExport
 from midol.methods.validation import raise_on_failed
 from midol.models.fusion import FusionMode, PoolMode
 from midol.models.medmix_net import MedMIXNet, NetOutput
-from midol.tasks.task_metrics import classification_metrics, multilabel_metrics, stage_results
+from midol.tasks.stage_metrics import StageMetrics
+from midol.tasks.task_metrics import classification_metrics, multilabel_metrics
 
-STAGES = ("train", "val", "test")
+
+class MedMIXOptions(BaseMethodOptions, Protocol):
+    """``self.hparams`` of :class:`MedMIX`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    experts: dict[str, list[dict[str, Any]]]
+    teachers: dict[str, dict[str, Any]] | None
+    dim: int
+    pooling: PoolMode
+    expert_dropout: float
+    fusion: FusionMode
+    aux_heads: bool
+    aux_weight: float
+    aux_entropy_scores: bool
+    hidden_dim: int
+    head_dropout: float
+    distill_weight: float
+    teacher_logits: str | None
+    kd_weight: float
+    kd_temperature: float
+    train_drop_rate: float
+    train_drop_input: str | None
+    finetune_experts: bool
+    cache_dir: str
+    feature_batch_size: int
+    feature_workers: int
+    structure: dict[str, Any] | None
 
 
 class MedMIX(BaseMethod):
@@ -95,6 +120,11 @@ class MedMIX(BaseMethod):
             ``**kwargs``: the shared schedule and optimiser settings of
             :class:`~midol.methods.base.BaseMethod`.
     """
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> MedMIXOptions: ...  # type: ignore[override]
 
     def __init__(
         self,
@@ -148,11 +178,7 @@ class MedMIX(BaseMethod):
         self.projections = nn.ModuleDict()  # input -> P_m (training only, not exported)
         # Training-only teachers sit outside the module tree: not in the state dict, not moved
         # to the device, absent from the deployable model (built on a cache miss only).
-        self._features: dict[str, list[torch.Tensor]] = {}
-        self._available: torch.Tensor | None = None  # N x M: input present and readable
-        self._teacher_features: dict[str, torch.Tensor] = {}
-        self._teacher_ok: dict[str, torch.Tensor] = {}
-        self._teacher_logits: torch.Tensor | None = None
+        self.features = PatientFeatures()  # cached expert/teacher features per patient row
         self.table: Any = None
         if structure is not None:
             self._build(structure, from_recipes=True)
@@ -208,47 +234,6 @@ class MedMIX(BaseMethod):
         if self.hparams.finetune_experts:
             self.experts.requires_grad_(True)
 
-    def structure_from(self, table: Any) -> dict[str, Any]:
-        """The structure the data and the experts imply (JSON-able)."""
-        inputs: list[dict[str, Any]] = []
-        for spec in table.inputs:
-            entry: dict[str, Any] = {"name": spec.name, "kind": spec.kind}
-            if spec.kind == "image":
-                modality = spec.modality or spec.name
-                if modality not in self.expert_specs:
-                    raise ValueError(f"image input {spec.name!r} has modality {modality!r} but "
-                                     f"experts name only {sorted(self.expert_specs)}")
-                entry["modality"] = modality
-            elif spec.kind == "tabular":
-                arrays = table.tabular(spec.name)
-                entry.update(num_numeric=int(arrays.numeric.shape[1]),
-                             cardinalities=[int(c) for c in arrays.cardinalities],
-                             vocab=[list(v) for v in arrays.vocab])
-            else:
-                entry["dim"] = int(table.embeddings(spec.name).shape[1])
-            inputs.append(entry)
-        used = {e["modality"] for e in inputs if e["kind"] == "image"}
-        teacher_dims: dict[str, int] = {}
-        for e in inputs:
-            if e["kind"] == "image" and e["modality"] in self.teacher_specs:
-                teacher_dims[e["name"]] = -1  # filled once the teacher's width is known
-        return {"inputs": inputs, "task": table.task, "label_names": list(table.label_names),
-                "experts": {m: self.expert_recipes[m] for m in self.expert_specs if m in used},
-                "teacher_dims": teacher_dims}
-
-    def _check_same_structure(self, new: dict[str, Any]) -> None:
-        old = self.structure
-        keys = ("inputs", "task", "label_names")
-        for key in keys:
-            if old.get(key) != new.get(key):
-                raise ValueError(
-                    f"the data do not match the model this checkpoint built: {key} were "
-                    f"{old.get(key)} and are now {new.get(key)}")
-        old_dims = {m: [r["dim"] for r in rs] for m, rs in old["experts"].items()}
-        new_dims = {m: [r["dim"] for r in rs] for m, rs in new["experts"].items()}
-        if old_dims != new_dims:
-            raise ValueError(f"expert widths changed from {old_dims} to {new_dims}")
-
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -261,28 +246,31 @@ class MedMIX(BaseMethod):
         tabular statistics on the training split (``fit``), and load or compute the cached
         expert and teacher features of every patient."""
         if fit:  # before the first feature pass, not after it (issue 26 item 7)
-            self._cache().check_writable("model.init_args.cache_dir")
+            self.feature_settings().cache().check_writable("model.init_args.cache_dir")
         if getattr(datamodule, "table", None) is None:
             datamodule.setup("fit")
         table = datamodule.table
         if not all(m in self.experts for m in self.expert_specs):  # else rebuilt from a checkpoint
             self.load_experts()
-        structure = self.structure_from(table)
+        structure = structure_from(table, self.expert_specs, self.teacher_specs, self.expert_recipes)
+        settings = self.feature_settings()
         if self.net is None:
-            self._compute_teachers(table, structure)
+            self.features.compute_teachers(table, settings, self.teacher_specs, structure["teacher_dims"])
             self._build(structure, from_recipes=False)
             self.hparams["structure"] = {k: v for k, v in self.structure.items() if k != "expert_dims"}
         else:
-            self._check_same_structure(structure)
-            self._compute_teachers(table, self.structure)
+            check_same_structure(self.structure, structure)
+            self.features.compute_teachers(table, settings, self.teacher_specs,
+                                           self.structure["teacher_dims"])
         self.table = table
         if fit:
             self._fit_tabular(table)
-        self._compute_features(table)
+        self.features.compute_experts(table, settings, self.expert_specs, dict(self.experts.items()),
+                                      self.expert_recipes, keep=not self.hparams.finetune_experts)
         if not self.hparams.finetune_experts:
             datamodule.set_load_images(False)
         if self.hparams.teacher_logits:
-            self._teacher_logits = self._read_teacher_logits(table)
+            self.features.read_teacher_logits(self.hparams.teacher_logits, table)
         self.to(self.device)
 
     def _fit_tabular(self, table: Any) -> None:
@@ -295,80 +283,9 @@ class MedMIX(BaseMethod):
             if encoder.num_numeric:
                 encoder.fit(numeric.to(encoder.mean), present.to(encoder.mean.device))
 
-    def _cache(self) -> FeatureCache:
-        return FeatureCache(Path(self.hparams.cache_dir).expanduser())
-
-    def _cached(self, spec: ExpertSpec, model: nn.Module | None, size: int, files: list[str | None],
-                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def feature_settings(self) -> FeatureSettings:
         h = self.hparams
-        encoders: list[Any] = [] if model is None else [feature_encoder(model)]
-
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            if not encoders:  # a teacher: built only when the cache misses
-                encoders.append(feature_encoder(build_expert(spec)[0].to(self.device)))
-            return encoders[0](images)
-
-        # A cache miss builds loaders and models, which draw from the global RNG: without the
-        # fork, the fusion network's initialisation would depend on whether the cache was warm.
-        with torch.random.fork_rng(devices=[]):
-            result = self._cache().features(encode, encoder_key(spec), files, EvalTransform(size),
-                                            f"EvalTransform({size})", h.feature_batch_size,
-                                            h.feature_workers, desc)
-        return result.features, result.ok
-
-    def _compute_features(self, table: Any) -> None:
-        available = torch.as_tensor(table.present, dtype=torch.bool).clone()
-        self._features = {}
-        for m, spec in enumerate(table.inputs):
-            if spec.kind != "image":
-                continue
-            modality = spec.modality or spec.name
-            files = table.image_files(spec.name)
-            if self.hparams.finetune_experts:
-                continue
-            feats = []
-            for expert_spec, model, recipe in zip(self.expert_specs[modality], self.experts[modality],
-                                                  self.expert_recipes[modality], strict=True):
-                f, ok = self._cached(expert_spec, model, recipe["image_size"], files,
-                                     f"{spec.name} / {expert_spec.name}")
-                feats.append(f)
-                available[:, m] &= ok
-            self._features[spec.name] = feats
-        self._available = available
-
-    def _compute_teachers(self, table: Any, structure: dict[str, Any]) -> None:
-        self._teacher_features, self._teacher_ok = {}, {}
-        for spec in table.inputs:
-            modality = spec.modality or spec.name
-            if spec.kind != "image" or modality not in self.teacher_specs:
-                continue
-            teacher = self.teacher_specs[modality]
-            size = teacher.image_size or int(teacher.backbone_kwargs.get("img_size", 0)) or None
-            if size is None:
-                raise ValueError(f"teachers.{modality}: set image_size (the teacher's input side)")
-            f, ok = self._cached(teacher, None, size, table.image_files(spec.name),
-                                 f"{spec.name} / teacher {teacher.name}")
-            self._teacher_features[spec.name] = f
-            self._teacher_ok[spec.name] = ok
-            dims = structure["teacher_dims"]
-            if dims.get(spec.name, -1) not in (-1, f.shape[1]):
-                raise ValueError(f"teacher width for {spec.name} changed from {dims[spec.name]} to {f.shape[1]}")
-            dims[spec.name] = int(f.shape[1])
-
-    def _read_teacher_logits(self, table: Any) -> torch.Tensor:
-        path = str(Path(self.hparams.teacher_logits).expanduser())
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            id_column = columns[0] if columns else ""
-            missing = [n for n in table.label_names if n not in columns]
-            if missing:
-                raise ValueError(f"{path}: no column for label(s) {missing} (columns: {columns})")
-            rows = {r[id_column]: [float(r[n]) for n in table.label_names] for r in reader}
-        absent = [p for p in table.patient_ids if p not in rows]
-        if absent:
-            raise ValueError(f"{path}: no teacher logits for {len(absent)} patient(s), e.g. {absent[:3]}")
-        return torch.tensor([rows[p] for p in table.patient_ids], dtype=torch.float32)
+        return FeatureSettings(h.cache_dir, h.feature_batch_size, h.feature_workers, self.device)
 
     # ------------------------------------------------------------------ forward
     def batch_size_of(self, batch: Any) -> int:
@@ -390,10 +307,10 @@ class MedMIX(BaseMethod):
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
         """Network inputs and the presence mask of a batch (cached features looked up by row)."""
-        if self.net is None or self._available is None:
+        if self.net is None:
             raise RuntimeError("MedMIX: call setup()/attach(datamodule) before using the model")
         index = batch["index"].long()
-        present = batch["present"].bool() & self._available[index.cpu()].to(batch["present"].device)
+        present = self.features.presence(batch["present"], index)
         inputs: dict[str, Any] = {}
         for spec in self.structure["inputs"]:
             name = spec["name"]
@@ -401,7 +318,7 @@ class MedMIX(BaseMethod):
                 if self.hparams.finetune_experts:
                     inputs[name] = self.expert_features(spec["modality"], batch["image"][name])
                 else:
-                    inputs[name] = [f[index.cpu()].to(self.device) for f in self._features[name]]
+                    inputs[name] = self.features.expert_rows(name, index, self.device)
             elif spec["kind"] == "tabular":
                 inputs[name] = batch["tabular"][name]
             else:
@@ -410,14 +327,8 @@ class MedMIX(BaseMethod):
 
     def expert_features(self, modality: str, images: torch.Tensor) -> list[torch.Tensor]:
         """Features of uint8 images through each expert of ``modality`` (resized to its size)."""
-        x = self.normalize(images)
-        out = []
-        for model, recipe in zip(self.experts[modality], self.expert_recipes[modality], strict=True):
-            size = int(recipe["image_size"])
-            xi = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bicubic",
-                                                             antialias=True, align_corners=False)
-            out.append(model(xi).float())
-        return out
+        return expert_features(self.normalize(images), self.experts[modality],
+                               self.expert_recipes[modality])
 
     def task_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.structure["task"] == "multilabel":
@@ -461,8 +372,8 @@ class MedMIX(BaseMethod):
             l_distill = self.distill_loss(out, present, index)
             terms["l_distill"] = l_distill
             loss = loss + h.distill_weight * l_distill
-        if self._teacher_logits is not None and h.kd_weight > 0:
-            teacher = self._teacher_logits[index.cpu()].to(out.logits.device)
+        if self.features.teacher_logits is not None and h.kd_weight > 0:
+            teacher = self.features.teacher_logits[index.cpu()].to(out.logits.device)
             l_kd = logit_kl_loss(out.logits, teacher, h.kd_temperature,
                                  multilabel=self.structure["task"] == "multilabel")
             terms["l_kd"] = l_kd
@@ -491,13 +402,13 @@ class MedMIX(BaseMethod):
         """``mean (1 - cos(P_m z_m, t_m))`` over the present inputs that have a teacher
         embedding (midol's design; MedMIX: a large teacher used only in training)."""
         students, teachers, masks = [], [], []
-        rows = index.cpu()
         for m, name in enumerate(self.input_names):
             if name not in self.projections:
                 continue
             students.append(self.projections[name](out.z[:, m]))
-            teachers.append(self._teacher_features[name][rows].to(out.z.device))
-            masks.append(present[:, m] & self._teacher_ok[name][rows].to(present.device))
+            teacher, ok = self.features.teacher_rows(name, index, out.z.device)
+            teachers.append(teacher)
+            masks.append(present[:, m] & ok.to(present.device))
         width = {s.shape[-1] for s in students}
         if len(width) == 1:
             return cosine_distill_loss(torch.stack(students, 1), torch.stack(teachers, 1),
@@ -520,17 +431,12 @@ class MedMIX(BaseMethod):
         n = len(self.structure["label_names"])
         make = (lambda: multilabel_metrics(n)) if self.structure["task"] == "multilabel" \
             else (lambda: classification_metrics(n))
-        from torchmetrics import MetricCollection
-
-        self.stage_metrics = nn.ModuleDict({f"{s}_": MetricCollection(make()) for s in STAGES}).to(self.device)
+        self.stage_metrics = StageMetrics(make).to(self.device)
 
     def update_metrics(self, stage: str, logits: torch.Tensor, target: torch.Tensor) -> None:
         self.configure_metrics()
-        metrics = self.stage_metrics[f"{stage}_"]
-        if self.structure["task"] == "multilabel":
-            metrics.update(logits.float().sigmoid(), target.long())
-        else:
-            metrics.update(logits.float().softmax(-1), target.long())
+        probs = logits.float().sigmoid() if self.structure["task"] == "multilabel" else logits.float().softmax(-1)
+        self.stage_metrics.of(stage).update(probs, target.long())
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> torch.Tensor:
         logits = self(batch)
@@ -548,7 +454,7 @@ class MedMIX(BaseMethod):
 
     def _log_stage(self, stage: str) -> None:
         self.configure_metrics()
-        results = stage_results(self.stage_metrics[f"{stage}_"], stage, self.structure["label_names"])
+        results = self.stage_metrics.results(stage, self.structure["label_names"])
         if results:
             self.log_dict(results, on_epoch=True)
 
@@ -629,22 +535,3 @@ def _select(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
         else:
             out[name] = value[keep]
     return out
-
-
-def patient_batch(table: Any, rows: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The datamodule's batch for table ``rows`` without pixels (evaluation from the cache):
-    the same items :class:`~midol.data.patient_datamodule.PatientDataset` gives a loader."""
-    from torch.utils.data import default_collate
-
-    from midol.data.patient_datamodule import PatientDataset
-
-    dataset = PatientDataset(table, rows.numpy(), load_images=False)
-    batch = default_collate([dataset[i] for i in range(len(dataset))])
-    return _to_device(batch, device)
-
-
-def _to_device(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value.to(device)
-

@@ -1,7 +1,7 @@
-"""DEX losses and the director's group EMA (He, You, Li 2026, "Learning Emergent Modular
-Representations in Multi-modality Medical Vision Foundation Models"), plus the MAE
-reconstruction loss DEX pre-trains with; formulas in docs/papers/dex.md. Plain PyTorch, no
-Lightning.
+"""DEX losses (He, You, Li 2026, "Learning Emergent Modular Representations in Multi-modality
+Medical Vision Foundation Models"): balance, coherence and the block weights; formulas in
+docs/papers/dex.md. Plain PyTorch, no Lightning. The MAE reconstruction loss DEX pre-trains with
+is in :mod:`midol.losses.mae`, the director's group EMA in :mod:`midol.models.ema`.
 
 The total pre-training loss is ``L_MAE + lambda_co * L_co + lambda_bal * L_bal``; the per-block
 terms are combined over blocks with :func:`weighted_layer_mean`.
@@ -14,7 +14,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from midol.legacy import module_getattr
 
 CoherenceForm = Literal["ce", "cosine"]
 
@@ -64,12 +65,19 @@ def coherence_loss(
     raise ValueError(f"unknown coherence form {form!r}; expected 'ce' or 'cosine'")
 
 
-def layer_weights(num_layers: int) -> torch.Tensor:
-    """DEX block weights ``alpha_l = 1 / (L - l + 1)``, l = 1..L: the last block gets 1, the
-    first 1/L, so deeper blocks count more in L_co."""
+def layer_weights(num_layers: int, blocks: Sequence[int] | None = None) -> torch.Tensor:
+    """DEX block weights ``alpha_l = 1 / (L - l + 1)``, l = 1..L (docs/papers/dex.md): the last
+    block gets 1, the first 1/L, so deeper blocks count more in L_co. ``blocks`` (0-based
+    indices into the L blocks, e.g. the ViT blocks that hold DEX layers) picks their weights;
+    the only home of this formula (``DEX.block_weights`` calls it)."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    return 1.0 / torch.arange(num_layers, 0, -1, dtype=torch.float32)
+    weights = 1.0 / torch.arange(num_layers, 0, -1, dtype=torch.float32)
+    if blocks is None:
+        return weights
+    if any(not 0 <= b < num_layers for b in blocks):
+        raise ValueError(f"blocks must lie in [0, {num_layers}), got {list(blocks)}")
+    return weights[list(blocks)]
 
 
 def weighted_layer_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,81 +90,4 @@ def weighted_layer_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return (weights * stacked).sum() / len(values)
 
 
-@torch.no_grad()
-def group_ema_(
-    director: nn.Module, experts: Sequence[nn.Module], omega: torch.Tensor, momentum: float
-) -> None:
-    """DEX group EMA, in place: ``theta_D <- m * theta_D + (1 - m) * sum_r Omega_r * theta_E_r``
-    parameter by parameter, with ``Omega`` (sums to 1) the experts' share of the batch's gate
-    mass; an expert no image chose (``Omega_r = 0``) contributes nothing.
-    """
-    if omega.shape != (len(experts),):
-        raise ValueError(f"omega must have shape ({len(experts)},), got {tuple(omega.shape)}")
-    # One read-back of E numbers, so experts with zero share are skipped and the update needs
-    # no E-fold stacked copy of every weight.
-    shares = omega.detach().double().tolist()
-    d_params = list(director.parameters())
-    e_params = [list(e.parameters()) for e in experts]
-    if any(len(p) != len(d_params) for p in e_params):
-        raise ValueError("director and experts must have the same parameters")
-    for p in d_params:
-        p.mul_(momentum)
-    for share, params in zip(shares, e_params):
-        if share == 0.0:
-            continue
-        for p_d, p_e in zip(d_params, params):
-            p_d.add_(p_e.to(p_d.dtype), alpha=(1.0 - momentum) * share)
-
-
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """B x C x H x W images -> B x L x (p * p * C) patches, row-major over the patch grid and
-    (row, column, channel) inside a patch: MAE's ordering, which its pixel targets use."""
-    b, c, h, w = imgs.shape
-    p = patch_size
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
-    x = imgs.reshape(b, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: B x L x (p * p * C) -> B x C x H x W."""
-    b, n, pc = patches.shape
-    p = patch_size
-    h, w = height // p, width // p
-    if h * w != n or pc % (p * p):
-        raise ValueError(f"{n} patches of {pc} values do not tile {height}x{width} with p={p}")
-    c = pc // (p * p)
-    x = patches.reshape(b, h, w, p, p, c)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, c, h * p, w * p)
-
-
-def masked_mae_loss(
-    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
-) -> torch.Tensor:
-    """MAE reconstruction loss (He et al. 2022), DEX's L_MAE: mean squared error per patch,
-    averaged over the masked patches only.
-
-    Args:
-        pred: B x L x P decoder predictions.
-        target_patches: B x L x P pixels, from :func:`patchify`.
-        mask: B x L, 1 where the patch was removed (the loss counts these), 0 where visible.
-        norm_pix: normalise each target patch by its own mean and (unbiased) variance,
-            ``(t - mean) / sqrt(var + 1e-6)``, as MAE's best setting.
-    """
-    if pred.shape != target_patches.shape or mask.shape != pred.shape[:2]:
-        raise ValueError(
-            f"expected B x L x P pred and target and a B x L mask, got {tuple(pred.shape)}, "
-            f"{tuple(target_patches.shape)} and {tuple(mask.shape)}"
-        )
-    target = target_patches.float()
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
-    mask = mask.to(per_patch.dtype)
-    # clamp: a batch with nothing masked gives 0, not NaN
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+__getattr__ = module_getattr("midol.losses.dex")  # group_ema_, patchify, ... (moved in 0.2)

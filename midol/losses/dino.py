@@ -58,6 +58,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.defer = False  # set by a method that commits after its finite check
+        self._pending_center: torch.Tensor | None = None
 
     def forward(
         self,
@@ -73,8 +75,27 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[torch.Tensor]) -> None:
+        """The EMA of the teacher outputs' batch mean (all ranks); with ``defer`` the new batch
+        mean waits for :meth:`commit` (:mod:`midol.utils.deferred`)."""
         stacked = torch.cat([t.detach().to(self.center.dtype) for t in teacher_out])
         batch_center = all_reduce_sum(stacked.sum(dim=0, keepdim=True)) / (
             stacked.shape[0] * world_size()
         )
+        if self.defer:
+            self._pending_center = batch_center
+        else:
+            self._move_center(batch_center)
+
+    def _move_center(self, batch_center: torch.Tensor) -> None:
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def commit(self) -> bool:
+        pending, self._pending_center = self._pending_center, None
+        if pending is None:
+            return False
+        self._move_center(pending)
+        return True
+
+    def discard(self) -> None:
+        self._pending_center = None

@@ -10,7 +10,7 @@ its networks, its ``training_step`` and what it exports.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import lightning as L
 import numpy as np
@@ -24,13 +24,34 @@ from midol.optim.clipping import clip_grad_norm_per_param
 from midol.optim.grad_norms import term_grad_norms, total_norm
 from midol.optim.param_groups import decay_groups, set_lr_and_wd
 from midol.optim.schedules import cosine_schedule, warmup_cosine_schedule
+from midol.utils.deferred import DeferredUpdate
 from midol.utils.dist import all_reduce_max, rank, world_size
+from midol.utils.hparams import HParams
 from midol.utils.run_logs import record_log_dirs, recorded_log_dirs
 
 ClipMode = Literal["global", "per_param"]
 NonFinite = Literal["raise", "skip"]
 NonFiniteCheck = Literal["every_step", "one_step_late"]
 CompileSetting = bool | Literal["auto"]
+
+
+class BaseMethodOptions(HParams, Protocol):
+    """``self.hparams`` of :class:`BaseMethod`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    base_lr: float
+    lr_batch_size: int
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    betas: tuple[float, float]
+    clip_mode: ClipMode
+    compile: CompileSetting
+    nonfinite: NonFinite
+    nonfinite_check: NonFiniteCheck
+    max_nonfinite_skips: int
+    grad_norm_every: int
 
 
 class BaseMethod(L.LightningModule):
@@ -70,6 +91,11 @@ class BaseMethod(L.LightningModule):
             backbone (``grad/backbone_<term>``, one extra backward per term on those steps,
             this rank's batch only). 0 = off.
     """
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> BaseMethodOptions: ...  # type: ignore[override]  # Lightning types it as a plain mapping
 
     def __init__(
         self,
@@ -159,6 +185,18 @@ class BaseMethod(L.LightningModule):
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimiser step ``step`` (0-based) when at least one of its batches
         trained (a skipped step does not call it): the place for EMA updates."""
+
+    def deferred_updates(self) -> list[DeferredUpdate]:
+        """State computed in the forward that waits for a good step (the DINO centre, DEX's
+        frequencies and director EMA): committed after backward, discarded when the step is
+        skipped (:mod:`midol.utils.deferred`). Default: none."""
+        return []
+
+    def on_after_backward(self) -> None:
+        # backward ran, so the step's loss passed the finite check: apply what it computed
+        # (before the optimiser moves the weights, as each update was defined on them)
+        for state in self.deferred_updates():
+            state.commit()
 
     def batch_size_of(self, batch: Any) -> int:
         """Images per device in ``batch`` (lr scaling, image counting)."""
@@ -294,6 +332,12 @@ class BaseMethod(L.LightningModule):
         """uint8 (or 0-255 float) ``B x 3 x H x W`` -> normalised float, on the device."""
         return self.normalizer(images)
 
+    def request_health(self, every_n_steps: int) -> None:
+        """:class:`~midol.methods.interfaces.Monitored`: the routing monitor's pace."""
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.health_every_n_steps = every_n_steps
+
     def health_due(self) -> bool:
         """True on the steps where ``StepOutput["health"]`` is wanted."""
         n = self.health_every_n_steps
@@ -359,6 +403,8 @@ class BaseMethod(L.LightningModule):
                 f"max_nonfinite_skips={self.hparams.max_nonfinite_skips}" + _NONFINITE_HINT
             )
         rank_zero_warn(f"{message}; skipping this optimiser step (nonfinite: skip)")
+        for state in self.deferred_updates():
+            state.discard()
         return False
 
     def _raise_pending_nonfinite(self) -> None:

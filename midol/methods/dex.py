@@ -11,26 +11,61 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import timm
 import torch
 from torch import nn
 
-from midol.losses.dex import balance_loss, coherence_loss, masked_mae_loss, patchify
-from midol.methods.base import BaseMethod
+from midol.losses.dex import balance_loss, coherence_loss, layer_weights
+from midol.losses.mae import masked_mae_loss, patchify
+from midol.methods.base import BaseMethod, BaseMethodOptions
 from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models.backbone import build_backbone
 from midol.models.dex import DEXLayer, director_state_dict, inject_dex, set_dex_mode
 from midol.models.mae import MAEDecoder, encode_visible, random_masking
 from midol.optim.schedules import cosine_schedule
+from midol.utils.deferred import DeferredUpdate
 
 CoForm = Literal["ce", "cosine"]
 BalSchedule = Literal["constant", "cosine"]
 DEXMode = Literal["experts", "director"]
 
 
+
+
+class DEXOptions(BaseMethodOptions, Protocol):
+    """``self.hparams`` of :class:`DEX`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    backbone: str
+    backbone_kwargs: dict[str, Any] | None
+    img_size: int
+    init_checkpoint: str | None
+    grad_checkpointing: bool
+    use_dex: bool
+    num_experts: int
+    top_k: int
+    dex_blocks: list[int] | None
+    routing_temperature: float
+    freq_momentum: float
+    token_routing: bool
+    noise_start: float
+    noise_end: float
+    director_momentum_start: float
+    director_momentum_end: float
+    mask_ratio: float
+    norm_pix_loss: bool
+    decoder_dim: int
+    decoder_depth: int
+    decoder_heads: int
+    co_weight: float
+    co_form: CoForm
+    co_director_temp: float
+    co_expert_temp: float
+    bal_weight: float
+    bal_schedule: BalSchedule
 
 
 class DEX(BaseMethod):
@@ -83,6 +118,11 @@ class DEX(BaseMethod):
     """
 
     gradcam_supported = False  # a ViT has no stage feature map for midol's Grad-CAM
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> DEXOptions: ...  # type: ignore[override]
 
     def __init__(
         self,
@@ -145,7 +185,7 @@ class DEX(BaseMethod):
                        token_routing=token_routing)
             self.dex_layer_blocks = sorted(blocks)
             for layer in self.dex_layers():
-                layer.defer_updates = True  # applied in on_after_backward (checkpoint-safe)
+                layer.defer_updates = True  # committed by BaseMethod after backward (checkpoint-safe)
         patch = vit.patch_embed.patch_size[0]
         self.patch_size = patch
         self.decoder = MAEDecoder(vit.embed_dim, tuple(vit.patch_embed.grid_size), patch,
@@ -213,17 +253,14 @@ class DEX(BaseMethod):
             self.log_dict(self.device_scalars({"dex/noise_std": noise, "dex/director_momentum": momentum}),
                           on_step=True, on_epoch=False)
 
-    def on_after_backward(self) -> None:
-        # The director's group EMA and the frequency statistics of this micro-batch, before the
-        # optimiser moves the experts (see DEXLayer.defer_updates).
-        for layer in self.dex_layers():
-            layer.commit_updates()
+    def deferred_updates(self) -> list[DeferredUpdate]:
+        # each DEX layer's frequency statistics and director group EMA (DEXLayer.defer_updates)
+        return list(self.dex_layers())
 
     # ------------------------------------------------------------------ step
     def block_weights(self) -> torch.Tensor:
         """``alpha_l = 1 / (L - l + 1)`` of each DEX block by its depth l in the ViT (DEX)."""
-        depth = len(self.vit.blocks)
-        return torch.tensor([1.0 / (depth - b) for b in self.dex_layer_blocks])
+        return layer_weights(len(self.vit.blocks), self.dex_layer_blocks)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput | None:
         h = self.hparams

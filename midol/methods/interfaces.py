@@ -93,6 +93,15 @@ class Routed(Protocol):
         ...
 
 
+@runtime_checkable
+class Monitored(Protocol):
+    """A method that computes ``StepOutput["health"]`` when asked (BaseMethod)."""
+
+    def request_health(self, every_n_steps: int) -> None:
+        """Compute the health statistics every ``every_n_steps`` steps (0: never)."""
+        ...
+
+
 def has_routers(module: object) -> bool:
     """True for a :class:`Routed` module that has at least one router."""
     return isinstance(module, Routed) and bool(module.routers())

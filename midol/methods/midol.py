@@ -5,7 +5,7 @@ docs/papers/m-idol.md. The plain DINO baseline (M-IDoL Table 2 row 1) is one swi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from midol.losses import (
 )
 from midol.losses.routing import RouteForm
 from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
-from midol.methods.momentum import MomentumMethod, frozen_copy
+from midol.methods.momentum import MomentumMethod, MomentumMethodOptions, frozen_copy
 from midol.methods.speed import resolve_checkpointing
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
@@ -27,6 +27,7 @@ from midol.models.moe import Projection
 from midol.models.speed_switches import set_fused_attention
 from midol.optim.schedules import linear_warmup
 from midol.utils.cluster_metrics import distribution_stats, mean_pairwise_cosine
+from midol.utils.deferred import DeferredUpdate
 
 
 def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
@@ -41,6 +42,50 @@ def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor
         feats.append(backbone(torch.cat(views[start:end])).view(end - start, batch, -1))
         start = end
     return torch.cat(feats)
+
+
+class MIDoLOptions(MomentumMethodOptions, Protocol):
+    """``self.hparams`` of :class:`MIDoL`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    backbone: str
+    backbone_kwargs: dict[str, Any] | None
+    init_checkpoint: str | None
+    grad_checkpointing: bool | Literal['auto']
+    fused_attn: bool | None
+    use_moe: bool
+    num_experts: int
+    top_k: int
+    expert_hidden_dim: int
+    bottleneck_dim: int
+    expert_layers: int
+    out_dim: int
+    l2_norm: bool
+    projection: Projection
+    norm_last_layer: bool
+    gate_weighted_output: bool
+    router_noise: float
+    gate_noise: float
+    router_bias: bool
+    cst_loss: Literal['infonce', 'dino_ce']
+    route_weight: float
+    route_backbone_grad: bool
+    cst_weight: float
+    load_balance_weight: float
+    route_form: RouteForm
+    student_temp: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    warmup_teacher_temp_epochs: int
+    sinkhorn_eps: float
+    sinkhorn_iters: int
+    sinkhorn_impl: Literal['swav', 'authors']
+    infonce_temp: float
+    infonce_expert_mean: Literal['nonempty', 'all']
+    center_momentum: float
+    teacher_views: Literal['global', 'all']
+    num_global_views: int | None
+    freeze_last_layer_epochs: int
 
 
 class MIDoL(MomentumMethod):
@@ -121,6 +166,11 @@ class MIDoL(MomentumMethod):
             ``nonfinite``, ...).
     """
 
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> MIDoLOptions: ...  # type: ignore[override]
+
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
@@ -193,6 +243,8 @@ class MIDoL(MomentumMethod):
         self.dino_loss = (
             DINOLoss(out_dim, student_temp, center_momentum) if cst_loss == "dino_ce" else None
         )
+        if self.dino_loss is not None:
+            self.dino_loss.defer = True  # committed after backward (BaseMethod.deferred_updates)
 
     def _validate(self) -> None:
         h = self.hparams
@@ -268,7 +320,12 @@ class MIDoL(MomentumMethod):
     def last_layer(self) -> nn.Module:
         return self.student["projector"].projection
 
+    def deferred_updates(self) -> list[DeferredUpdate]:
+        # the DINO centre moves only with a step that trains (dinov2's order)
+        return [self.dino_loss] if self.dino_loss is not None else []
+
     def on_after_backward(self) -> None:
+        super().on_after_backward()
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for param in self.last_layer.parameters():
                 param.grad = None
@@ -329,9 +386,6 @@ class MIDoL(MomentumMethod):
             routing = {"route_epoch": ExpertChoice(assignment, 1, collapse_check=False,
                                                    idle_check=False, label="one expert (no MoE)")}
 
-        # The DINO centre update inside the loss must be undone if this step is skipped.
-        undo_center = self.dino_loss is not None and h.nonfinite == "skip"
-        center = self.dino_loss.center.clone() if undo_center else None
         if self.dino_loss is not None:
             l_cst = self.dino_loss(s_rep, t_rep, teacher_temp)
         else:
@@ -341,9 +395,7 @@ class MIDoL(MomentumMethod):
             )
         loss = h.route_weight * l_route + h.cst_weight * l_cst + h.load_balance_weight * l_balance
         terms = {"l_route": l_route, "l_cst": l_cst, "l_balance": l_balance, "total": loss}
-        if not self.check_finite(terms, batch_idx):
-            if self.dino_loss is not None and center is not None:
-                self.dino_loss.center.copy_(center)
+        if not self.check_finite(terms, batch_idx):  # the DINO centre's update is discarded
             return None  # Lightning skips backward and the optimiser step
         # index_add_, not bincount: CUDA bincount reads the maximum back to the host.
         usage = assignment.new_zeros(self.num_experts, dtype=torch.float32).index_add_(

@@ -5,11 +5,11 @@ EMA update, its schedule and the teacher's train/eval mode."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torch import nn
 
-from midol.methods.base import BaseMethod
+from midol.methods.base import BaseMethod, BaseMethodOptions
 from midol.models.ema import ema_update
 from midol.optim.schedules import momentum_at
 
@@ -21,6 +21,15 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
     return teacher
+
+
+class MomentumMethodOptions(BaseMethodOptions, Protocol):
+    """``self.hparams`` of :class:`MomentumMethod`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    momentum_start: float
+    momentum_end: float
+    teacher_mode: TeacherMode
 
 
 class MomentumMethod(BaseMethod):
@@ -38,6 +47,11 @@ class MomentumMethod(BaseMethod):
             and gate noise on).
         **kwargs: The arguments of :class:`~midol.methods.base.BaseMethod`.
     """
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> MomentumMethodOptions: ...  # type: ignore[override]
 
     def __init__(
         self,

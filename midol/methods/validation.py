@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from midol.utils.hparams import HParams
+
 # The lowest temperature (and Sinkhorn epsilon) accepted: below it the losses reach
 # ~1/temperature and stay finite, so the non-finite check never stops the run.
 MIN_TEMPERATURE = 1e-3
@@ -34,7 +36,7 @@ def nonnegative_checks(hparams: Mapping[str, Any], names: Iterable[str]) -> list
     return [(n, finite(hparams[n]) and hparams[n] >= 0, "finite and >= 0") for n in names]
 
 
-def raise_on_failed(hparams: Mapping[str, Any], checks: Iterable[Check]) -> None:
+def raise_on_failed(hparams: Mapping[str, Any] | HParams, checks: Iterable[Check]) -> None:
     """``ValueError("<option> must be <range>, got <value>")`` for the first failed check."""
     for name, ok, allowed in checks:
         if not ok:

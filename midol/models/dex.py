@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from midol.losses.dex import group_ema_
+from midol.models.ema import group_ema_
 from midol.utils.dist import all_reduce_sum
 
 DEXMode = Literal["experts", "director"]
@@ -207,6 +207,13 @@ class DEXLayer(nn.Module):
         self.freq.mul_(self.freq_momentum).add_(omega.to(self.freq.dtype), alpha=1.0 - self.freq_momentum)
         if self.update_director:
             group_ema_(self.director, self.experts, omega, self.director_momentum)
+
+    def discard(self) -> None:
+        """Drop the updates of a skipped step (:mod:`midol.utils.deferred`)."""
+        self._pending_omega = None
+
+    def commit(self) -> bool:
+        return self.commit_updates()
 
     def commit_updates(self) -> bool:
         """With ``defer_updates``: apply the updates the last training forward computed (call

@@ -9,6 +9,7 @@ UPerNet head the paper used through mmsegmentation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,15 @@ def stage_indices(backbone: nn.Module, num_levels: int = 4) -> list[int]:
 
 
 def stage_channels(backbone: nn.Module, indices: Sequence[int]) -> list[int]:
-    return [int(backbone.feature_info[i]["num_chs"]) for i in indices]
+    info: Any = backbone.feature_info  # timm's list of stage descriptions
+    return [int(info[i]["num_chs"]) for i in indices]
 
 
 def stage_maps(backbone: nn.Module, images: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
     """Feature maps B x C_i x H_i x W_i of the backbone stages ``indices`` (timm
     ``forward_intermediates``)."""
-    return backbone.forward_intermediates(
+    forward: Any = backbone.forward_intermediates
+    return forward(
         images, indices=list(indices), intermediates_only=True, output_fmt="NCHW"
     )
 

@@ -80,5 +80,5 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
         raise ValueError(f"{type(model).__name__} has no timm attention module with a "
                          "fused_attn flag: fused_attn cannot apply to it")
     for module in modules:
-        module.fused_attn = enabled
+        setattr(module, "fused_attn", enabled)  # noqa: B010  (a plain bool on timm's Attention)
     return len(modules)

@@ -85,8 +85,8 @@ class UNETRDecoder(nn.Module):
             x = upsample(x)
             if s == last:
                 x = fuse(torch.cat([x, skip(image)], dim=1))
-            elif self.skip_source[s] is not None:
-                x = fuse(torch.cat([x, skip(features[self.skip_source[s]])], dim=1))
+            elif (source := self.skip_source[s]) is not None:
+                x = fuse(torch.cat([x, skip(features[source])], dim=1))
             else:
                 x = fuse(x)
         if x.shape[-2:] != image.shape[-2:]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import lightning as L
 import torch
@@ -21,16 +21,44 @@ from midol.data.normalize import PixelNormalizer
 from midol.optim.layer_decay import layer_decay_param_groups
 from midol.optim.schedules import poly_schedule, warmup_cosine_schedule
 from midol.tasks.backbones import CheckpointFormat, load_backbone, part_from_prefix, with_dex_layers
-from midol.tasks.task_metrics import stage_results
+from midol.tasks.stage_metrics import StageMetrics
 from midol.utils.dist import world_size
+from midol.utils.hparams import HParams
 from midol.utils.run_logs import record_log_dirs, recorded_log_dirs
 
-STAGES = ("train", "val", "test")
 Schedule = Literal["cosine", "poly"]
 # Top-level checkpoint key: what inference needs without the training config (``midol predict``):
 # {"prediction": "softmax" | "sigmoid" | None, "output_names": [...] | None, "image_size": int |
 #  None, "backbone": {"model": timm name, "overrides": {...}, "dex": {...} | None}}
 TASK_KEY = "midol_task"
+
+
+class FinetuneModuleOptions(HParams, Protocol):
+    """``self.hparams`` of :class:`FinetuneModule`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    backbone: str | None
+    backbone_kwargs: dict[str, Any] | None
+    init_checkpoint: str | None
+    init_format: CheckpointFormat
+    init_part: str | None
+    init_prefix: str | None
+    dex_mode: Literal['director', 'experts'] | None
+    grad_checkpointing: bool
+    linear_probe: bool
+    optimizer: Literal['adamw', 'sgd']
+    lr: float
+    scale_lr_by_batch: bool
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    momentum: float
+    layer_decay: float
+    schedule: Schedule
+    warmup_epochs: float
+    warmup_steps: int | None
+    poly_power: float
+    cache_features: bool
 
 
 class FinetuneModule(L.LightningModule):
@@ -84,6 +112,11 @@ class FinetuneModule(L.LightningModule):
     # How the logits of one image become its prediction (``midol predict``): ``softmax`` (one
     # class), ``sigmoid`` (independent labels), None (no per-image prediction: segmentation).
     prediction: str | None = None
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> FinetuneModuleOptions: ...  # type: ignore[override]  # Lightning types it as a plain mapping
 
     def __init__(
         self,
@@ -168,7 +201,7 @@ class FinetuneModule(L.LightningModule):
 
     def init_metrics(self, make: Callable[[], dict[str, Metric]]) -> None:
         """``make()`` returns a fresh ``{name: Metric}``; one collection per stage."""
-        self.stage_metrics = nn.ModuleDict({f"{s}_": MetricCollection(make()) for s in STAGES})
+        self.stage_metrics = StageMetrics(make)
 
     def metric_names(self, name: str) -> list[str] | None:
         """Names of the entries of a per-class metric vector (None: numbered)."""
@@ -346,7 +379,7 @@ class FinetuneModule(L.LightningModule):
         self.restore_task_settings(checkpoint)
 
     def _metrics(self, stage: str) -> MetricCollection:
-        return self.stage_metrics[f"{stage}_"]
+        return self.stage_metrics.of(stage)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x = self.normalizer(batch["image"])
@@ -377,8 +410,8 @@ class FinetuneModule(L.LightningModule):
     def stage_results(self, stage: str) -> dict[str, float]:
         """Compute and reset the stage's metrics: scalars as they are, per-class vectors as
         ``name_<class>`` plus their macro mean (undefined entries left out) under ``name``."""
-        return stage_results(self._metrics(stage), stage, names_of=self.metric_names,
-                             macro_values=self.per_class_values)
+        return self.stage_metrics.results(stage, names_of=self.metric_names,
+                                          macro_values=self.per_class_values)
 
     def per_class_values(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Entries of a per-class metric that enter its macro mean (segmentation: foreground)."""

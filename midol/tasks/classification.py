@@ -3,14 +3,14 @@ one-vs-rest AUC (docs/papers/m-idol.md, 'Downstream protocol')."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
-from midol.tasks.base import FinetuneModule
+from midol.tasks.base import FinetuneModule, FinetuneModuleOptions
 from midol.tasks.task_metrics import classification_metrics
 
 
@@ -27,6 +27,22 @@ class LinearHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(self.norm(features)))
+
+
+class ClassificationModuleOptions(FinetuneModuleOptions, Protocol):
+    """``self.hparams`` of :class:`ClassificationModule`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    num_classes: int
+    label_smoothing: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    mix_prob: float
+    mix_switch_prob: float
+    head_norm: bool
+    head_dropout: float
+    head_init_std: float
+    class_names: list[str] | None
 
 
 class ClassificationModule(FinetuneModule):
@@ -49,6 +65,11 @@ class ClassificationModule(FinetuneModule):
     monitor = "val/auc"
     monitor_mode = "max"
     prediction = "softmax"
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> ClassificationModuleOptions: ...  # type: ignore[override]
 
     def __init__(
         self,

@@ -3,16 +3,28 @@ macro AUC (docs/papers/m-idol.md, 'Downstream protocol')."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
-from midol.tasks.base import FinetuneModule
+from midol.tasks.base import FinetuneModule, FinetuneModuleOptions
 from midol.tasks.classification import LinearHead
 from midol.tasks.task_metrics import multilabel_metrics
+
+
+class MultiLabelModuleOptions(FinetuneModuleOptions, Protocol):
+    """``self.hparams`` of :class:`MultiLabelModule`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    num_labels: int
+    label_names: list[str] | None
+    pos_weight: list[float] | None
+    head_norm: bool
+    head_dropout: float
+    head_init_std: float
 
 
 class MultiLabelModule(FinetuneModule):
@@ -32,6 +44,11 @@ class MultiLabelModule(FinetuneModule):
     monitor = "val/auc"
     monitor_mode = "max"
     prediction = "sigmoid"
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> MultiLabelModuleOptions: ...  # type: ignore[override]
 
     def __init__(
         self,

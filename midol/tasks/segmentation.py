@@ -3,7 +3,7 @@ Dice and IoU over the foreground classes (docs/papers/m-idol.md, 'Downstream pro
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 
 from midol.models.seg_decoder import MultiScaleDecoder, stage_channels, stage_indices, stage_maps
 from midol.models.unetr_decoder import UNETRDecoder
-from midol.tasks.base import FinetuneModule
+from midol.tasks.base import FinetuneModule, FinetuneModuleOptions
 from midol.tasks.task_metrics import segmentation_metrics
 
 
@@ -29,6 +29,21 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
     return 1 - dice[1:].mean()
+
+
+class SegmentationModuleOptions(FinetuneModuleOptions, Protocol):
+    """``self.hparams`` of :class:`SegmentationModule`: its ``__init__`` arguments, typed, so that a
+    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
+
+    num_classes: int
+    decoder_dim: int
+    decoder_dropout: float
+    num_levels: int
+    ce_weight: float
+    dice_weight: float
+    ignore_index: int
+    select_metric: Literal['dice', 'dice_per_image']
+    decoder_type: Literal['fpn', 'unetr']
 
 
 class SegmentationModule(FinetuneModule):
@@ -55,6 +70,11 @@ class SegmentationModule(FinetuneModule):
 
     monitor = "val/dice"
     monitor_mode = "max"
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> SegmentationModuleOptions: ...  # type: ignore[override]
 
     def __init__(
         self,

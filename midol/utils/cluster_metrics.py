@@ -27,12 +27,12 @@ def _table(counts: ArrayLike) -> np.ndarray:
 
 def entropy(p: ArrayLike) -> float:
     """Shannon entropy (nats) of a non-negative vector, normalised to sum 1 first; 0 log 0 = 0."""
-    p = np.asarray(p.cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float64).ravel()
-    total = p.sum()
+    q = np.asarray(p.cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float64).ravel()
+    total = q.sum()
     if total <= 0:
         raise ValueError("entropy of an all-zero vector is undefined")
-    p = p[p > 0] / total
-    return float(-(p * np.log(p)).sum())
+    q = q[q > 0] / total
+    return float(-(q * np.log(q)).sum())
 
 
 def normalized_entropy(p: ArrayLike) -> float:

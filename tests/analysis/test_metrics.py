@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from midol.analysis.cluster_metrics import (
+from midol.utils.cluster_metrics import (
     distribution_stats,
     entropy,
     mean_pairwise_cosine,

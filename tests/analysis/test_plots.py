@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers.analysis import sample_sources, tiny_run
-from tests.helpers.tiny import SAMPLE_DATA
 from PIL import Image
 
 from midol.analysis.confusion import confusion_counts, confusion_figure
@@ -19,11 +17,13 @@ from midol.analysis.curves import read_metrics, smooth
 from midol.analysis.features import per_modality_indices
 from midol.analysis.gradcam import grad_cam, gradcam_figure
 from midol.analysis.heatmap import routing_heatmap
-from midol.methods.loading import load_pretrain_module
-from midol.analysis.cluster_metrics import normalized_mutual_info, purity
 from midol.analysis.plotting import save_figure
 from midol.cli import main, run_lightning
 from midol.data import Corpus, EvalTransform
+from midol.methods.loading import load_pretrain_module
+from midol.utils.cluster_metrics import normalized_mutual_info, purity
+from tests.helpers.analysis import sample_sources, tiny_run
+from tests.helpers.tiny import SAMPLE_DATA
 
 PER_MODALITY = 12
 

@@ -9,12 +9,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from tests.helpers.tiny import tiny_datamodule, tiny_module
 from PIL import Image
 
-from midol.analysis.cluster_metrics import distribution_stats, normalized_mutual_info, purity
 from midol.callbacks import RoutingMonitor
 from midol.methods.interfaces import ExpertChoice
+from midol.utils.cluster_metrics import distribution_stats, normalized_mutual_info, purity
+from tests.helpers.tiny import tiny_datamodule, tiny_module
 
 
 class Recorder(L.Callback):

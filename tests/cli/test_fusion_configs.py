@@ -10,7 +10,7 @@ import pytest
 import timm
 
 from midol.cli import run_lightning
-from midol.io.export import BackboneExport, export_backbone
+from midol.methods.export import BackboneExport, export_backbone
 from tests.helpers.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 
 from midol.cli import main
 
-MODULES = ["midol.methods.MIDoL", "midol.methods.DEX", "midol.methods.MedMIX",
+MODULES = ["midol.methods.MIDoL", "midol.methods.DEX", "midol.fusion.MedMIX",
            "midol.tasks.ClassificationModule", "midol.tasks.MultiLabelModule",
            "midol.tasks.SegmentationModule"]
 DATA = ["midol.data.PretrainDataModule", "midol.data.LabelledDataModule",

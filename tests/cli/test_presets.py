@@ -84,7 +84,6 @@ def flat(d: Any, pre: str = "") -> dict[str, Any]:
 
 
 def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
-    root = old.get("trainer.default_root_dir")
     mapped = {}
     for key, value in old.items():
         head, _, leaf = key.rpartition(".")

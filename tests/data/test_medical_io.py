@@ -12,8 +12,8 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 nibabel = pytest.importorskip("nibabel")
 
-from midol.data.image_io import UnreadableImageError, is_image_file, load_image
-from midol.data.medical_io import MedicalReadError, apply_window, read_dicom, read_nifti
+from midol.data.image_io import UnreadableImageError, is_image_file, load_image  # noqa: E402  (after the importorskip of the optional readers)
+from midol.data.medical_io import MedicalReadError, apply_window, read_dicom, read_nifti  # noqa: E402
 
 DICOM_DIR = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
 NIFTI_DIR = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data")

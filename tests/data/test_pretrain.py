@@ -13,6 +13,7 @@ from midol.data.pretrain import PretrainDataModule, RoutingCollate
 from midol.data.sources import DataSource
 from midol.data.transforms import MultiCropTransform
 
+
 def small(**kwargs: int) -> dict[str, MultiCropTransform]:
     """Real images, small views: keeps the tests fast."""
     return {"transform": MultiCropTransform(global_size=64, local_size=32, **kwargs)}

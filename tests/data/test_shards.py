@@ -14,18 +14,23 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.tiny import tiny_module  # noqa: E402
-
-from midol.data import DataSource, MultiCropTransform, UnreadableImageWarning, load_image, resolve_source  # noqa: E402
+from midol.data import (  # noqa: E402
+    DataSource,
+    MultiCropTransform,
+    UnreadableImageWarning,
+    load_image,
+    resolve_source,
+)
+from midol.data.image_io import decode_image_bytes  # noqa: E402
 from midol.data.shards import (  # noqa: E402
     ShardedPretrainDataModule,
     ShardIndex,
     ShardStream,
     write_shards,
 )
-from midol.data.image_io import decode_image_bytes  # noqa: E402
 from midol.data.shards.stream import _image_of, _read_shard  # noqa: E402
 from midol.tools import cmd_shard as shard_tool  # noqa: E402
+from tests.helpers.tiny import tiny_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"xray": 60, "pathology": 41, "fundus": 200, "oct": 16}

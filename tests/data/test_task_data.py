@@ -12,7 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from midol.data import LabelledDataModule, LabelledSource, SegmentationDataModule, SegmentationSource
+from midol.data import (
+    LabelledDataModule,
+    LabelledSource,
+    SegmentationDataModule,
+    SegmentationSource,
+)
 from midol.data.splits import seeded_split
 from tests.helpers.task_data import pathology_pairs, write_csv
 

@@ -13,7 +13,7 @@ import torch
 
 from midol.cli import main
 from midol.errors import EXIT_USAGE
-from midol.io.export import export_method
+from midol.methods.export import export_method
 from midol.models.backbone import build_backbone
 from midol.tasks.backbones import load_backbone
 from tests.helpers.tiny import tiny_module

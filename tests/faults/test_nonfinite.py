@@ -86,7 +86,7 @@ def test_nonfinite_skip_leaves_the_step_without_any_update(monkeypatch) -> None:
     calls = {"n": 0}
 
     def faulty(self, *args, **kwargs):
-        value = forward(self, *args, **kwargs)  # also moves the centre, which must be undone
+        value = forward(self, *args, **kwargs)  # also computes a centre update, to be discarded
         calls["n"] += 1
         return value * float("nan") if calls["n"] == 3 else value
 

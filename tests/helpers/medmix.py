@@ -65,7 +65,7 @@ def datamodule(manifest: Path, **kwargs: Any) -> Any:
 
 
 def medmix(cache_dir: Path, **kwargs: Any) -> Any:
-    from midol.methods.medmix import MedMIX
+    from midol.fusion.module import MedMIX
 
     args: dict[str, Any] = {"experts": TINY_EXPERTS, "teachers": TINY_TEACHER, "dim": 16,
                             "hidden_dim": 16, "cache_dir": str(cache_dir), "warmup_epochs": 0,

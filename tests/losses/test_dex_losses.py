@@ -9,16 +9,9 @@ import torch
 from timm.layers import Mlp
 from torch.testing import assert_close
 
-from midol.losses.dex import (
-    balance_loss,
-    coherence_loss,
-    group_ema_,
-    layer_weights,
-    masked_mae_loss,
-    patchify,
-    unpatchify,
-    weighted_layer_mean,
-)
+from midol.losses.dex import balance_loss, coherence_loss, layer_weights, weighted_layer_mean
+from midol.losses.mae import masked_mae_loss, patchify, unpatchify
+from midol.models.ema import group_ema_
 
 
 # --- L_bal ---------------------------------------------------------------------------------
@@ -116,7 +109,7 @@ def test_coherence_cosine_vs_restatement() -> None:
 
 # --- block weights ---------------------------------------------------------------------------
 def test_layer_weights() -> None:
-    assert_close(layer_weights(12), torch.tensor([1 / (12 - l + 1) for l in range(1, 13)]))
+    assert_close(layer_weights(12), torch.tensor([1 / (12 - layer + 1) for layer in range(1, 13)]))
     assert_close(layer_weights(1), torch.tensor([1.0]))
     w = layer_weights(12)
     assert w[0] == pytest.approx(1 / 12) and w[-1] == 1.0
@@ -208,3 +201,16 @@ def test_masked_mae_loss_vs_restatement(norm_pix: bool) -> None:
 def test_masked_mae_loss_nothing_masked_is_zero() -> None:
     loss = masked_mae_loss(torch.randn(1, 4, 3), torch.randn(1, 4, 3), torch.zeros(1, 4))
     assert loss.item() == 0.0
+
+
+def test_layer_weights_of_chosen_blocks_and_the_method_uses_them() -> None:
+    # blocks 3, 7, 11 of a 12-block ViT: l = 4, 8, 12 -> 1/9, 1/5, 1
+    assert_close(layer_weights(12, [3, 7, 11]), torch.tensor([1 / 9, 1 / 5, 1.0]))
+    with pytest.raises(ValueError, match="blocks must lie"):
+        layer_weights(12, [12])
+    from tests.helpers.dex import tiny_dex
+
+    module = tiny_dex()
+    depth = len(module.vit.blocks)
+    expected = torch.tensor([1.0 / (depth - b) for b in module.dex_layer_blocks])
+    assert_close(module.block_weights(), expected)

@@ -14,7 +14,7 @@ The reference loops over pairs, images and output dimensions in float64.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -224,3 +224,21 @@ def test_dino_loss_in_float64_matches_the_equation_and_keeps_its_centre_float64(
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
     expected_center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
     torch.testing.assert_close(loss_fn.center, expected_center, rtol=1e-12, atol=1e-12)
+
+
+def test_deferred_centre_waits_for_commit_and_equals_the_immediate_update() -> None:
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 8) for _ in range(2)]
+    student = [torch.randn(4, 8) for _ in range(3)]
+    now, later = DINOLoss(8, center_momentum=0.9), DINOLoss(8, center_momentum=0.9)
+    later.defer = True
+    assert_close(now(student, teacher, 0.04), later(student, teacher, 0.04))  # same centre used
+    assert torch.equal(later.center, torch.zeros(1, 8)) and not torch.equal(now.center, later.center)
+    assert later.commit() is True and later.commit() is False  # applied once
+    assert_close(later.center, now.center)
+    # centre <- m c + (1 - m) mean(teacher rows), by hand
+    assert_close(later.center, 0.1 * torch.cat(teacher).mean(0, keepdim=True))
+    later(student, teacher, 0.04)
+    later.discard()  # a skipped step: no trace of it
+    assert later.commit() is False
+    assert_close(later.center, now.center)

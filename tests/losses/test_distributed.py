@@ -13,14 +13,11 @@ One spawn runs every check (module-scoped fixture) to keep the file fast.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
-
-from tests.helpers import dist as H
 
 from midol.losses import (  # noqa: E402
     DINOLoss,
@@ -29,6 +26,7 @@ from midol.losses import (  # noqa: E402
     routing_consistency_loss,
     sinkhorn_knopp,
 )
+from tests.helpers import dist as H
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"

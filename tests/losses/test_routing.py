@@ -14,7 +14,7 @@ is built from torch float64 scalars so autograd gives a reference gradient; the 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch

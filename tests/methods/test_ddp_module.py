@@ -16,11 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from tests.helpers.tiny import TINY_SWIN, tiny_module  # noqa: E402
-
 from midol.data.image_io import load_image  # noqa: E402
 from midol.data.pretrain_datasets import ViewCollate  # noqa: E402
 from midol.data.transforms import MultiCropTransform  # noqa: E402
+from tests.helpers.tiny import TINY_SWIN, tiny_module  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -65,6 +64,7 @@ def step(module, batch: dict) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # self.log without a Trainer
         out = module.training_step(batch, 0)
     out["loss"].backward()
+    module.on_after_backward()  # as Lightning does: commits the step's DINO centre update
     res = {f"grad.{n}": p.grad.detach().clone() for n, p in module.student.named_parameters()}
     res["loss"] = out["loss"].detach()
     if module.dino_loss is not None:

@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 
-from midol.io.export import export_method
-from midol.losses.dex import balance_loss, coherence_loss, masked_mae_loss, patchify
+from midol.losses.dex import balance_loss, coherence_loss
+from midol.losses.mae import masked_mae_loss, patchify
+from midol.methods.export import export_method
 from midol.methods.loading import load_method
 from midol.tasks.backbones import load_backbone
 from tests.helpers.dex import TINY_VIT, dex_datamodule, tiny_dex
@@ -54,7 +55,7 @@ def test_training_step_loss_is_mae_plus_weighted_co_and_bal(monkeypatch) -> None
     lasts = []
     for layer in module.dex_layers():  # keep each block's routing state before the step clears it
         orig = layer.forward
-        layer.forward = (lambda f, lay: (lambda x: (out := f(x), lasts.append(lay.last))[0]))(orig, layer)
+        layer.forward = (lambda f, lay: (lambda x: (f(x), lasts.append(lay.last))[0]))(orig, layer)
     out = module.training_step(batch, 0)
     assert len(lasts) == 3
     co = [coherence_loss(r.expert_out, r.director_out, "ce", 0.5, 1.0) for r in lasts]

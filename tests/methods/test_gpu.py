@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers.tiny import tiny_datamodule, tiny_module
 from midol.losses import sinkhorn_knopp
+from tests.helpers.tiny import tiny_datamodule, tiny_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from midol.io.export import export_checkpoint
 from midol.methods import MIDoL
+from midol.methods.export import export_checkpoint
 from midol.methods.loading import load_method
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

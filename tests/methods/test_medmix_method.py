@@ -16,10 +16,11 @@ import torch
 
 from midol.analysis.robustness import Protocols, evaluate, write_report
 from midol.data.feature_cache import FeatureCache
-from midol.fusion.export import export_deployable, inference_cost, load_deployable
-from midol.methods.loading import load_method
-from midol.fusion.module import MedMIX, patient_batch
 from midol.fusion.experts import encoder_key
+from midol.fusion.export import export_deployable, inference_cost, load_deployable
+from midol.fusion.module import MedMIX
+from midol.fusion.patient_features import patient_batch
+from midol.methods.loading import load_method
 from tests.helpers.medmix import ODIR, datamodule, medmix, odir_subset
 
 pytestmark = pytest.mark.skipif(not (ODIR / "patients.csv").is_file(), reason="ODIR patients not found")
@@ -56,11 +57,11 @@ def test_fit_trains_on_cached_features_and_logs_macro_auc(fitted):
     # batches carried no pixels: the model read its features from the cache
     assert fitted["dm"].load_images is False
     table = model.table
-    assert model._features["left_fundus"][0].shape == (len(table.patient_ids), 48)
-    assert model._features["left_fundus"][1].shape == (len(table.patient_ids), 32)
+    assert model.features.experts["left_fundus"][0].shape == (len(table.patient_ids), 48)
+    assert model.features.experts["left_fundus"][1].shape == (len(table.patient_ids), 32)
     # absent eyes are absent, not zero rows
     absent = ~torch.as_tensor(table.present[:, 0])
-    assert absent.any() and torch.isnan(model._features["left_fundus"][0][absent]).all()
+    assert absent.any() and torch.isnan(model.features.experts["left_fundus"][0][absent]).all()
 
 
 def test_second_setup_reuses_the_cache(fitted):
@@ -72,7 +73,7 @@ def test_second_setup_reuses_the_cache(fitted):
                             table.image_files("left_fundus"), lambda a: torch.zeros(3, 32, 32, dtype=torch.uint8),
                             "EvalTransform(32)")
     assert result.computed == 0 and not called
-    torch.testing.assert_close(result.features, model._features["left_fundus"][0], equal_nan=True)
+    torch.testing.assert_close(result.features, model.features.experts["left_fundus"][0], equal_nan=True)
 
 
 def test_tabular_statistics_come_from_training_rows_only(fitted):
@@ -239,7 +240,7 @@ def test_teacher_logits_enter_as_a_kl_term(tmp_path):
         t.fit(model, datamodule=datamodule(manifest))
     assert float(t.callback_metrics["train/l_kd_epoch"]) > 0
     first = ids[0]
-    rows = model._teacher_logits[model.table.patient_ids.index(first)]
+    rows = model.features.teacher_logits[model.table.patient_ids.index(first)]
     torch.testing.assert_close(rows, torch.tensor([(0 + k) % 3 - 1.0 for k in range(8)]))
     # a patient without teacher logits is a clear error
     with open(logits, "w", newline="") as fh:
@@ -259,7 +260,7 @@ def test_finetune_experts_trains_them_on_pixels_without_the_cache(tmp_path):
         model.attach(dm, fit=False)
         before = [p.detach().clone() for p in model.experts.parameters()]
         t.fit(model, datamodule=dm)
-    assert dm.load_images is True and not model._features
+    assert dm.load_images is True and not model.features.experts
     assert not (tmp_path / "cache").exists()  # no expert feature was cached
     changed = [not torch.equal(a, b) for a, b in zip(before, model.experts.parameters(), strict=True)]
     assert any(changed) and all(p.requires_grad for p in model.experts.parameters())

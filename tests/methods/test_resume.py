@@ -11,9 +11,9 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader
 
+from midol.data.sampler import Draw, ResumableDataLoader
 from tests.helpers.faults import finish, start_fit, step_metrics, tiny_config, wait_for
 from tests.helpers.tiny import tiny_datamodule
-from midol.data.sampler import Draw, ResumableDataLoader
 
 STEPS = 12  # 3 epochs x 4 batches in tiny_config
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers.finetune import SWIN, pretrain_checkpoint, tiny_backbone_args
-from tests.helpers.tiny import TINY_SWIN
-from midol.io.export import export_checkpoint
-from midol.methods import ClassificationModule, PretrainModule
+from midol.methods import PretrainModule
+from midol.methods.export import export_checkpoint
+from midol.tasks import ClassificationModule
 from midol.tasks.backbones import detect_format, load_backbone
+from tests.helpers.finetune import SWIN, pretrain_checkpoint, tiny_backbone_args
 from tests.helpers.images import real_batch
+from tests.helpers.tiny import TINY_SWIN
 
 
 @pytest.fixture()

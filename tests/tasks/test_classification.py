@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tiny_backbone_args
 from midol.data import LabelledDataModule, LabelledSource
-from midol.methods import ClassificationModule
+from midol.tasks import ClassificationModule
+from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tiny_backbone_args
 from tests.helpers.metrics import pair_auc
 
 

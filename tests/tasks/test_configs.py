@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.finetune import REPO, pretrain_checkpoint
 from midol.cli import run_lightning
-from midol.methods import ClassificationModule, MultiLabelModule, SegmentationModule
+from midol.tasks import ClassificationModule, MultiLabelModule, SegmentationModule
+from tests.helpers.finetune import REPO, pretrain_checkpoint
 
 CONFIGS = sorted((REPO / "configs" / "finetune").rglob("[!_]*.yaml"))  # _*.yaml: bases
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
@@ -88,4 +88,4 @@ def test_real_set_configs_read_their_data(name: str, shared_data, tmp_path_facto
     cli = build(config, ckpt)
     cli.datamodule.setup("fit")
     assert cli.datamodule.split_sizes() == SPLITS[name]
-    assert cli.datamodule.num_classes == getattr(cli.model, "num_classes")
+    assert cli.datamodule.num_classes == cli.model.num_classes

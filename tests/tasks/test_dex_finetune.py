@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from midol.data import SegmentationDataModule, SegmentationSource
-from midol.methods import ClassificationModule, SegmentationModule
 from midol.models.dex import DEXLayer
 from midol.models.unetr_decoder import UNETRDecoder
+from midol.tasks import ClassificationModule, SegmentationModule
 from tests.helpers.dex import dex_datamodule, tiny_dex
 from tests.helpers.finetune import quick_trainer
 from tests.helpers.task_data import pathology_pairs

@@ -7,10 +7,10 @@ import math
 import pytest
 from torch import nn
 
-from midol.tasks.base import poly_schedule
 from midol.models import build_backbone
 from midol.optim.layer_decay import layer_decay_param_groups, layer_ids
 from midol.optim.schedules import warmup_cosine_schedule
+from midol.tasks.base import poly_schedule
 
 SWIN = "swin_tiny_patch4_window7_224"
 DEPTHS = dict(img_size=32, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer
 from midol.data import LabelledDataModule, LabelledSource
-from midol.methods import MultiLabelModule
+from midol.tasks import MultiLabelModule
+from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer
 from tests.helpers.metrics import pair_auc
 from tests.helpers.task_data import MULTILABELS, multilabel_manifest
 

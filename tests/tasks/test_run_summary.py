@@ -8,12 +8,11 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from midol.data import LabelledDataModule, LabelledSource
-from midol.methods import ClassificationModule
+from midol.tasks import ClassificationModule
 from tests.helpers.finetune import SIZE, tiny_backbone_args
 
 

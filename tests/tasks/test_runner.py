@@ -11,11 +11,10 @@ import pytest
 import yaml
 
 from experiments import scoring
-from tests.helpers.finetune import REPO, SIZE, pretrain_checkpoint
-from tests.helpers.tiny import TINY_SWIN
-
 from experiments.downstream import report
 from experiments.downstream import run as runner
+from tests.helpers.finetune import REPO, SIZE, pretrain_checkpoint
+from tests.helpers.tiny import TINY_SWIN
 
 RESULTS = {
     "A": {0: {"test/acc": 0.80, "test/auc": 0.90}, 1: {"test/acc": 0.82, "test/auc": 0.91}, 2: {"test/acc": 0.84, "test/auc": 0.92}},

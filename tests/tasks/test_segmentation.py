@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tiny_backbone_args
 from midol.data import SegmentationDataModule, SegmentationSource
-from midol.methods import SegmentationModule
 from midol.models.seg_decoder import stage_indices, stage_maps
+from midol.tasks import SegmentationModule
+from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer, tiny_backbone_args
 from tests.helpers.task_data import pathology_pairs
 
 

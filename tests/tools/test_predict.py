@@ -17,7 +17,7 @@ from midol.data import EvalTransform, LabelledDataModule, LabelledSource
 from midol.data.image_io import load_image
 from midol.data.readers import scan_images
 from midol.errors import UsageError
-from midol.methods import ClassificationModule, MultiLabelModule
+from midol.tasks import ClassificationModule, MultiLabelModule
 from midol.tasks.base import TASK_KEY
 from tests.helpers.finetune import SIZE, pretrain_checkpoint, quick_trainer
 from tests.helpers.task_data import MULTILABELS, multilabel_manifest
