@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ def predict(classifier: Any, batches: Iterable[dict[str, Any]], progress: bool =
     classifier.eval()
     device = next(classifier.parameters()).device
     targets, preds = [], []
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     for batch in tqdm(batches, desc="classifier", total=total, disable=not progress, leave=False):
         logits = classifier(batch["image"].to(device))
         preds.append(logits.argmax(dim=-1).cpu())

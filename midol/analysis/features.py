@@ -3,7 +3,7 @@ confidence, and the modality of every image."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,7 @@ def collect(
     confidences: list[torch.Tensor] = []
     feats: list[torch.Tensor] = []
     skipped: list[str] = []
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     try:
         for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
             skipped.extend(batch.get("skipped", ()))

@@ -295,7 +295,8 @@ class LabelledDataModule(TaskDataModule):
         splits = {**splits, **self.carve(splits["train"], strata, "val" in splits, "test" in splits)}
         for k, split in splits.items():
             if len(split) == 0:
-                raise ValueError(f"the {k} split is empty (source {self.sources['train'].path})")
+                train = self.sources["train"]
+                raise ValueError(f"the {k} split is empty (source {train.path if train else None})")
         self.splits = splits
         self.datasets = {
             k: LabelledDataset(s, self.train_transform if k == "train" else self.eval_transform)
@@ -313,6 +314,7 @@ class LabelledDataModule(TaskDataModule):
             self._num_classes = width
             if self.classes is None:
                 src = self.sources["train"]
+                assert src is not None  # the training source is required
                 self.classes = list(src.label_columns) if len(src.label_columns) == width else [
                     str(i) for i in range(width)]
             return

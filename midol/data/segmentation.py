@@ -263,7 +263,8 @@ class SegmentationDataModule(TaskDataModule):
         tables.update(self.carve(tables["train"], None, "val" in tables, "test" in tables))
         for k, table in tables.items():
             if len(table) == 0:
-                raise ValueError(f"the {k} split is empty (source {self.sources['train'].path})")
+                train = self.sources["train"]
+                raise ValueError(f"the {k} split is empty (source {train.path if train else None})")
         self.tables = tables
         self.datasets = {
             k: SegmentationDataset(

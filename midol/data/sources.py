@@ -111,7 +111,7 @@ def source_table(sources: list[DataSource], sizes: list[int]) -> str:
         lines.append(f"| {s.path} | {s.modality} | {s.resolved_kind()} | {n} | {s.weight:g} | {d / total:.1%} |")
     per: dict[str, list[float]] = {}
     for s, n, d in zip(sources, sizes, draws, strict=True):
-        entry = per.setdefault(s.modality, [0, 0.0])
+        entry: list[float] = per.setdefault(s.modality, [0, 0.0])
         entry[0] += n
         entry[1] += d
     lines.append("| **per modality** | | | | | |")

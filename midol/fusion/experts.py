@@ -121,7 +121,7 @@ def build_expert(spec: ExpertSpec) -> tuple[nn.Module, dict[str, Any]]:
     size = spec.image_size or info.image_size or info.overrides.get("img_size") or DEFAULT_IMAGE_SIZE
     freeze(model)
     recipe = {"name": spec.name, "model": info.model, "overrides": dict(info.overrides),
-              "dex": info.dex, "image_size": int(size), "dim": int(model.num_features),
+              "dex": info.dex, "image_size": int(size), "dim": feature_width(model),
               "source": info.source}
     return model, recipe
 
@@ -171,3 +171,9 @@ def expert_features(images: torch.Tensor, experts: Sequence[nn.Module],
             images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out.append(model(x).float())
     return out
+
+
+def feature_width(model: nn.Module) -> int:
+    """timm's ``num_features`` of a backbone."""
+    width: Any = model.num_features
+    return int(width)

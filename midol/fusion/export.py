@@ -46,7 +46,8 @@ class MedMIXDeployable(nn.Module):
         self.normalizer = PixelNormalizer()
 
     def features(self, modality: str, images: torch.Tensor) -> list[torch.Tensor]:
-        return expert_features(self.normalizer(images), self.experts[modality], self.recipes[modality])
+        experts: Any = self.experts[modality]  # a ModuleList
+        return expert_features(self.normalizer(images), experts, self.recipes[modality])
 
     def forward(self, inputs: dict[str, Any], present: torch.Tensor) -> torch.Tensor:
         """``inputs[name]``: image -> uint8 B x 3 x H x W; tabular -> dict (``numeric``,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def read_checkpoint_file(path: str | Path, weights_only: bool | None = True) -> 
     return ckpt
 
 
-def last_checkpoint(folders: list[str | Path]) -> Path | None:
+def last_checkpoint(folders: Sequence[str | Path]) -> Path | None:
     """What ``--ckpt_path last`` means: the newest ``last*.ckpt`` in ``folders`` (Lightning's
     rule), or None."""
     found = [p for folder in folders if Path(folder).is_dir()

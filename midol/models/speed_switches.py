@@ -56,7 +56,7 @@ def parameter_state_gib(trainable: int, frozen: int) -> float:
 
 
 def estimate_memory(
-    backbone: str, batch_size: int, view_sides: Sequence[int], trainable_params: int,
+    backbone: str, batch_size: int, view_sides: Sequence[float], trainable_params: int,
     frozen_params: int, device_gib: float,
 ) -> MemoryEstimate | None:
     """The estimate for a known backbone, None for one without a measured coefficient."""

@@ -85,7 +85,7 @@ class ShardStream(IterableDataset):
         else:
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
             # Fewer samples than slots: every slot reads everything (duplicates across slots).
-            keep = (slot, slots) if sum(counts) >= slots else None
+            keep: tuple[int, int] | None = (slot, slots) if sum(counts) >= slots else None
             units = [(u, int(first), keep) for u, first in zip(urls, starts)]
         rng = _seed(self.seed, epoch, slot, m)
         buffer: list[Any] = []
