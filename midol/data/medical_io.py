@@ -19,8 +19,10 @@ Intensity rules (one place, like :mod:`midol.data.image_io`'s):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +114,9 @@ def read_dicom(path: str | os.PathLike[str], window: Window | None = None) -> np
     return _grey_rgb(grey)
 
 
+MAX_NIFTI_VOXELS = 2**28  # 1 GiB as float32: a 512 x 512 x 1000 CT fits
+
+
 def read_nifti(path: str | os.PathLike[str], window: Window | None = None, axis: int = -1,
                index: int | None = None) -> np.ndarray:
     """One slice of a NIfTI file as uint8 ``H x W x 3`` (rules in the module docstring)."""
@@ -120,20 +125,34 @@ def read_nifti(path: str | os.PathLike[str], window: Window | None = None, axis:
     except ImportError as err:
         raise MedicalReadError("reading NIfTI needs nibabel: pip install 'midol[medical]'") from err
     try:
-        data = np.asarray(nibabel.load(str(path)).get_fdata(dtype=np.float32))  # type: ignore[attr-defined]
+        image = nibabel.load(str(path))  # the header only: the voxels stay on disk
+        shape = tuple(int(n) for n in image.header.get_data_shape())  # type: ignore[attr-defined]
     except Exception as err:  # nibabel: ImageFileError, EOFError, zlib errors, ...
         raise MedicalReadError(f"not a readable NIfTI image ({type(err).__name__}: {err})") from err
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.ndim == 3:
-        if data.shape[axis] == 1:
-            data = np.take(data, 0, axis=axis)
-        else:
-            size = data.shape[axis]
-            pick = size // 2 if index is None else index
-            if not 0 <= pick < size:
-                raise MedicalReadError(f"slice {pick} out of range (axis has {size})")
-            data = np.take(data, pick, axis=axis)
+    voxels = math.prod(shape) if shape else 0
+    if voxels > MAX_NIFTI_VOXELS:
+        # a few hundred KB of .nii.gz can declare gigabytes (issue 26 item 9): refuse before reading
+        raise MedicalReadError(
+            f"declares {'x'.join(map(str, shape))} = {voxels:,} voxels, more than the "
+            f"{MAX_NIFTI_VOXELS:,} midol reads from one file (a decompression bomb, or a volume "
+            "to cut into slices first)")
+    if len(shape) not in (2, 3, 4):
+        raise MedicalReadError(f"expected a 2-D, 3-D or 4-D image, got shape {shape}")
+    # only the wanted slice is read and scaled (scl_slope / scl_inter, as get_fdata applies them)
+    where: list[Any] = [slice(None)] * len(shape)
+    if len(shape) == 4:
+        where[3] = 0
+    if len(shape) >= 3:
+        ax = axis % 3
+        size = shape[ax]
+        pick = 0 if size == 1 else (size // 2 if index is None else index)
+        if not 0 <= pick < size:
+            raise MedicalReadError(f"slice {pick} out of range (axis has {size})")
+        where[ax] = pick
+    try:
+        data = np.asarray(image.dataobj[tuple(where)], dtype=np.float32)  # type: ignore[attr-defined]
+    except Exception as err:
+        raise MedicalReadError(f"not a readable NIfTI image ({type(err).__name__}: {err})") from err
     if data.ndim != 2:
         raise MedicalReadError(f"expected a 2-D, 3-D or 4-D image, got shape {data.shape}")
     return _grey_rgb(apply_window(data, window))

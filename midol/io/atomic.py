@@ -9,10 +9,14 @@ In the same folder, ``os.replace`` is atomic: readers see the old file or the ne
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from midol.errors import OutputFileError
 
 
 def default_file_mode() -> int:
@@ -33,9 +37,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except Exception as err:
+            full = disk_full_error(target, err)
+            if full is not None:
+                raise full from err
+            raise
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
         with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
@@ -46,6 +56,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
                 os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+LOW_SPACE = 64 * 2**20  # below this, a failed write is taken for a full disk
+
+
+def disk_full_error(target: Path, err: BaseException) -> OutputFileError | None:
+    """One line for a write that failed because the disk is full (issue 26 item 13: torch and
+    numpy report it as ``file write failed`` or a bare ``OSError``): the file, the free space,
+    and that the previous version is intact; None for any other failure."""
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        return None
+    by_errno = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not by_errno and free >= LOW_SPACE:
+        return None
+    return OutputFileError(
+        f"{target}: the disk is full ({free / 2**20:.0f} MiB free in {target.parent}); nothing was "
+        f"replaced (a previous {target.name} is intact): free some space and run again")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

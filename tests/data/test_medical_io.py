@@ -106,3 +106,34 @@ def test_window_validation():
         apply_window(np.zeros((2, 2)), (0, 0))
     np.testing.assert_array_equal(apply_window(np.array([[np.nan, 1.0], [2.0, 3.0]]), None),
                                   np.array([[0, 0], [128, 255]], dtype=np.uint8))
+
+
+def test_nifti_bomb_is_refused_from_its_header_before_any_voxel_is_read(tmp_path):
+    """A .nii.gz of a few hundred bytes declaring 4000 x 4000 x 2000 voxels (issue 26 item 9:
+    such files cost gigabytes and raised MemoryError): one line naming the declared size, and
+    the file is skipped like any unreadable image."""
+    import gzip
+    import tracemalloc
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4000, 4000, 2000))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(header.binaryblock + b"\x00" * 4 + b"\x00" * 4096)
+    assert path.stat().st_size < 2_000
+    tracemalloc.start()
+    with pytest.raises(UnreadableImageError, match=r"bomb.nii.gz: .*4000x4000x2000 = 32,000,000,000 voxels"):
+        load_image(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50 * 2**20  # nothing of the declared 128 GB was allocated
+
+
+def test_nifti_slice_is_read_alone_and_equals_the_full_read(tmp_path):
+    """Only the wanted slice is read (a real volume, scaled by scl_slope / scl_inter)."""
+    path = os.path.join(NIFTI_DIR, "anatomical.nii")
+    full = np.asarray(nibabel.load(path).get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(read_nifti(path, axis=1, index=5)[..., 0],
+                                  apply_window(full[:, 5, :].astype(np.float64), None))
