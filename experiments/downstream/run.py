@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from experiments import scoring  # noqa: E402
+from midol.config_compose import load_composed  # noqa: E402
 
 
 # ---------------------------------------------------------------------- config editing
@@ -87,7 +88,7 @@ def relocate(cfg: dict[str, Any], new_root: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any], out_dir: Path, seed: int | None) -> dict[str, Any]:
-    cfg = yaml.safe_load(Path(path).read_text())
+    cfg = load_composed(path)  # presets compose from bases (base:)
     cfg = relocate(cfg, out_dir)
     for key, value in overrides.items():
         set_dotted(cfg, key, value)

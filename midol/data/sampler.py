@@ -110,14 +110,15 @@ class _DrawBatches:
     one-shot ``skip`` of leading batches (index bookkeeping only: skipped images are never
     loaded)."""
 
-    def __init__(self, batch_sampler: Any) -> None:
+    def __init__(self, batch_sampler: Any, draws: bool = True) -> None:
         self.batch_sampler = batch_sampler
+        self.draws = draws
         self.skip = 0
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def __iter__(self) -> Iterator[list[Draw]]:
+    def __iter__(self) -> Iterator[list[Draw] | list[int]]:
         # A generator: the skip is taken by the iteration that actually starts (torch's
         # multi-worker iterator calls iter() twice on creation and only advances the second).
         skip, self.skip = self.skip, 0
@@ -125,6 +126,9 @@ class _DrawBatches:
         size = int(getattr(self.batch_sampler, "batch_size", 0) or 0)
         for b, batch in enumerate(self.batch_sampler):
             if b < skip:
+                continue
+            if not self.draws:  # a dataset indexed by plain ints (the task datasets)
+                yield [int(i) for i in batch]
                 continue
             # Sample k of rank r is entry k * w + r of the full epoch order (DistributedSampler
             # deals the entries out to the ranks in turn).
@@ -150,12 +154,13 @@ class ResumableDataLoader(DataLoader):
             training. :class:`~midol.data.PretrainDataModule` passes Lightning's own counter.
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batches_done: Callable[[], int], draws: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.batch_sampler is None:
             raise ValueError("ResumableDataLoader needs batch_size (batches are skipped whole)")
         self.batches_done = batches_done
-        self._draws = _DrawBatches(self.batch_sampler)
+        self._draws = _DrawBatches(self.batch_sampler, draws)
 
     @property
     def _index_sampler(self) -> _DrawBatches:  # type: ignore[override]

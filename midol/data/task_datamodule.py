@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from midol.data.loader_utils import check_loader_args, worker_init
+from midol.data.loader_utils import batches_trained, check_loader_args, worker_init
+from midol.data.sampler import ResumableDataLoader, WeightedSourceSampler
 from midol.data.splits import seeded_split
 
 
@@ -87,14 +88,31 @@ class TaskDataModule(L.LightningDataModule):
                 f"{self.batch_size} with drop_last: lower batch_size or set drop_last: false"
             )
         if train:
+            seed = torch.initial_seed() % 2**31  # follows seed_everything
             reseed = getattr(getattr(dataset, "transform", None), "set_seed", None)
             if callable(reseed):  # main-process loading: follow seed_everything
                 reseed(torch.initial_seed() % 2**32)
+            # The order of an epoch depends only on (seed, epoch), and a resumed run skips the
+            # batches its checkpoint already trained: fine-tuning and MedMIX resume exactly
+            # (issue 26 item 14; a plain shuffle drew its order from the global RNG).
+            return ResumableDataLoader(
+                dataset,
+                sampler=WeightedSourceSampler(torch.zeros(len(dataset), dtype=torch.long), [1.0],
+                                              seed=seed),
+                batch_size=self.batch_size,
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                persistent_workers=self.persistent_workers and self.num_workers > 0,
+                worker_init_fn=worker_init,
+                generator=torch.Generator().manual_seed(seed),
+                batches_done=lambda: batches_trained(self.trainer),
+                draws=False,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -175,7 +175,7 @@ def test_analyze_confusion_matrix_of_a_fine_tuned_classifier(run_dir, tmp_path, 
         f"trainer: {{accelerator: cpu, devices: 1, max_steps: 3, logger: false, enable_checkpointing: false,\n"
         f"  default_root_dir: {tmp_path},\n"  # LightningCLI writes config.yaml there, not in the repo
         "  enable_progress_bar: false, enable_model_summary: false, num_sanity_val_steps: 0}\n"
-        "model:\n  class_path: midol.methods.ClassificationModule\n"
+        "model:\n  class_path: midol.tasks.ClassificationModule\n"
         f"  init_args: {{init_checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}, num_classes: 2, linear_probe: true, lr: 0.05}}\n"
         "data:\n  class_path: midol.data.LabelledDataModule\n"
         "  init_args: {train: {path: sample_data/xray}, test_fraction: 0.25, image_size: 32, batch_size: 8,\n"

@@ -6,6 +6,7 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
 * ``data.init_args.{global,local}_{size,scale}``, ``num_global``, ``num_local`` moved into
   ``data.init_args.transform`` (a ``MultiCropTransform``, which can now be replaced);
 * ``midol.methods.PretrainModule`` is ``midol.methods.MIDoL`` (the old name is an alias);
+* ``midol.methods.<Task>Module`` is ``midol.tasks.<Task>Module`` (``TASKS``);
 * ``midol.callbacks.ExportTeacherBackbone`` is ``midol.callbacks.ExportBackbone`` (the old name
   still loads, with a DeprecationWarning: ``test_old_callback_name_loads_and_warns``);
 * ``init_prefix: teacher.backbone.`` (the old default) is ``init_part: null`` (the method's
@@ -60,6 +61,8 @@ SWIN_B_SPEED = {
 # LightningCLI's own --optimizer / --lr_scheduler: 0.1.0 printed them (null); midol no longer
 # offers them, since its modules build their own optimiser groups and schedules.
 REMOVED_OPTIONS = ("optimizer", "lr_scheduler")
+# the task modules moved to midol.tasks (the midol.methods names still load, with a warning)
+TASKS = ("ClassificationModule", "FinetuneModule", "MultiLabelModule", "SegmentationModule")
 
 AUTHORS_CODE_CHANGES = {
     "model.init_args.num_experts": 4, "model.init_args.top_k": 4,
@@ -93,6 +96,8 @@ def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
             value = "midol.methods.MIDoL"
         if value == "midol.callbacks.ExportTeacherBackbone":
             value = "midol.callbacks.ExportBackbone"
+        if isinstance(value, str) and value.startswith("midol.methods.") and value.endswith(TASKS):
+            value = value.replace("midol.methods.", "midol.tasks.")
         if key == "model.init_args.init_prefix" and value == "teacher.backbone.":
             value = None
         mapped[key] = value

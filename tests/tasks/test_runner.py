@@ -80,7 +80,7 @@ def test_runner_end_to_end_fine_tuning_on_real_xrays(sample_data, tmp_path, monk
                     "default_root_dir": "outputs/finetune/tiny",
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": "outputs/finetune/tiny/ck", "monitor": "val/auc", "mode": "max"}}]},
-        "model": {"class_path": "midol.methods.ClassificationModule",
+        "model": {"class_path": "midol.tasks.ClassificationModule",
                   "init_args": {"num_classes": 2, "backbone": "swin_tiny_patch4_window7_224",
                                 "backbone_kwargs": dict(TINY_SWIN), "linear_probe": False}},
         "data": {"class_path": "midol.data.LabelledDataModule",
@@ -111,7 +111,7 @@ def test_runner_end_to_end_fine_tuning_on_real_xrays(sample_data, tmp_path, monk
 def _probe_config(sample_data: Path, **init_args) -> dict:
     return {
         "trainer": {"default_root_dir": "outputs/finetune/probe"},
-        "model": {"class_path": "midol.methods.ClassificationModule",
+        "model": {"class_path": "midol.tasks.ClassificationModule",
                   "init_args": {"num_classes": 2, "linear_probe": True, "head_norm": True, **init_args}},
         "data": {"class_path": "midol.data.LabelledDataModule",
                  "init_args": {"train": {"path": str(sample_data / "xray")}, "val_fraction": 0.2,
