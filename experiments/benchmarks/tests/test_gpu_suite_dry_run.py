@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.benchmarks import gpu_suite
+from experiments.benchmarks import gpu_section, gpu_suite
 
 BENCH = Path(__file__).resolve().parents[1]
 ROOT = BENCH.parents[1]
@@ -217,7 +217,7 @@ def test_every_section_row_is_a_case_that_step_impls_runs() -> None:
 
 
 class _OomSuite:
-    """Stands in for gpu_suite.Suite: the authors views run out of memory above batch 16."""
+    """Stands in for gpu_measure.Suite: the authors views run out of memory above batch 16."""
 
     def __init__(self, args) -> None:
         import torch
@@ -244,7 +244,7 @@ class _OomSuite:
 
 def test_oom_halves_the_batch_and_later_rows_start_below_it(tmp_path: Path, monkeypatch) -> None:
     suites: list[_OomSuite] = []
-    monkeypatch.setattr(gpu_suite, "Suite", lambda args: suites.append(_OomSuite(args))
+    monkeypatch.setattr(gpu_section, "Suite", lambda args: suites.append(_OomSuite(args))
                         or suites[-1])
     args = gpu_suite.parse_args(["section", "A", "--device", "cpu", "--micro", "--out",
                                  str(tmp_path), "--batch", "64", "--no-check-flop-scaling"])
