@@ -27,9 +27,12 @@ import contextvars
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import TextIO
 
 EXIT_OK = 0
@@ -38,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_DIVERGED = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MIDOL_DEBUG"
@@ -53,6 +57,30 @@ class UnreadableImageError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during work that is not a Lightning training loop (a feature pass, a routing
+    table): raised like Ctrl-C, so what such work keeps on Ctrl-C it keeps on SIGTERM too;
+    exit status 143. Inside ``fit`` Lightning's own handler and ``PreemptionCheckpoint`` act."""
+
+
+@contextlib.contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM raises :class:`Terminated`; the previous
+    handler is restored after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class MidolError(Exception):
@@ -168,6 +196,8 @@ def _is_interrupt(err: BaseException) -> bool:
 
 def exit_code(err: BaseException) -> int:
     """The ``midol`` exit status for ``err`` (see the module docstring)."""
+    if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):
+        return EXIT_TERMINATED
     if _is_interrupt(err):
         return EXIT_INTERRUPTED
     err = root_error(err)
@@ -209,6 +239,8 @@ def message(err: BaseException) -> str:
 
 def format_error(err: BaseException) -> str:
     """``midol: error: <what went wrong>`` (``midol: interrupted`` for Ctrl-C)."""
+    if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):
+        return "midol: terminated (SIGTERM); the work finished so far is kept"
     if _is_interrupt(err):
         return "midol: interrupted"
     root = root_error(err)
@@ -258,7 +290,7 @@ def run_reporting(fn: Callable[[], int | None], debug: bool = False,
             raise
         _close_progress_bars()
         print(format_error(err), file=stream)
-        return EXIT_INTERRUPTED
+        return exit_code(err)
     except BaseException as err:  # the command's last line of defence
         if not isinstance(err, Exception) and not isinstance(err, KeyboardInterrupt):
             raise  # GeneratorExit and the like

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import midol
 from midol.data.image_io import UnreadableImageError, UnreadableImageWarning, load_image
 from midol.data.loader_utils import check_loader_args, worker_init
-from midol.errors import OutputFileError
+from midol.errors import OutputFileError, raise_on_sigterm
 from midol.io.atomic import atomic_path, atomic_write_text
 
 try:  # POSIX only; elsewhere concurrent writers to one entry are simply not serialised
@@ -305,7 +305,8 @@ class FeatureCache:
         )
         dim = entry.dim
         try:
-            with torch.no_grad():
+            # SIGTERM (a scheduler's stop) keeps the rows encoded so far, as Ctrl-C does
+            with raise_on_sigterm(), torch.no_grad():
                 for positions, images, failures in tqdm(
                     loader, total=len(loader), desc=desc, unit="batch", disable=None
                 ):

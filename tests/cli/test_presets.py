@@ -16,6 +16,8 @@ Every preset's ``--print_config`` must equal what midol 0.1.0 (commit f90bd5f) p
 * every preset's ``ModelCheckpoint`` writes ``last.ckpt`` at each epoch end (0.1.0's
   ``save_last: true, save_top_k: 0`` wrote nothing until the run ended): the fixtures'
   checkpoint entries were updated to the new settings, and nothing else in them;
+* every preset has a ``PreemptionCheckpoint`` at its defaults (issue 26 item 5:
+  ``preemption_entry``), the fine-tune and MedMIX presets and two pre-training ones gained it;
 * new options with their defaults (the values that reproduce 0.1.0): ``NEW_OPTIONS``;
 * LightningCLI's ``optimizer`` / ``lr_scheduler`` (null in 0.1.0) are gone: ``REMOVED_OPTIONS``;
 * the Swin-B pre-training presets pick the fast settings for the hardware (issue 12):
@@ -104,6 +106,15 @@ def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
     return null_run_folders(mapped)
 
 
+def preemption_entry(config: dict[str, Any], key: str) -> bool:
+    """A key of the PreemptionCheckpoint every preset gained (issue 26 item 5), at its defaults."""
+    head = key.split("].")[0] + "]"
+    if config.get(f"{head}.class_path") != "midol.callbacks.PreemptionCheckpoint":
+        return False
+    return key == f"{head}.class_path" or config[key] == {"dirpath": None, "filename": "last"}.get(
+        key.rsplit(".", 1)[-1], "<not a default>")
+
+
 def null_run_folders(config: dict[str, Any]) -> dict[str, Any]:
     """Output folders equal to the run folder (or its checkpoints/) as null: the same run."""
     root = config.get("trainer.default_root_dir")
@@ -142,6 +153,7 @@ def test_preset_resolves_to_what_0_1_0_printed(fixture: Path, monkeypatch) -> No
     changed = {k: (old[k], new.get(k, "<missing>")) for k in old if new.get(k, "<missing>") != old[k]}
     assert changed == {}
     added = {k: v for k, v in new.items() if k not in old}
+    added = {k: v for k, v in added.items() if not preemption_entry(new, k)}
     unexplained = {k: v for k, v in added.items()
                    if not any(k.endswith(s) and v == d for s, d in NEW_OPTIONS.items())}
     assert unexplained == {}
@@ -189,3 +201,19 @@ def test_old_callback_name_loads_and_warns(tmp_path: Path, monkeypatch) -> None:
     from midol.callbacks import ExportBackbone
 
     assert sum(isinstance(c, ExportBackbone) for c in cli.trainer.callbacks) == 1
+
+
+def every_preset() -> list[Path]:
+    """The presets a user runs (bases ``_*.yaml``, eval suites and W&B sweep specs are not fit configs)."""
+    return sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                  if not p.name.startswith("_")
+                  and not {"eval", "sweeps"} & set(p.relative_to(REPO / "configs").parts))
+
+
+@pytest.mark.parametrize("preset", every_preset(), ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_preset_writes_a_resumable_checkpoint_on_sigterm(preset: Path) -> None:
+    """Issue 26 item 5: fine-tune and MedMIX presets exited 0 on SIGTERM with no checkpoint;
+    every preset now has a PreemptionCheckpoint (exit 143, last.ckpt)."""
+    callbacks = load_composed(preset).get("trainer", {}).get("callbacks") or []
+    paths = [c.get("class_path") for c in callbacks if isinstance(c, dict)]
+    assert paths.count("midol.callbacks.PreemptionCheckpoint") == 1, paths
