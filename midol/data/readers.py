@@ -173,7 +173,7 @@ def read_csv_rows(
     name = name or path
     needed = list(required) + ([split_column] if split is not None and split_column else [])
     try:
-        with open(os.path.expanduser(path), newline="", encoding="utf-8") as fh:
+        with open(os.path.expanduser(path), newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             absent = [c for c in needed if c not in columns]

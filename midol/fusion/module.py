@@ -202,6 +202,9 @@ class MedMIX(BaseMethod):
         if h.fusion not in ("reliability", "mean", "concat_missing", "transformer"):
             raise ValueError(f"fusion must be reliability, mean, concat_missing or transformer, "
                              f"got {h.fusion!r}")
+        if h.fusion == "transformer" and h.dim % 4:
+            raise ValueError(f"dim must be a multiple of 4 with fusion: transformer (its 4 heads), "
+                             f"got {h.dim}")
         if h.kd_weight > 0 and not h.teacher_logits:
             raise ValueError("kd_weight > 0 needs teacher_logits (a CSV of teacher logits)")
         if h.teacher_logits and not Path(h.teacher_logits).expanduser().is_file():
@@ -263,6 +266,9 @@ class MedMIX(BaseMethod):
             self.features.compute_teachers(table, settings, self.teacher_specs,
                                            self.structure["teacher_dims"])
         self.table = table
+        if self.hparams.train_drop_input and self.hparams.train_drop_input not in self.input_names:
+            raise ValueError(f"train_drop_input: {self.hparams.train_drop_input!r} is not an input "
+                             f"of the data (inputs: {', '.join(self.input_names)})")
         if fit:
             self._fit_tabular(table)
         self.features.compute_experts(table, settings, self.expert_specs, dict(self.experts.items()),

@@ -111,7 +111,7 @@ class PatientFeatures:
     def read_teacher_logits(self, path: str | Path, table: Any) -> None:
         """A CSV of teacher logits: first column the patient id, one column per label."""
         path = str(Path(path).expanduser())
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             id_column = columns[0] if columns else ""

@@ -337,6 +337,9 @@ class InputFusion(nn.Module):
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}")
         if mode not in ("reliability", "mean", "concat_missing", "transformer"):
             raise ValueError(f"unknown mode {mode!r}")
+        if mode == "transformer" and dim % num_heads:
+            raise ValueError(f"dim must be a multiple of {num_heads} (the transformer fusion's "
+                             f"heads), got {dim}")
         self.num_inputs = num_inputs
         self.dim = dim
         self.mode = mode

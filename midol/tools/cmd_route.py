@@ -42,7 +42,7 @@ UNKNOWN = ""
 def _manifest_modalities(path: str, path_column: str, modality_column: str) -> list[str] | None:
     """Per-row modality names, aligned with the rows ``DataSource(kind='csv')`` keeps (non-empty
     path cells); None when the manifest has no ``modality_column``."""
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if modality_column not in (reader.fieldnames or []):
             return None

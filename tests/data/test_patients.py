@@ -402,3 +402,12 @@ def test_unreadable_image_at_load_time_is_absent(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(UnreadablePatientError):  # the second failure does not warn again
             ds[1]
+
+
+def test_a_utf8_bom_keeps_the_patient_id_column(tmp_path):
+    """Issue 26 item 16: a manifest saved by Excel starts with a BOM, which read the first
+    column as '\\ufeffpatient_id', so the ids were silently replaced by row numbers."""
+    path = tab_csv(tmp_path, [["p1", 30, 20, "a", 1, "train"], ["p2", 40, 21, "b", 0, "train"]])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    table = read_patient_table(str(path), TAB, ["y"])
+    assert table.patient_ids == ["p1", "p2"]
