@@ -59,7 +59,7 @@ class ExpertSpec:
     seed: int = 0
 
     @classmethod
-    def parse(cls, value: ExpertSpec | dict[str, Any], where: str) -> ExpertSpec:
+    def parse(cls, value: ExpertSpec | dict[str, Any], where: str, check_files: bool = True) -> ExpertSpec:
         if isinstance(value, ExpertSpec):
             return value
         if not isinstance(value, dict):
@@ -72,7 +72,7 @@ class ExpertSpec:
         if "name" not in value:
             raise ValueError(f"{where}: every expert needs a name")
         spec = cls(**value)
-        if spec.checkpoint is not None and not Path(spec.checkpoint).expanduser().exists():
+        if check_files and spec.checkpoint is not None and not Path(spec.checkpoint).expanduser().exists():
             raise FileNotFoundError(f"{where} ({spec.name}): weights file {spec.checkpoint} does "
                                     "not exist (see the README's MedMIX section for the command "
                                     "that writes midol's demo exports)")
@@ -81,13 +81,15 @@ class ExpertSpec:
         return spec
 
 
-def parse_expert_table(value: dict[str, list[Any]] | None, what: str) -> dict[str, list[ExpertSpec]]:
-    """``{modality: [spec, ...]}`` with unique names per modality."""
+def parse_expert_table(value: dict[str, list[Any]] | None, what: str,
+                       check_files: bool = True) -> dict[str, list[ExpertSpec]]:
+    """``{modality: [spec, ...]}`` with unique names per modality; ``check_files=False`` when
+    the experts are rebuilt from a checkpoint (their weights are in it, the files need not be)."""
     out: dict[str, list[ExpertSpec]] = {}
     for modality, specs in (value or {}).items():
         if not isinstance(specs, list) or not specs:
             raise ValueError(f"{what}.{modality}: give a non-empty list of experts")
-        parsed = [ExpertSpec.parse(s, f"{what}.{modality}[{i}]") for i, s in enumerate(specs)]
+        parsed = [ExpertSpec.parse(s, f"{what}.{modality}[{i}]", check_files) for i, s in enumerate(specs)]
         names = [s.name for s in parsed]
         if len(set(names)) != len(names):
             raise ValueError(f"{what}.{modality}: expert names must be unique, got {names}")

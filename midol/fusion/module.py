@@ -163,10 +163,11 @@ class MedMIX(BaseMethod):
                          warmup_epochs=warmup_epochs, weight_decay=weight_decay,
                          weight_decay_end=weight_decay_end, betas=betas, **kwargs)
         self._validate_medmix()
-        self.expert_specs = parse_expert_table(experts, "experts")
+        self.expert_specs = parse_expert_table(experts, "experts", check_files=structure is None)
         if not self.expert_specs:
             raise ValueError("experts: name at least one expert backbone for an image modality")
-        teacher_table = parse_expert_table({m: [t] for m, t in (teachers or {}).items()}, "teachers")
+        teacher_table = parse_expert_table({m: [t] for m, t in (teachers or {}).items()}, "teachers",
+                                           check_files=structure is None)
         self.teacher_specs: dict[str, ExpertSpec] = {m: t[0] for m, t in teacher_table.items()}
         unknown = sorted(set(self.teacher_specs) - set(self.expert_specs))
         if unknown:
@@ -207,7 +208,7 @@ class MedMIX(BaseMethod):
                              f"got {h.dim}")
         if h.kd_weight > 0 and not h.teacher_logits:
             raise ValueError("kd_weight > 0 needs teacher_logits (a CSV of teacher logits)")
-        if h.teacher_logits and not Path(h.teacher_logits).expanduser().is_file():
+        if h.teacher_logits and h.structure is None and not Path(h.teacher_logits).expanduser().is_file():
             raise FileNotFoundError(f"teacher_logits: {h.teacher_logits} does not exist")
 
     # ------------------------------------------------------------------ building

@@ -330,3 +330,34 @@ def test_checkpoint_written_before_the_move_to_fusion_loads(fitted, tmp_path, ol
     dm.setup("test")
     rebuilt.attach(dm, fit=False)
     torch.testing.assert_close(rebuilt.predict_rows(rows), fitted["model"].predict_rows(rows))
+
+
+def test_checkpoint_exports_without_the_expert_weight_files(tmp_path):
+    """Issue 26 item 12: the experts' weights are in the checkpoint, so `midol export` of a MedMIX
+    checkpoint must not need the files the experts were first read from (it stopped with exit 3
+    once one was moved)."""
+    import timm
+    from safetensors.torch import save_file
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    weights = tmp_path / "weights" / "expert.safetensors"
+    weights.parent.mkdir()
+    torch.manual_seed(3)
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs).state_dict(), str(weights))
+    experts = {"fundus": [{"name": "from_file", "backbone": "vit_tiny_patch16_224", "backbone_kwargs": kwargs,
+                           "checkpoint": str(weights), "checkpoint_format": "timm", "image_size": 32}]}
+    manifest = odir_subset(tmp_path, {"train": 20, "val": 8, "test": 8})
+    L.seed_everything(0)
+    model = medmix(tmp_path / "cache", experts=experts, teachers=None)
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest))
+    ckpt = tmp_path / "medmix.ckpt"
+    t.save_checkpoint(ckpt)
+    weights.rename(tmp_path / "moved.safetensors")
+    rebuilt = load_method(ckpt)
+    path = export_deployable(rebuilt, tmp_path / "export")
+    deployed, original = load_deployable(path), model.deployable().eval()
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    torch.testing.assert_close(deployed.features("fundus", images), original.features("fundus", images))
