@@ -6,7 +6,10 @@ vectors in seconds per epoch. One cache entry (a folder named by ``encoder_key``
 ``transform_key``) holds:
 
 * ``features.npy``: ``K x D`` float32, one row per cached file;
-* ``files.json``: the ``K`` file fingerprints (``realpath|size|mtime_ns``), in row order;
+* ``files.json``: the ``K`` file fingerprints, in row order: ``realpath|size|mtime_ns`` (the
+  default ``stat`` key: free, but an image rewritten in place with the same size and mtime keeps
+  its stale row) or ``sha256:<digest>|size`` (``key="content"``: every file is read once per
+  run to hash it, and no edit goes unseen);
 * ``meta.json``: ``encoder_key``, ``transform_key``, ``dim``, ``midol_version``, ``rows``.
 
 Rows are only ever appended; an edited image gets a new fingerprint and so a new row (its old
@@ -27,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,6 +66,23 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(f"not a regular file: {os.fspath(path)}")
     return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+
+
+CacheKey = Literal["stat", "content"]
+
+
+def content_fingerprint(path: str | os.PathLike[str]) -> str:
+    """``'sha256:<hex>|<size>'`` of a file's bytes (``cache_key: content``): an image edited in
+    place with its size and mtime kept gets a new key, a copied or moved one keeps its key.
+    Costs one read of every file per run (the ``stat`` key costs a ``stat`` call)."""
+    file_fingerprint(path)  # the same errors for a missing or irregular file
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return f"sha256:{h.hexdigest()}|{size}"
 
 
 def weights_fingerprint(path: str | os.PathLike[str] | None) -> str:
@@ -146,8 +166,11 @@ def _collate(
 class FeatureCache:
     """Features of frozen encoders, cached under ``root`` per (encoder, transform, file)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], key: CacheKey = "stat") -> None:
+        if key not in ("stat", "content"):
+            raise ValueError(f"cache_key must be 'stat' or 'content', got {key!r}")
         self.root = Path(root)
+        self.key = key
 
     def check_writable(self, option: str = "cache_dir") -> None:
         """Raise :class:`~midol.errors.OutputFileError` (exit 3, one line) unless the cache
@@ -218,7 +241,8 @@ class FeatureCache:
                 keys.append(None)
                 continue
             try:
-                fp = str(given[pos]) if given is not None else file_fingerprint(f)
+                fp = (str(given[pos]) if given is not None
+                      else content_fingerprint(f) if self.key == "content" else file_fingerprint(f))
             except OSError as err:
                 if str(f) not in bad_paths:
                     why = "no such file" if isinstance(err, FileNotFoundError) else repr(err)

@@ -37,7 +37,7 @@ import torch
 import yaml
 from torch import nn
 
-from midol.data.feature_cache import FeatureCache, file_fingerprint, weights_fingerprint
+from midol.data.feature_cache import CacheKey, FeatureCache, file_fingerprint, weights_fingerprint
 from midol.data.labelled import LabelledSplit
 from midol.data.normalize import PixelNormalizer
 from midol.data.transforms.eval import EvalTransform
@@ -273,12 +273,14 @@ class Embedder:
         device: ``cpu`` or ``cuda[:n]``; bf16 autocast on CUDA.
         batch_size: Images per forward pass.
         num_workers: Decoding workers (0: in the main process).
+        cache_key: ``stat`` or ``content`` (:class:`~midol.data.feature_cache.FeatureCache`).
     """
 
     cache_dir: str
     device: str = "cpu"
     batch_size: int = 64
     num_workers: int = 0
+    cache_key: CacheKey = "stat"
     computed: int = 0
     reused: int = 0
 
@@ -301,7 +303,7 @@ class Embedder:
 
         kwargs: dict[str, Any] = {} if loader is None else {"fingerprints": fingerprints, "load": loader}
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            result = FeatureCache(self.cache_dir).features(
+            result = FeatureCache(self.cache_dir, self.cache_key).features(
                 encode, key, files, EvalTransform(size), f"EvalTransform({size})",
                 self.batch_size, self.num_workers, desc, **kwargs)
         self.computed += result.computed

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from midol.data.feature_cache import CacheKey
 from midol.data.missingness import random_drop
 from midol.fusion.experts import (
     ExpertSpec,
@@ -73,6 +74,7 @@ class MedMIXOptions(BaseMethodOptions, Protocol):
     train_drop_input: str | None
     finetune_experts: bool
     cache_dir: str
+    cache_key: CacheKey
     feature_batch_size: int
     feature_workers: int
     structure: dict[str, Any] | None
@@ -112,6 +114,9 @@ class MedMIX(BaseMethod):
             (training samples that have nothing else are left out of the loss).
         finetune_experts: train the experts too (pixels every step, no feature cache).
         cache_dir: folder of the on-disk feature cache.
+        cache_key: how cached rows are matched to files: ``stat`` (path, size, modification
+            time: free; an image rewritten in place with the same size and time is not seen)
+            or ``content`` (a hash of the bytes: every file read once per run; no edit unseen).
         feature_batch_size: images per forward pass when computing features for the cache.
         feature_workers: data-loader workers when computing features for the cache.
         structure: filled from the data when the model is set up and saved with checkpoints
@@ -147,6 +152,7 @@ class MedMIX(BaseMethod):
         train_drop_input: str | None = None,
         finetune_experts: bool = False,
         cache_dir: str = "outputs/feature_cache",
+        cache_key: CacheKey = "stat",
         feature_batch_size: int = 64,
         feature_workers: int = 0,
         structure: dict[str, Any] | None = None,
@@ -196,6 +202,7 @@ class MedMIX(BaseMethod):
             ("train_drop_rate", 0 <= h.train_drop_rate < 1, "in [0, 1)"),
             ("feature_batch_size", h.feature_batch_size >= 1, ">= 1"),
             ("feature_workers", h.feature_workers >= 0, ">= 0"),
+            ("cache_key", h.cache_key in ("stat", "content"), "'stat' or 'content'"),
         ]
         raise_on_failed(h, checks)
         if h.pooling not in ("attention", "mean", "concat"):
@@ -292,7 +299,8 @@ class MedMIX(BaseMethod):
 
     def feature_settings(self) -> FeatureSettings:
         h = self.hparams
-        return FeatureSettings(h.cache_dir, h.feature_batch_size, h.feature_workers, self.device)
+        return FeatureSettings(h.cache_dir, h.feature_batch_size, h.feature_workers, self.device,
+                               h.cache_key)
 
     # ------------------------------------------------------------------ forward
     def batch_size_of(self, batch: Any) -> int:

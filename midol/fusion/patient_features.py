@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from midol.data.feature_cache import FeatureCache
+from midol.data.feature_cache import CacheKey, FeatureCache
 from midol.data.patient_datamodule import PatientDataset
 from midol.data.transforms.eval import EvalTransform
 from midol.fusion.experts import ExpertSpec, build_expert, encoder_key, feature_encoder
@@ -30,9 +30,10 @@ class FeatureSettings:
     batch_size: int = 64
     workers: int = 0
     device: torch.device | str = "cpu"
+    key: CacheKey = "stat"
 
     def cache(self) -> FeatureCache:
-        return FeatureCache(Path(self.cache_dir).expanduser())
+        return FeatureCache(Path(self.cache_dir).expanduser(), self.key)
 
 
 def cached_features(settings: FeatureSettings, spec: ExpertSpec, model: nn.Module | None, size: int,

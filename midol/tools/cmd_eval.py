@@ -18,7 +18,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -61,6 +61,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--random_references", type=bool, default=True,
                         help="add the seeded random init of every architecture that appears")
     parser.add_argument("--cache_dir", type=str, default=DEFAULT_CACHE, help="feature cache folder")
+    parser.add_argument("--cache_key", type=Literal["stat", "content"], default="stat",
+                        help="match cached rows to files by path+size+mtime (stat: free) or by a "
+                             "hash of the bytes (content: reads every file once; sees any edit)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda[:n] (bf16 autocast on CUDA)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--num_workers", type=int, default=0, help="image-decoding workers")
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> int:
     else:
         for b in loaded:
             b.ref.reference = b.ref.spec.checkpoint is None
-    embedder = feats.Embedder(cfg.cache_dir, device, cfg.batch_size, cfg.num_workers)
+    embedder = feats.Embedder(cfg.cache_dir, device, cfg.batch_size, cfg.num_workers, cfg.cache_key)
     start = dt.datetime.now(dt.timezone.utc)
     default_show = warnings.showwarning
 

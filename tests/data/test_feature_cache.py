@@ -356,3 +356,36 @@ def test_check_writable_refuses_a_cache_that_cannot_be_created(tmp_path):
         FeatureCache(blocker / "cache").check_writable()
     FeatureCache(tmp_path / "new" / "cache").check_writable()  # creatable: fine
     assert not (tmp_path / "new").exists()  # and nothing created
+
+
+def test_an_image_rewritten_in_place_with_the_same_size_and_mtime(tmp_path):
+    """Issue 26 item 10: the default ``stat`` key serves the old row (documented); the
+    ``content`` key sees the edit and encodes the new pixels."""
+    import shutil
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (16, 16), (10, 10, 10)).save(path)
+    stat0 = path.stat()
+
+    def encoder(images):
+        return images.float().mean(dim=(2, 3))
+
+    def run(key):
+        return FeatureCache(tmp_path / f"cache_{key}", key=key).features(
+            encoder, "mean", [str(path)], lambda a: torch.from_numpy(a).permute(2, 0, 1).contiguous(), "t")
+
+    before = {k: run(k).features[0, 0].item() for k in ("stat", "content")}
+    assert before == {"stat": 10.0, "content": 10.0}
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(path)  # same size on disk, other pixels
+    assert path.stat().st_size == stat0.st_size
+    os.utime(path, ns=(stat0.st_atime_ns, stat0.st_mtime_ns))
+    stale, fresh = run("stat"), run("content")
+    assert stale.features[0, 0].item() == 10.0 and stale.reused == 1  # the documented limit
+    assert fresh.features[0, 0].item() == 200.0 and fresh.computed == 1
+    copy = tmp_path / "copy.png"
+    shutil.copy(path, copy)  # a copy has the same content key: reused
+    again = FeatureCache(tmp_path / "cache_content", key="content").features(
+        encoder, "mean", [str(copy)], lambda a: torch.from_numpy(a).permute(2, 0, 1).contiguous(), "t")
+    assert again.reused == 1 and again.computed == 0
+    with pytest.raises(ValueError, match="cache_key must be 'stat' or 'content'"):
+        FeatureCache(tmp_path, key="mtime")
