@@ -26,6 +26,7 @@ import math
 import os
 import stat
 import tempfile
+import tokenize
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,13 @@ class FeatureCache:
         entry_dir = self.entry_dir(encoder_key, transform_key)
         entry = self._load(entry_dir, encoder_key, transform_key, warn=True)
         cached = entry.index
+        # A non-finite cached row (a crash mid-encode, a bad disk) would surface later as a
+        # non-finite loss with a misleading hint: such rows are encoded again and replaced.
+        finite = np.isfinite(entry.features).all(axis=1) if entry.features.size else np.ones(0, bool)
+        stale = {fp for fp, row in cached.items() if not finite[row]}
+        if stale:
+            warnings.warn(f"{desc}: {len(stale)} cached feature row(s) in {entry_dir} are not "
+                          "finite (NaN or inf); encoding those images again", UserWarning, stacklevel=2)
 
         given = list(fingerprints) if fingerprints is not None else None
         if given is not None and len(given) != n:
@@ -255,7 +263,7 @@ class FeatureCache:
                 keys.append(None)
                 continue
             keys.append(fp)
-            if fp not in cached and fp not in todo:
+            if (fp not in cached or fp in stale) and fp not in todo:
                 todo[fp] = str(f)
 
         new_rows, failed_fps = self._encode(
@@ -277,7 +285,7 @@ class FeatureCache:
                 bad_paths.setdefault(str(f), None)
 
         dim = entry.dim if entry.dim is not None else _first_dim(new_rows)
-        reused_fps = {fp for fp in keys if fp is not None and fp in cached}
+        reused_fps = {fp for fp in keys if fp is not None and fp in cached and fp not in stale}
         if dim is None or (not new_rows and not reused_fps):
             raise ValueError(f"no readable image among {n} files for {desc}")
 
@@ -388,7 +396,9 @@ class FeatureCache:
             meta = json.loads(paths[0].read_text(encoding="utf-8"))
             index = json.loads(paths[2].read_text(encoding="utf-8"))
             feats = np.load(paths[1], allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:  # truncated JSON/npy, bad UTF-8
+        except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as err:
+            # truncated JSON or npy, bad UTF-8, a corrupt npy header (numpy parses it as Python
+            # literals: TokenError / SyntaxError, which escaped as "a bug" before)
             return broken(f"{type(err).__name__}: {err}")
         if not isinstance(meta, dict) or not isinstance(index, list):
             return broken("malformed meta.json or files.json")
@@ -424,12 +434,19 @@ class FeatureCache:
                     f"encoder {encoder_key!r} gives {dim}-dim features but the cache entry "
                     f"{entry_dir} holds {entry.dim}-dim ones"
                 )
-            known = set(entry.files)
-            add = [fp for fp in new_rows if fp not in known]
-            if not add:
+            rows = {fp: i for i, fp in enumerate(entry.files)}
+            feats = entry.features.reshape(-1, dim)
+            fix = [fp for fp in new_rows if fp in rows and not np.isfinite(feats[rows[fp]]).all()]
+            add = [fp for fp in new_rows if fp not in rows]
+            if not add and not fix:
                 return
-            block = torch.stack([new_rows[fp] for fp in add]).numpy().astype(np.float32)
-            feats = np.concatenate([entry.features.reshape(-1, dim), block], axis=0)
+            if fix:  # non-finite rows replaced in place (their index entries stay)
+                feats = feats.copy()
+                for fp in fix:
+                    feats[rows[fp]] = new_rows[fp].numpy()
+            if add:
+                block = torch.stack([new_rows[fp] for fp in add]).numpy().astype(np.float32)
+                feats = np.concatenate([feats, block], axis=0)
             files = entry.files + add
             with atomic_path(entry_dir / "features.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, feats, allow_pickle=False)  # a file object: np.save adds no suffix

@@ -244,6 +244,44 @@ def test_truncated_features_are_detected_and_recomputed(
     assert (again.computed, again.reused) == (0, 5)
 
 
+@pytest.mark.parametrize("offset,byte", [(20, b"{"), (10, b"\x00")])
+def test_a_corrupt_npy_header_is_an_unusable_entry_not_a_crash(
+    cache: FeatureCache, images: list[str], offset: int, byte: bytes
+) -> None:
+    """Issue 26 item 16: numpy parses the header as Python literals, so a flipped byte there
+    raised tokenize.TokenError, which midol reported as a bug (exit 1)."""
+    enc = CountingEncoder()
+    base = _run(cache, enc, images)
+    npy = cache.entry_dir(KEY, T16) / "features.npy"
+    data = bytearray(npy.read_bytes())
+    data[offset:offset + 1] = byte
+    npy.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="unusable .*(TokenError|SyntaxError)"):
+        got = _run(cache, enc, images)
+    assert (got.computed, got.reused) == (5, 0)
+    assert torch.equal(got.features, base.features)
+
+
+def test_a_non_finite_cached_row_is_encoded_again_and_replaced(
+    cache: FeatureCache, images: list[str]
+) -> None:
+    """Issue 26 item 16: a NaN row in the cache was served, and training then stopped with a
+    misleading "learning rate too high" hint."""
+    enc = CountingEncoder()
+    base = _run(cache, enc, images)
+    npy = cache.entry_dir(KEY, T16) / "features.npy"
+    feats = np.load(npy)
+    feats[2] = np.nan
+    np.save(npy, feats)
+    with pytest.warns(UserWarning, match="1 cached feature row"):
+        got = _run(cache, enc, images)
+    assert (got.computed, got.reused) == (1, 4)
+    assert torch.equal(got.features, base.features)
+    assert np.isfinite(np.load(npy)).all() and len(np.load(npy)) == 5  # replaced, not appended
+    again = _run(cache, enc, images)
+    assert (again.computed, again.reused) == (0, 5)
+
+
 def test_index_longer_than_features_or_wrong_dim_is_recomputed(
     cache: FeatureCache, images: list[str]
 ) -> None:
