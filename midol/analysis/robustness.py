@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from midol.analysis.plotting import new_figure, save_figure
-from midol.data.missingness import DEFAULT_SWEEP_RATES, drop_input, not_at_random_drop, sweep_masks
+from midol.data.missingness import (
+    DEFAULT_SWEEP_RATES,
+    drop_input,
+    not_at_random_drop,
+    positive_patients,
+    sweep_masks,
+)
 from midol.fusion.patient_features import PatientFeatures
 from midol.io.atomic import atomic_write_text
 from midol.tasks.task_metrics import OneVsRestAUROC, PerLabelAUROC, macro
@@ -46,6 +52,7 @@ class Protocols:
         negative_labels: multi-label: labels that do not make a patient "positive" (ODIR: N,
             normal); multi-class: the negative classes.
         natural_subset: also score the patients who naturally lack some input.
+        bootstrap: patient resamples of the not-at-random check's confidence interval.
     """
 
     rates: Sequence[float] = DEFAULT_SWEEP_RATES
@@ -56,6 +63,7 @@ class Protocols:
     nar_p_neg: float = 0.1
     negative_labels: Sequence[str] = ("N",)
     natural_subset: bool = True
+    bootstrap: int = 200
 
 
 @dataclass
@@ -67,6 +75,34 @@ class Score:
     std: float = 0.0
     patients: int = 0
     per_label: dict[str, float] = field(default_factory=dict)
+    # not_at_random only: macro AUC minus that of the natural masks on the same patients, its
+    # 95% bootstrap CI, and whether the CI lies above 0 (the model gains from missingness)
+    gain: float | None = None
+    gain_ci: tuple[float, float] | None = None
+    reads_missingness: bool = False
+
+
+def auc_gain(base: torch.Tensor, dropped: Sequence[torch.Tensor], targets: torch.Tensor,
+             label_names: Sequence[str], resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over mask seeds of macro AUC(dropped) - macro AUC(base) on the same patients, and
+    its 95% percentile CI over ``resamples`` patient resamples (paired: one resample scores both).
+
+    A clinical model must not improve when an input goes missing mostly for sick patients: a
+    CI above 0 means it reads the label from the absence itself (issue 26)."""
+
+    def gain(idx: torch.Tensor | slice) -> float:
+        ref = macro_auc(base[idx], targets[idx], label_names)[0]
+        return float(np.mean([macro_auc(d[idx], targets[idx], label_names)[0] - ref for d in dropped]))
+
+    point = gain(slice(None))
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    draws = [gain(torch.as_tensor(rng.integers(0, n, n))) for _ in range(resamples)]
+    finite = [d for d in draws if math.isfinite(d)]
+    if not finite:
+        return point, math.nan, math.nan
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return point, float(lo), float(hi)
 
 
 def macro_auc(probs: torch.Tensor, targets: torch.Tensor, label_names: Sequence[str]) -> tuple[float, dict[str, float]]:
@@ -83,14 +119,6 @@ def macro_auc(probs: torch.Tensor, targets: torch.Tensor, label_names: Sequence[
         warnings.simplefilter("ignore")
         mean = float(macro(values))
     return mean, {k: float(v) for k, v in zip(label_names, values.tolist(), strict=True) if math.isfinite(v)}
-
-
-def positive_patients(targets: np.ndarray, label_names: Sequence[str], negative: Sequence[str]) -> np.ndarray:
-    """Patients with a label (multi-label) or class (multi-class) outside ``negative``."""
-    keep = [i for i, name in enumerate(label_names) if name not in set(negative)]
-    if targets.ndim == 2:
-        return targets[:, keep].sum(axis=1) > 0
-    return np.isin(targets, keep)
 
 
 def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | None = None) -> list[Score]:
@@ -136,12 +164,18 @@ def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | Non
             score("drop_input", input_name, [mask], subset)
     if p.not_at_random:
         positive = torch.as_tensor(positive_patients(table.targets[rows], labels, p.negative_labels))
+        base = model.predict_rows(rows, natural)
         for m, spec in enumerate(table.inputs):
             if spec.kind != "image":
                 continue
             masks = [not_at_random_drop(natural, positive, p.nar_p_pos, p.nar_p_neg,
                                         torch.Generator().manual_seed(s), m) for s in seeds]
             score("not_at_random", spec.name, masks)
+            if p.bootstrap > 0:
+                dropped = [model.predict_rows(rows, mask) for mask in masks]
+                point, lo, hi = auc_gain(base, dropped, targets, labels, p.bootstrap)
+                last = scores[-1]
+                last.gain, last.gain_ci, last.reads_missingness = point, (lo, hi), bool(lo > 0)
     if p.natural_subset:
         incomplete = (~natural).any(dim=1).numpy()
         if incomplete.sum() > 0:
@@ -185,9 +219,33 @@ def write_report(scores: list[Score], out_dir: str | Path, title: str = "Robustn
             cells.append(f"**{text}**" if found.macro_auc == best and len(models) > 1 else text)
         label = "drop rate " + setting if protocol == "sweep" else setting
         lines.append(f"| {protocol} | {label} | {count} | " + " | ".join(cells) + " |")
+    lines += missingness_section(scores, models)
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     plot_sweep(scores, paths["png"])
     return paths
+
+
+def missingness_section(scores: list[Score], models: list[str]) -> list[str]:
+    """The not-at-random check: per model and input, the AUC gain over the natural masks with
+    its CI, and a flag where the CI lies above 0."""
+    checked = [s for s in scores if s.protocol == "not_at_random" and s.gain_ci is not None]
+    if not checked:
+        return []
+    lines = ["", "## Does the model read the label from what is missing?", "",
+             "Each image input is dropped mostly for positive patients (not at random). A model "
+             "whose AUC *rises* then has learned that absence predicts the label (e.g. sicker "
+             "patients have fewer images in training): in the clinic its output would move with "
+             "what was not acquired, not with what was seen. Gain = macro AUC under that drop "
+             "minus macro AUC with the natural inputs, same patients (95% CI over patient "
+             "resamples); **flagged** when the whole CI lies above 0.", "",
+             "| model | input dropped | AUC gain | 95% CI | verdict |", "|---|---|---:|---|---|"]
+    for s in checked:
+        assert s.gain is not None and s.gain_ci is not None
+        verdict = ("**flagged: AUC rises when this input goes missing for positive patients**"
+                   if s.reads_missingness else "no gain (within noise or a loss)")
+        lines.append(f"| {s.model} | {s.setting} | {s.gain:+.4f} | [{s.gain_ci[0]:+.4f}, "
+                     f"{s.gain_ci[1]:+.4f}] | {verdict} |")
+    return lines
 
 
 def plot_sweep(scores: list[Score], path: str | Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 DEFAULT_SWEEP_RATES: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -36,7 +37,7 @@ def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
-def _threshold_drop(present: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
+def _threshold_drop(present: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Drop entry (n, m) when ``u[n, m] < p``; a patient left with nothing gets back its
     present input of largest ``u`` (with i.i.d. uniform ``u``, a uniform pick among them).
 
@@ -131,3 +132,42 @@ def sweep_masks(
     generator = torch.Generator().manual_seed(seed)
     u = _uniform(present.shape, generator, present.device)
     return [_threshold_drop(present, u, q) for q in rates]
+
+
+def positive_patients(targets: np.ndarray, label_names: Sequence[str], negative: Sequence[str]) -> np.ndarray:
+    """Patients with a label (multi-label) or class (multi-class) outside ``negative``."""
+    keep = [i for i, name in enumerate(label_names) if name not in set(negative)]
+    if targets.ndim == 2:
+        return np.asarray(targets[:, keep].sum(axis=1) > 0)
+    return np.isin(targets, keep)
+
+
+def balancing_drop_rates(available: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """``q[s, m]``: the probability of dropping input ``m`` of a patient of stratum ``s`` (0
+    negative, 1 positive) who has it, so that ``m`` is then missing equally often in both strata
+    (as often as in the stratum where it is missing most), in expectation.
+
+    A counter-measure to labels that predict missingness (ODIR: one-eyed patients are mostly
+    abnormal): with absence independent of the label in training, a fusion model cannot learn
+    "missing means sick" (issue 26)."""
+    _check_mask(available)
+    positive = positive.bool()
+    rates = []
+    for stratum in (~positive, positive):
+        if not bool(stratum.any()):
+            rates.append(torch.zeros(available.shape[1], dtype=torch.float64))
+        else:
+            rates.append(1.0 - available[stratum].double().mean(dim=0))
+    absent = torch.stack(rates)  # 2 x M natural absence rates
+    target = absent.max(dim=0).values
+    q = (target - absent) / (1.0 - absent).clamp_min(1e-12)
+    return q.clamp(0.0, 1.0).float()
+
+
+def balanced_drop(present: torch.Tensor, rates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Drop entry (n, m) with probability ``rates[n, m]`` (a patient left with nothing gets one
+    input back, as in :func:`random_drop`)."""
+    _check_mask(present)
+    if rates.shape != present.shape:
+        raise ValueError(f"rates must have the mask's shape {tuple(present.shape)}, got {tuple(rates.shape)}")
+    return _threshold_drop(present, _uniform(present.shape, generator, present.device), rates.to(present.device))

@@ -31,7 +31,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from midol.data.feature_cache import CacheKey
-from midol.data.missingness import random_drop
+from midol.data.missingness import (
+    balanced_drop,
+    balancing_drop_rates,
+    positive_patients,
+    random_drop,
+)
 from midol.fusion.experts import (
     ExpertSpec,
     build_expert,
@@ -72,6 +77,8 @@ class MedMIXOptions(BaseMethodOptions, Protocol):
     kd_temperature: float
     train_drop_rate: float
     train_drop_input: str | None
+    missingness_balance: bool
+    negative_labels: list[str]
     finetune_experts: bool
     cache_dir: str
     cache_key: CacheKey
@@ -112,6 +119,13 @@ class MedMIX(BaseMethod):
             is dropped with this probability (at least one kept).
         train_drop_input: train-time one-input drop: this input is never seen in training
             (training samples that have nothing else are left out of the loss).
+        missingness_balance: train-time counter-measure to labels that predict missingness:
+            each image input is dropped, in training, for the patients of the stratum (positive
+            or negative, see ``negative_labels``) where it is missing less often, so that it is
+            missing equally often in both and absence carries no label information
+            (``midol robustness`` flags models that read the label from missingness).
+        negative_labels: labels (multi-label) or classes (multi-class) that do not make a
+            patient positive, for ``missingness_balance`` (ODIR: ``[N]``, normal).
         finetune_experts: train the experts too (pixels every step, no feature cache).
         cache_dir: folder of the on-disk feature cache.
         cache_key: how cached rows are matched to files: ``stat`` (path, size, modification
@@ -150,6 +164,8 @@ class MedMIX(BaseMethod):
         kd_temperature: float = 2.0,
         train_drop_rate: float = 0.0,
         train_drop_input: str | None = None,
+        missingness_balance: bool = False,
+        negative_labels: list[str] | None = None,
         finetune_experts: bool = False,
         cache_dir: str = "outputs/feature_cache",
         cache_key: CacheKey = "stat",
@@ -185,7 +201,8 @@ class MedMIX(BaseMethod):
         self.projections = nn.ModuleDict()  # input -> P_m (training only, not exported)
         # Training-only teachers sit outside the module tree: not in the state dict, not moved
         # to the device, absent from the deployable model (built on a cache miss only).
-        self.features = PatientFeatures()  # cached expert/teacher features per patient row
+        self.features = PatientFeatures()
+        self._balance_rates: torch.Tensor | None = None  # N x M (missingness_balance)  # cached expert/teacher features per patient row
         self.table: Any = None
         if structure is not None:
             self._build(structure, from_recipes=True)
@@ -281,11 +298,32 @@ class MedMIX(BaseMethod):
             self._fit_tabular(table)
         self.features.compute_experts(table, settings, self.expert_specs, dict(self.experts.items()),
                                       self.expert_recipes, keep=not self.hparams.finetune_experts)
+        if fit and self.hparams.missingness_balance:
+            self._fit_missingness_balance(table)
         if not self.hparams.finetune_experts:
             datamodule.set_load_images(False)
         if self.hparams.teacher_logits:
             self.features.read_teacher_logits(self.hparams.teacher_logits, table)
         self.to(self.device)
+
+    def _fit_missingness_balance(self, table: Any) -> None:
+        """Per training row, the drop probability of each input that balances its absence
+        across positive and negative patients (:func:`balancing_drop_rates`)."""
+        negatives = list(self.hparams.negative_labels or ["N"])
+        unknown = sorted(set(negatives) - set(table.label_names))
+        if unknown:
+            raise ValueError(f"negative_labels: {unknown} are not labels of the data "
+                             f"(labels: {', '.join(table.label_names)})")
+        available = self.features.presence(torch.as_tensor(table.present),
+                                            torch.arange(len(table.patient_ids))).cpu()
+        positive = torch.as_tensor(positive_patients(table.targets, table.label_names, negatives))
+        train = torch.as_tensor(table.rows("train"), dtype=torch.long)
+        is_image = torch.tensor([spec.kind == "image" for spec in table.inputs])
+        rates = balancing_drop_rates(available[train], positive[train]) * is_image  # 2 x M
+        self._balance_rates = rates[positive.long()]  # N x M, by row (kept off the state dict)
+        rank_zero_info("missingness_balance: training drop rates (negative / positive patients) "
+                       + ", ".join(f"{n} {rates[0, m]:.2f}/{rates[1, m]:.2f}"
+                                   for m, n in enumerate(table.input_names) if is_image[m]))
 
     def _fit_tabular(self, table: Any) -> None:
         assert self.net is not None
@@ -367,6 +405,14 @@ class MedMIX(BaseMethod):
             dropped = random_drop(present[keep].cpu(), h.train_drop_rate, generator).to(present.device)
             present = present.clone()
             present[keep] = dropped
+        if h.missingness_balance:
+            if self._balance_rates is None:
+                raise RuntimeError("missingness_balance: the rates are fitted by setup('fit')")
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # from the per-batch seeded global RNG
+            rates = self._balance_rates[batch["index"].long().cpu()][keep.cpu()]
+            dropped = balanced_drop(present[keep].cpu(), rates, torch.Generator().manual_seed(seed))
+            present = present.clone()
+            present[keep] = dropped.to(present.device)
         if not bool(keep.all()):
             inputs = _select(inputs, keep)
             present, target = present[keep], target[keep]

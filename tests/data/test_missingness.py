@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,31 @@ def test_sweep_masks_reproducible_nested_and_at_rate() -> None:
     full = torch.ones(n, m, dtype=torch.bool)
     for q, mask in zip((0.2, 0.6), sweep_masks(full, (0.2, 0.6), seed=3), strict=True):
         assert within_binomial(int((~mask).sum()), n * m, q - q**m / m)
+
+
+def test_balancing_rates_make_absence_independent_of_the_label() -> None:
+    """Issue 26: one-eyed patients are mostly abnormal in ODIR. After the balancing drop, each
+    input is missing as often for positive as for negative patients (measured on 20,000 draws)."""
+    from midol.data.missingness import balanced_drop, balancing_drop_rates, positive_patients
+
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    positive = torch.rand(n, generator=g) < 0.6
+    available = torch.ones(n, 2, dtype=torch.bool)
+    # left input missing for 30% of positive, 5% of negative patients; right always present
+    available[:, 0] = torch.rand(n, generator=g) >= torch.where(positive, 0.30, 0.05)
+    rates = balancing_drop_rates(available, positive)
+    # the negative stratum's left input is dropped with (0.30 - 0.05) / (1 - 0.05), the rest not
+    a_pos, a_neg = absent_rate(available, positive), absent_rate(available, ~positive)
+    assert a_pos == pytest.approx(0.30, abs=0.01) and a_neg == pytest.approx(0.05, abs=0.01)
+    assert rates[0, 0].item() == pytest.approx((a_pos - a_neg) / (1 - a_neg), abs=1e-6)
+    assert rates[1, 0].item() == 0.0 and rates[:, 1].tolist() == [0.0, 0.0]
+    dropped = balanced_drop(available, rates[positive.long()], torch.Generator().manual_seed(1))
+    assert absent_rate(dropped, positive) == pytest.approx(absent_rate(dropped, ~positive), abs=0.012)
+    assert not bool((dropped & ~available).any())  # only drops
+    labels = np.array([[1, 0], [0, 1], [0, 0]])
+    assert positive_patients(labels, ["N", "D"], ["N"]).tolist() == [False, True, False]
+
+
+def absent_rate(mask: torch.Tensor, rows: torch.Tensor) -> float:
+    return float(1.0 - mask[rows, 0].float().mean())

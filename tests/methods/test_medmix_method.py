@@ -361,3 +361,22 @@ def test_checkpoint_exports_without_the_expert_weight_files(tmp_path):
     deployed, original = load_deployable(path), model.deployable().eval()
     images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     torch.testing.assert_close(deployed.features("fundus", images), original.features("fundus", images))
+
+
+def test_missingness_balance_fits_rates_on_training_rows_and_trains(tmp_path):
+    manifest = odir_subset(tmp_path, {"train": 40, "val": 8, "test": 8})
+    L.seed_everything(0)
+    model = medmix(tmp_path / "cache", missingness_balance=True, negative_labels=["N"])
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest))
+    table = model.table
+    rates = model._balance_rates
+    assert rates.shape == (len(table.patient_ids), 3)
+    assert rates[:, 2].abs().sum() == 0  # tabular input: never dropped
+    assert bool((rates[:, :2] >= 0).all() and (rates[:, :2] < 1).all()) and rates[:, :2].max() > 0
+    assert torch.isfinite(t.callback_metrics["train/l_task_epoch"])
+    with pytest.raises(ValueError, match=r"negative_labels: \['normal'\] are not labels"):
+        medmix(tmp_path / "cache", missingness_balance=True, negative_labels=["normal"]).attach(
+            datamodule(manifest), fit=True)
