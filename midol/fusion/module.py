@@ -78,7 +78,7 @@ class MedMIXOptions(BaseMethodOptions, Protocol):
     train_drop_rate: float
     train_drop_input: str | None
     missingness_balance: bool
-    negative_labels: list[str]
+    negative_labels: list[str] | None
     finetune_experts: bool
     cache_dir: str
     cache_key: CacheKey
