@@ -1,3 +1,3 @@
 """midol: pre-training and evaluation of multi-modality medical image foundation models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

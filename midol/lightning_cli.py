@@ -210,6 +210,7 @@ class MidolCLI(LightningCLI):
             return
         self._fill_outputs_once()
         apply_threads(config.get("threads"))
+        check_accelerator(config.get("trainer"))
         if self.subcommand != "fit":
             return
         trainer = config.get("trainer")
@@ -382,6 +383,26 @@ def config_files_root(args: list[str]) -> str | None:
         if isinstance(trainer, dict) and trainer.get("default_root_dir"):
             return str(trainer["default_root_dir"])
     return root
+
+
+def check_accelerator(trainer: Any) -> None:
+    """One line, before anything is built, when a preset asks for a GPU this machine lacks (the
+    paper presets: ``accelerator: gpu``, bf16); Lightning's own error came as a traceback."""
+    if trainer is None:
+        return
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    precision = trainer.get("precision")
+    raise UsageError(
+        f"trainer.accelerator is {accelerator} (devices: {trainer.get('devices')}, precision: "
+        f"{precision}) but no CUDA GPU is visible: on this machine add --trainer.accelerator cpu "
+        "--trainer.devices 1 --trainer.precision 32-true (and a smaller "
+        "--data.init_args.batch_size; expect hours per epoch for a Swin-B)")
 
 
 def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MidolCLI:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.faults import tiny_config
 from midol.cli import main
+from tests.helpers.faults import tiny_config
 
 
 def _config_with(tmp_path: Path, section: str, **changes: Any) -> Path:
@@ -56,3 +56,27 @@ def test_config_invalid_value_is_rejected_at_instantiation(
     with pytest.raises(ValueError, match=expected):
         main(["fit", "--config", str(_config_with(tmp_path, section, **changes))])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_gpu_preset_on_a_machine_without_gpu_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27 item 6: the paper presets on a CPU-only machine ended in Lightning's traceback
+    ("No supported gpu backend found!"), labelled a bug."""
+    import torch
+
+    from midol.errors import EXIT_USAGE, UsageError, exit_code, format_error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    with pytest.raises(UsageError) as err:
+        main(["fit", "--config", "configs/pretrain/midol_swin_base.yaml",
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_code(err.value) == EXIT_USAGE
+    assert format_error(err.value) == (
+        "midol: error: trainer.accelerator is gpu (devices: auto, precision: bf16-mixed) but no "
+        "CUDA GPU is visible: on this machine add --trainer.accelerator cpu --trainer.devices 1 "
+        "--trainer.precision 32-true (and a smaller --data.init_args.batch_size; expect hours per "
+        "epoch for a Swin-B)")
+    assert not (tmp_path / "run").exists()
