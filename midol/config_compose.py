@@ -11,16 +11,80 @@
 plain config. Merge rules: mappings merge key by key; a mapping whose ``class_path`` differs
 from the base's replaces it whole (other classes take other arguments); lists and scalars
 replace. Cycles and missing bases are a one-line error naming the file.
+
+``trainer.callbacks`` may be a mapping ``{name: callback}`` (lightning-hydra-template's keyed
+callbacks), so a derived preset adds one (a new name), replaces one (the same name) or drops one
+(``name: null``) and keeps the rest::
+
+    base: [../configs/pretrain/demo.yaml]
+    trainer:
+      callbacks:
+        knn: {class_path: midol.callbacks.KNNMonitor, init_args: {...}}   # added
+        routing_monitor: null                                             # dropped
+
+A base that lists its callbacks gets names from the class: ``model_checkpoint``,
+``model_checkpoint_2``, ``export_backbone``, ``preemption_checkpoint``, ... (snake case, a
+number for repeats). The composed config holds a plain list (LightningCLI's form), in order.
+A derived *list* still replaces the base's callbacks whole; it is warned about, naming the
+callbacks it drops.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 BASE_KEY = "base"
+
+
+def callback_name(spec: Any) -> str:
+    """``midol.callbacks.ExportBackbone`` -> ``export_backbone``."""
+    path = spec.get("class_path", "callback") if isinstance(spec, dict) else str(spec)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", path.rsplit(".", 1)[-1]).lower()
+
+
+def keyed_callbacks(callbacks: Any) -> dict[str, Any]:
+    """A callbacks list as ``{name: spec}`` (:func:`callback_name`, ``_2``, ``_3`` for repeats);
+    a mapping as it is."""
+    if isinstance(callbacks, dict):
+        return dict(callbacks)
+    out: dict[str, Any] = {}
+    for spec in callbacks or []:
+        name = base = callback_name(spec)
+        k = 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out[name] = spec
+    return out
+
+
+def _merge_callbacks(base: Any, over: Any, where: str) -> Any:
+    if isinstance(over, dict):
+        return merge(keyed_callbacks(base), over)
+    if isinstance(over, list) and base:
+        dropped = [n for n, spec in keyed_callbacks(base).items()
+                   if spec is not None and spec not in over]
+        if dropped:
+            warnings.warn(f"{where}: its trainer.callbacks list replaces the base's, dropping "
+                          f"{', '.join(dropped)}; to add or replace one and keep the others, "
+                          "write callbacks as a mapping {name: callback} (docs/architecture.md, "
+                          "Presets)", UserWarning, stacklevel=2)
+    return over
+
+
+def plain_callbacks(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a keyed ``trainer.callbacks`` turned into LightningCLI's list (null
+    entries dropped)."""
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), dict):
+        trainer = dict(trainer)
+        trainer["callbacks"] = [spec for spec in trainer["callbacks"].values() if spec is not None]
+        config = {**config, "trainer": trainer}
+    return config
 
 
 def merge(base: Any, over: Any) -> Any:
@@ -35,8 +99,9 @@ def merge(base: Any, over: Any) -> Any:
     return merged
 
 
-def load_composed(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The preset at ``path`` with its ``base`` chain applied (bases first)."""
+def load_composed(path: str | Path, _stack: tuple[Path, ...] = (), keyed: bool = False) -> dict[str, Any]:
+    """The preset at ``path`` with its ``base`` chain applied (bases first); ``keyed`` keeps
+    ``trainer.callbacks`` as a ``{name: callback}`` mapping (for composing further)."""
     path = Path(path).resolve()
     if path in _stack:
         chain = " -> ".join(p.name for p in (*_stack, path))
@@ -52,8 +117,21 @@ def load_composed(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, 
         bases = [bases]
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge(merged, load_composed(path.parent / base, (*_stack, path)))
-    return merge(merged, data)
+        merged = _compose(merged, load_composed(path.parent / base, (*_stack, path), keyed=True), path)
+    merged = _compose(merged, data, path)
+    return merged if keyed else plain_callbacks(merged)
+
+
+def _compose(base: dict[str, Any], over: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`merge`, with ``trainer.callbacks`` merged by name (:func:`_merge_callbacks`)."""
+    base_cb = (base.get("trainer") or {}).get("callbacks") if isinstance(base.get("trainer"), dict) else None
+    over_trainer = over.get("trainer") if isinstance(over.get("trainer"), dict) else None
+    if over_trainer is None or "callbacks" not in over_trainer or base_cb is None:
+        return merge(base, over)
+    callbacks = _merge_callbacks(base_cb, over_trainer["callbacks"], str(path))
+    merged = merge(base, {**over, "trainer": {k: v for k, v in over_trainer.items() if k != "callbacks"}})
+    merged["trainer"] = {**merged.get("trainer", {}), "callbacks": callbacks}
+    return merged
 
 
 def _has_base(path: str) -> bool:
@@ -64,7 +142,10 @@ def _has_base(path: str) -> bool:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return False  # LightningCLI reports the parse error itself
-    return isinstance(data, dict) and BASE_KEY in data
+    if not isinstance(data, dict):
+        return False
+    trainer = data.get("trainer")
+    return BASE_KEY in data or (isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), dict))
 
 
 def expand_bases(argv: list[str]) -> list[str]:

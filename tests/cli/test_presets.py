@@ -217,3 +217,40 @@ def test_every_preset_writes_a_resumable_checkpoint_on_sigterm(preset: Path) -> 
     callbacks = load_composed(preset).get("trainer", {}).get("callbacks") or []
     paths = [c.get("class_path") for c in callbacks if isinstance(c, dict)]
     assert paths.count("midol.callbacks.PreemptionCheckpoint") == 1, paths
+
+
+KNN = {"class_path": "midol.callbacks.KNNMonitor", "init_args": {"image_size": 64, "sets": [
+    {"name": "oct", "train": {"path": "sample_data/oct"}, "test": {"path": "sample_data/oct"}}]}}
+
+
+def test_a_derived_preset_adds_replaces_and_drops_callbacks_by_name(tmp_path: Path, monkeypatch) -> None:
+    """Issue 27 item 2: adding one callback in a derived config dropped all of the preset's
+    (no last.ckpt, no export, no pre-emption checkpoint), with no warning."""
+    monkeypatch.chdir(REPO)
+    demo = load_composed(REPO / "configs/pretrain/demo.yaml")["trainer"]["callbacks"]
+    derived = tmp_path / "mine.yaml"
+    derived.write_text(yaml.safe_dump({
+        "base": [str(REPO / "configs/pretrain/demo.yaml")],
+        "trainer": {"callbacks": {"knn": KNN, "routing_monitor": None,
+                                  "model_checkpoint_2": {"init_args": {"every_n_train_steps": 7}}}}}))
+    composed = load_composed(derived)["trainer"]["callbacks"]
+    names = [c["class_path"].rsplit(".", 1)[-1] for c in composed]
+    assert names == ["ModelCheckpoint", "ModelCheckpoint", "PreemptionCheckpoint", "ExportBackbone",
+                     "PretrainSummary", "KNNMonitor"]
+    assert composed[1]["init_args"]["every_n_train_steps"] == 7 and composed[1]["init_args"]["save_last"]
+    assert composed[0] == demo[0] and composed[-1] == KNN
+    cli = run_lightning(["--config", str(derived), "--trainer.default_root_dir", str(tmp_path / "run")],
+                        run=False)
+    kinds = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"ModelCheckpoint", "PreemptionCheckpoint", "ExportBackbone", "KNNMonitor"} <= kinds
+    assert "RoutingMonitor" not in kinds
+
+
+def test_a_derived_callbacks_list_replaces_the_base_with_a_warning(tmp_path: Path) -> None:
+    derived = tmp_path / "mine.yaml"
+    derived.write_text(yaml.safe_dump({"base": [str(REPO / "configs/pretrain/demo.yaml")],
+                                       "trainer": {"callbacks": [KNN]}}))
+    with pytest.warns(UserWarning, match=r"replaces the base's, dropping model_checkpoint, "
+                                         r"model_checkpoint_2, preemption_checkpoint, export_backbone"):
+        composed = load_composed(derived)["trainer"]["callbacks"]
+    assert composed == [KNN]
