@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from midol.commands import TOOLS
 from midol.config_compose import expand_bases
@@ -147,7 +147,9 @@ class MidolCLI(LightningCLI):
                 base = trainer.get("default_root_dir") or "outputs"
                 if self._config_root is None:
                     self._config_root = str(base)
-                trainer["default_root_dir"] = os.path.join(str(base), resolve_run_id(str(run_id)))
+                resume_last = config.get("ckpt_path") == "last"
+                trainer["default_root_dir"] = os.path.join(
+                    str(base), resolve_run_id(str(run_id), str(base) if resume_last else None))
             fill_output_dirs(trainer, self._config_root)
             self._outputs_filled = True
 
@@ -240,15 +242,45 @@ class MidolCLI(LightningCLI):
             raise UsageError(weights_mismatch_message(self._resume, err)) from err
 
 
-def resolve_run_id(run_id: str) -> str:
+def latest_run(root: str) -> str | None:
+    """The run folder under ``root`` whose checkpoints were written last (None: none has one)."""
+    newest: tuple[float, str] | None = None
+    if not os.path.isdir(root):
+        return None
+    for entry in os.scandir(root):
+        folder = os.path.join(entry.path, "checkpoints")
+        if not entry.is_dir() or not os.path.isdir(folder):
+            continue
+        for ckpt in os.scandir(folder):
+            if ckpt.name.endswith(".ckpt") and ckpt.is_file():
+                stamp = ckpt.stat().st_mtime
+                if newest is None or stamp > newest[0]:
+                    newest = (stamp, entry.name)
+    return newest[1] if newest else None
+
+
+def resolve_run_id(run_id: str, resume_under: str | None = None) -> str:
     """``auto`` -> ``$WANDB_RUN_ID`` or the local start time; else the id itself (one folder
-    name: no ``/``, not empty)."""
+    name: no ``/``, not empty). With ``resume_under`` (``--ckpt_path last``), ``auto`` without
+    ``WANDB_RUN_ID`` is the run under that root whose checkpoints are newest: a requeued job
+    resumes its run instead of starting a new one in a new folder."""
     where = "--run_id"
     if run_id == "auto":
         import time
 
-        run_id = os.environ.get("WANDB_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
         where = "--run_id auto (from WANDB_RUN_ID)"  # the environment must not escape the root
+        if os.environ.get("WANDB_RUN_ID"):
+            run_id = os.environ["WANDB_RUN_ID"]
+        elif resume_under is not None:
+            found = latest_run(resume_under)
+            if found is None:
+                raise UsageError(f"--run_id auto --ckpt_path last: no run under {resume_under} has a "
+                                 "checkpoint to resume; leave out --ckpt_path last to start one")
+            rank_zero_info(f"--run_id auto --ckpt_path last: resuming run {found} (newest checkpoints "
+                           f"under {resume_under})")
+            return found
+        else:
+            run_id = time.strftime("%Y%m%d-%H%M%S")
     if not run_id.strip() or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
         raise UsageError(f"{where} must be one folder name (no '/'), got {run_id!r}")
     return run_id

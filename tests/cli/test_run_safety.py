@@ -625,3 +625,28 @@ def test_run_id_from_the_environment_cannot_leave_the_root(value, monkeypatch):
     monkeypatch.setenv("WANDB_RUN_ID", value)
     with pytest.raises(UsageError, match=r"--run_id auto \(from WANDB_RUN_ID\) must be one folder name"):
         resolve_run_id("auto")
+
+
+def test_run_id_auto_with_ckpt_path_last_resumes_the_newest_run(tmp_path, monkeypatch):
+    """Issue 27 item 8: `--run_id auto --ckpt_path last` (a requeue script) started a fresh run in
+    a new folder; it now resumes the run whose checkpoints are newest, or refuses in one line."""
+    import os
+
+    from midol.cli import resolve_run_id, run_lightning
+    from midol.errors import UsageError
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    runs = tmp_path / "runs"
+    with pytest.raises(UsageError, match=r"no run under .* has a checkpoint to resume"):
+        resolve_run_id("auto", str(runs))
+    for name, stamp in (("20261201-080000", 1_000), ("20261202-080000", 3_000), ("20261203-080000", 2_000)):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        ckpt = runs / name / "checkpoints" / "last.ckpt"
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (stamp, stamp))
+    assert resolve_run_id("auto", str(runs)) == "20261202-080000"
+    assert resolve_run_id("auto") != "20261202-080000"  # without --ckpt_path last: a new run
+    cli = run_lightning(["--config", "configs/pretrain/demo.yaml", "--run_id", "auto",
+                         "--trainer.default_root_dir", str(runs)], run=False)
+    assert cli.trainer.default_root_dir.startswith(str(runs))
