@@ -142,9 +142,10 @@ class PretrainDataset(Dataset[dict[str, Any]]):
             try:
                 image = self.corpus.load(j)
             except UnreadableImageError as err:
-                msg = skip_message(self.corpus.describe(j), err)
-                warn_skipped(msg)
-                skipped.append(msg)
+                # reported through the batch ("skipped"): the training module warns once per file
+                # for the whole run and counts the distinct files per epoch (issue 27 item 12;
+                # a worker's warning repeated every epoch, from torch's file)
+                skipped.append(skip_message(self.corpus.describe(j), err))
                 continue
             return {"views": self.transform(image), "modality": self.corpus.modality(j),
                     "index": j, "skipped": skipped}

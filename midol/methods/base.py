@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from midol.data.image_io import UnreadableImageWarning
 from midol.data.normalize import PixelNormalizer
 from midol.methods.validation import raise_on_failed
 from midol.optim.clipping import clip_grad_norm_per_param
@@ -124,6 +125,7 @@ class BaseMethod(L.LightningModule):
         self._pending_check: _PendingCheck | None = None
         self._step_trained = False  # a batch of the current optimiser step had a finite loss
         self._skipped_this_epoch: list[str] = []
+        self._skipped_warned: set[str] = set()
         self._steps_per_epoch = 1
         self._total_steps = 1
         # Set by callbacks (the routing monitor) to ask for StepOutput["health"] every n steps.
@@ -358,17 +360,21 @@ class BaseMethod(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, dict):
-            self._skipped_this_epoch.extend(batch.get("skipped", ()))
+            for message in batch.get("skipped", ()):
+                if message not in self._skipped_warned:  # each file once per run
+                    self._skipped_warned.add(message)
+                    rank_zero_warn(f"skipping unreadable image {message}", category=UnreadableImageWarning)
+                self._skipped_this_epoch.append(message)
 
     def on_train_epoch_end(self) -> None:
-        # The data workers warn per file as they meet it; this is the per-epoch count.
-        if self._skipped_this_epoch:
+        # distinct files (a broken file drawn again, or met while replacing another, counts once)
+        files = list(dict.fromkeys(self._skipped_this_epoch))
+        if files:
             rank_zero_warn(
-                f"epoch {self.current_epoch}: {len(self._skipped_this_epoch)} unreadable image(s) "
-                "were skipped and replaced by the next readable one, e.g. "
-                + "; ".join(self._skipped_this_epoch[:5])
+                f"epoch {self.current_epoch}: {len(files)} unreadable image(s) were skipped and "
+                "replaced by the next readable one, e.g. " + "; ".join(files[:5])
             )
-        self.log("train/skipped_images", float(len(self._skipped_this_epoch)), on_epoch=True)
+        self.log("train/skipped_images", float(len(files)), on_epoch=True)
         self._skipped_this_epoch = []
 
     # ------------------------------------------------------------------ non-finite policy
