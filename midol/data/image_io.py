@@ -32,22 +32,14 @@ from PIL import Image
 
 from midol.data.medical_io import (
     MEDICAL_EXTENSIONS,
+    RASTER_EXTENSIONS,
     MedicalReadError,
     is_medical_file,
     read_medical,
 )
 from midol.errors import UnreadableImageError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".tif",
-    ".tiff",
-    ".bmp",
-    ".gif",
-    ".webp",
-)
+IMAGE_EXTENSIONS: tuple[str, ...] = RASTER_EXTENSIONS  # what PIL decodes
 
 
 class UnreadableImageWarning(UserWarning):
@@ -56,8 +48,15 @@ class UnreadableImageWarning(UserWarning):
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when the file name ends with one of ``IMAGE_EXTENSIONS`` or a DICOM / NIfTI
-    extension (any case)."""
+    extension (any case). DICOM files without such a name are found by content
+    (:func:`midol.data.medical_io.is_dicom_file`)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS)
+
+
+def image_formats() -> str:
+    """Every format midol reads, for error messages."""
+    return (", ".join(IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS)
+            + ", and DICOM files of any name (found by their DICM preamble)")
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ import numpy as np
 DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom")
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
 MEDICAL_EXTENSIONS: tuple[str, ...] = DICOM_EXTENSIONS + NIFTI_EXTENSIONS
+# raster formats PIL decodes (image_io's list): never sniffed for a DICOM preamble
+RASTER_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 Window = Sequence[float]  # (centre, width)
 
@@ -37,8 +40,32 @@ class MedicalReadError(Exception):
     """A DICOM/NIfTI file that cannot be turned into an image; the message says why."""
 
 
+def has_dicom_preamble(path: str | os.PathLike[str]) -> bool:
+    """A regular file whose bytes 128-131 are ``DICM`` (a DICOM Part 10 file, whatever its
+    name: PACS exports often have none). Never opens a FIFO or a device."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """DICOM by extension, or by content when the name has no image extension."""
+    name = str(path).lower()
+    if name.endswith(DICOM_EXTENSIONS):
+        return True
+    if name.endswith(NIFTI_EXTENSIONS) or name.endswith(RASTER_EXTENSIONS):
+        return False
+    return has_dicom_preamble(path)
+
+
 def is_medical_file(path: str | os.PathLike[str]) -> bool:
-    return str(path).lower().endswith(MEDICAL_EXTENSIONS)
+    """DICOM (by extension or content) or NIfTI (by extension)."""
+    return str(path).lower().endswith(NIFTI_EXTENSIONS) or is_dicom_file(path)
 
 
 def apply_window(values: np.ndarray, window: Window | None) -> np.ndarray:
@@ -159,7 +186,7 @@ def read_nifti(path: str | os.PathLike[str], window: Window | None = None, axis:
 
 
 def read_medical(path: str | os.PathLike[str], window: Window | None = None) -> np.ndarray:
-    """DICOM or NIfTI by file name."""
-    if str(path).lower().endswith(DICOM_EXTENSIONS):
+    """NIfTI by file name, DICOM by file name or content."""
+    if not str(path).lower().endswith(NIFTI_EXTENSIONS):
         return read_dicom(path, window)
     return read_nifti(path, window)

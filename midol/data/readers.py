@@ -15,7 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from midol.data.image_io import IMAGE_EXTENSIONS, as_rgb, is_image_file, load_image
+from midol.data.image_io import as_rgb, image_formats, is_image_file, load_image
+from midol.data.medical_io import is_dicom_file
 from midol.errors import InputFileError
 
 Kind = Literal["folder", "csv", "npz"]
@@ -137,9 +138,13 @@ def scan_images(root: str, recursive: bool = True, name: str | None = None) -> l
         visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         for f in sorted(filenames):
-            if f.startswith(".") or not is_image_file(f):
+            if f.startswith("."):
                 continue
             full = os.path.join(dirpath, f)
+            # DICOM from a PACS often has no extension: recognised by its preamble (a regular
+            # file is opened for 132 bytes; a FIFO or a device never)
+            if not is_image_file(f) and not is_dicom_file(full):
+                continue
             if not os.path.isfile(full):  # stat follows links; S_ISREG only
                 special.append(full)
                 continue
@@ -242,4 +247,4 @@ def check_image_array(name: str, key: str, arr: np.ndarray) -> None:
 
 
 def image_extensions() -> str:
-    return ", ".join(IMAGE_EXTENSIONS)
+    return image_formats()

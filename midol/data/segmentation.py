@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from midol.data.image_io import IMAGE_EXTENSIONS, UnreadableImageError, load_image
+from midol.data.image_io import UnreadableImageError, image_formats, load_image
 from midol.data.readers import csv_base, read_csv_rows, scan_images
 from midol.data.task_datamodule import TaskDataModule
 from midol.data.transforms.task import SegmentationEvalTransform, SegmentationTrainTransform
@@ -95,7 +95,7 @@ def _pairs_from_folders(src: SegmentationSource) -> PairTable:
             raise FileNotFoundError(f"{src.path}: folder {d} not found (set image_dir/mask_dir)")
     images = scan_images(image_dir)
     if not images:
-        raise ValueError(f"{image_dir}: empty folder (no file with extension {', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{image_dir}: empty folder (no image file; formats: {image_formats()})")
     by_stem = {Path(m).stem: m for m in scan_images(mask_dir)}
     masks = []
     for img in images:

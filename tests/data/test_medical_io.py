@@ -137,3 +137,24 @@ def test_nifti_slice_is_read_alone_and_equals_the_full_read(tmp_path):
     full = np.asarray(nibabel.load(path).get_fdata(dtype=np.float32))
     np.testing.assert_array_equal(read_nifti(path, axis=1, index=5)[..., 0],
                                   apply_window(full[:, 5, :].astype(np.float64), None))
+
+
+def test_dicom_without_an_extension_is_found_by_its_preamble(tmp_path):
+    """Issue 28 item 2: PACS exports name DICOM files without an extension; they were ignored.
+    Recognised by the DICM preamble; other extensionless files, and a FIFO, are not opened as
+    images."""
+    import shutil
+
+    from midol.data.readers import image_extensions, scan_images
+
+    src = os.path.join(DICOM_DIR, "CT_small.dcm")
+    (tmp_path / "series").mkdir()
+    shutil.copy(src, tmp_path / "series" / "IM000001")
+    (tmp_path / "series" / "README").write_text("not an image")
+    os.mkfifo(tmp_path / "series" / "pipe")
+    found = scan_images(str(tmp_path))
+    assert [os.path.basename(p) for p in found] == ["IM000001"]
+    np.testing.assert_array_equal(load_image(found[0]), read_dicom(src))
+    assert is_image_file("x.dcm") and not is_image_file(tmp_path / "series" / "IM000001")  # by name
+    listed = image_extensions()
+    assert all(ext in listed for ext in (".png", ".dcm", ".nii.gz", "DICM preamble"))
