@@ -121,6 +121,10 @@ def macro_auc(probs: torch.Tensor, targets: torch.Tensor, label_names: Sequence[
     return mean, {k: float(v) for k, v in zip(label_names, values.tolist(), strict=True) if math.isfinite(v)}
 
 
+def _is_image(table: Any, name: str) -> bool:
+    return any(spec.name == name and spec.kind == "image" for spec in table.inputs)
+
+
 def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | None = None) -> list[Score]:
     """Every protocol on ``rows`` of ``model.table`` (the test split, usually)."""
     p = protocols or Protocols()
@@ -131,6 +135,16 @@ def evaluate(model: Any, name: str, rows: np.ndarray, protocols: Protocols | Non
     available = features.available if isinstance(features, PatientFeatures) else None
     if available is not None:  # unreadable images count as absent
         natural &= available[torch.as_tensor(rows)].cpu()
+    empty = ~natural.any(dim=1)
+    if bool(empty.any()):  # e.g. a corrupt JPEG that was a patient's only input
+        lost = rows[empty.numpy()]
+        files = [f for name in getattr(table, "input_names", []) if _is_image(table, name)
+                 for f in (table.image_files(name)[r] for r in lost[:5]) if f]
+        warnings.warn(f"{name}: {len(lost)} patient(s) have no readable input and are left out of "
+                      f"the robustness scores: {', '.join(str(table.patient_ids[r]) for r in lost[:5])}"
+                      + (f" (their files: {', '.join(map(str, files[:5]))})" if files else ""),
+                      UserWarning, stacklevel=2)
+        rows, natural = rows[~empty.numpy()], natural[~empty]
     targets = torch.as_tensor(table.targets[rows])
     labels = list(table.label_names)
     scores: list[Score] = []
@@ -207,7 +221,9 @@ def write_report(scores: list[Score], out_dir: str | Path, title: str = "Robustn
               "|---|---|---:|" + "---:|" * len(models)]
     for protocol, setting in settings:
         cells = []
-        count = next(s.patients for s in scores if (s.protocol, s.setting) == (protocol, setting))
+        # models with other inputs score other patients: one count per model where they differ
+        counts = [lookup[(m, protocol, setting)].patients for m in models if (m, protocol, setting) in lookup]
+        count = str(counts[0]) if len(set(counts)) == 1 else " / ".join(map(str, counts))
         best = max((lookup[(m, protocol, setting)].macro_auc for m in models
                     if (m, protocol, setting) in lookup), default=float("nan"))
         for m in models:

@@ -53,3 +53,33 @@ def test_a_model_that_reads_missingness_is_flagged(reads: bool, tmp_path) -> Non
     report = write_report(scores, tmp_path)["md"].read_text()
     assert "Does the model read the label from what is missing?" in report
     assert ("**flagged: AUC rises" in report) is reads
+
+
+def test_patient_counts_per_model_when_they_differ(tmp_path) -> None:
+    """Issue 26: the patients column showed the first model's count for every model."""
+    from midol.analysis.robustness import Score
+
+    scores = [Score("both_eyes", "complete", "all", 0.7, patients=320),
+              Score("left_only", "complete", "all", 0.6, patients=305),
+              Score("both_eyes", "sweep", "0", 0.7, patients=320),
+              Score("left_only", "sweep", "0", 0.6, patients=320)]
+    report = write_report(scores, tmp_path)["md"].read_text()
+    assert "| complete | all | 320 / 305 |" in report
+    assert "| sweep | drop rate 0 | 320 |" in report
+
+
+def test_a_patient_without_any_readable_input_is_named_and_left_out() -> None:
+    """Issue 26: a corrupt JPEG that was a patient's only input stopped the report with
+    "1 patient(s) have no present input to begin with", naming neither patient nor file."""
+    model = fake_model(reads_missingness=False, n=50)
+    table = model.table
+    table.present = table.present.copy()
+    table.present[7] = False
+    table.patient_ids = [f"P{i:03d}" for i in range(50)]
+    table.image_files = lambda name: [f"{name}_{i}.jpg" for i in range(50)]
+    protocols = Protocols(rates=(0.0, 0.3), seeds=(0,), drop_each_input=False, natural_subset=False,
+                          negative_labels=("0",), bootstrap=0)
+    with pytest.warns(UserWarning, match=r"m: 1 patient\(s\) have no readable input and are left out "
+                                         r"of the robustness scores: P007 \(their files: left_7.jpg, right_7.jpg\)"):
+        scores = evaluate(model, "m", np.arange(50), protocols)
+    assert {s.patients for s in scores} == {49}
