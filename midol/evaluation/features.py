@@ -37,7 +37,13 @@ import torch
 import yaml
 from torch import nn
 
-from midol.data.feature_cache import CacheKey, FeatureCache, file_fingerprint, weights_fingerprint
+from midol.data.feature_cache import (
+    CachedFeatures,
+    CacheKey,
+    FeatureCache,
+    file_fingerprint,
+    weights_fingerprint,
+)
 from midol.data.labelled import LabelledSplit
 from midol.data.normalize import PixelNormalizer
 from midol.data.transforms.eval import EvalTransform
@@ -287,13 +293,27 @@ class Embedder:
     def embed(self, backbone: LoadedBackbone, split: LabelledSplit, size: int,
               desc: str) -> dict[str, np.ndarray]:
         """Read-out -> ``N x D`` float32 features of ``split`` at input side ``size``."""
+        files, fingerprints, loader = _items(split)
+        result = self.embed_files(backbone, files, size, desc, fingerprints, loader)
+        feats = result.features.numpy()
+        if not bool(result.ok.all()):
+            bad = int((~result.ok).sum())
+            raise BackboneError(f"{desc}: {bad} image(s) could not be read, e.g. "
+                                f"{', '.join(result.unreadable[:3])}")
+        return split_readouts(backbone, feats)
+
+    def embed_files(self, backbone: LoadedBackbone, files: list[str], size: int, desc: str,
+                    fingerprints: list[str | None] | None = None,
+                    loader: Callable[[str], np.ndarray] | None = None) -> CachedFeatures:
+        """The cached features of image ``files`` at input side ``size``: the read-outs side
+        by side (:func:`split_readouts` names them), NaN rows and ``ok`` False for unreadable
+        files (warned, not raised); counts :attr:`computed` and :attr:`reused`."""
         device = torch.device(self.device)
         key = encoder_key(backbone.ref.spec)
         if backbone.readouts != ["pool"]:
             key += "|readout=cls+avg"
         if device.type == "cuda":
             key += "|bf16"
-        files, fingerprints, loader = _items(split)
         encoders: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
         def encode(images: torch.Tensor) -> torch.Tensor:
@@ -308,15 +328,15 @@ class Embedder:
                 self.batch_size, self.num_workers, desc, **kwargs)
         self.computed += result.computed
         self.reused += result.reused
-        feats = result.features.numpy()
-        if not bool(result.ok.all()):
-            bad = int((~result.ok).sum())
-            raise BackboneError(f"{desc}: {bad} image(s) could not be read, e.g. "
-                                f"{', '.join(result.unreadable[:3])}")
-        if backbone.readouts == ["pool"]:
-            return {"pool": feats}
-        dim = feats.shape[1] // 2
-        return {"cls": feats[:, :dim], "avg": feats[:, dim:]}
+        return result
+
+
+def split_readouts(backbone: LoadedBackbone, feats: np.ndarray) -> dict[str, np.ndarray]:
+    """Read-out -> its columns of the side-by-side features :meth:`Embedder.embed_files` gives."""
+    if backbone.readouts == ["pool"]:
+        return {"pool": feats}
+    dim = feats.shape[1] // 2
+    return {"cls": feats[:, :dim], "avg": feats[:, dim:]}
 
 
 def sha256_files(ref: BackboneRef) -> dict[str, str]:
