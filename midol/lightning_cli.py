@@ -35,6 +35,7 @@ from midol.run_guard import (
     refuse_foreign_resume,
     refuse_overwrite,
     run_folder,
+    set_aside_checkpoints,
 )
 
 
@@ -222,6 +223,9 @@ class MidolCLI(LightningCLI):
                 refuse_overwrite(trainer)
             elif ckpt_path not in ("last", "hpc", "best"):  # those name this run's own files
                 refuse_foreign_resume(trainer, str(ckpt_path))
+        elif ckpt_path not in ("last", "hpc", "best"):
+            for folder in set_aside_checkpoints(trainer, str(ckpt_path) if ckpt_path else None):
+                rank_zero_info(f"--overwrite true: the previous run's checkpoints moved to {folder}")
         check_outputs_writable(trainer)
         self._lock = RunFolderLock(run_folder(trainer))
         self._lock.acquire()
@@ -437,6 +441,44 @@ def check_accelerator(trainer: Any) -> None:
         "--data.init_args.batch_size; expect hours per epoch for a Swin-B)")
 
 
+def with_run_config(tokens: list[str]) -> list[str]:
+    """``midol test|validate --ckpt_path CKPT`` without ``--config``: the config the run that
+    wrote CKPT saved (its log folder's ``config.yaml``), so the test uses the run's image size,
+    data and model settings, not a preset's (issue 27 item 5). With ``--config`` the given
+    config is used, as told."""
+    if not tokens or tokens[0] not in ("test", "validate"):
+        return tokens
+    rest = tokens[1:]
+    if any(t in ("--config", "-c") or t.startswith("--config=") for t in rest):
+        return tokens
+    ckpt = next((rest[i + 1] for i, t in enumerate(rest[:-1]) if t == "--ckpt_path"),
+                next((t.split("=", 1)[1] for t in rest if t.startswith("--ckpt_path=")), None))
+    if ckpt is None or ckpt in ("last", "best", "hpc"):
+        return tokens
+    config = run_config_of(ckpt)
+    if config is None:
+        raise UsageError(f"{ckpt}: the checkpoint records no run folder with a config.yaml; pass "
+                         "--config (the preset it was trained with, with the same overrides)")
+    rank_zero_info(f"{tokens[0]}: using the config of the run that wrote {ckpt}: {config}")
+    return [tokens[0], "--config", config, *rest]
+
+
+def run_config_of(ckpt: str) -> str | None:
+    """The ``config.yaml`` of the newest log folder a checkpoint records (None: none found)."""
+    from midol.methods.loading import read_checkpoint
+    from midol.utils.run_logs import recorded_log_dirs
+
+    try:
+        checkpoint = read_checkpoint(ckpt)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--ckpt_path {ckpt}: {err}") from err
+    for folder in reversed(recorded_log_dirs(checkpoint)):
+        path = os.path.join(folder, "config.yaml")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MidolCLI:
     """``args=None`` reads ``sys.argv``; tests pass a list or a parsed config dict (and
     ``run=False`` to only build). ``--config`` presets with ``base:`` are composed first."""
@@ -445,7 +487,7 @@ def run_lightning(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
         root = ((args.get("trainer") or {}).get("default_root_dir")
                 if isinstance(args.get("trainer"), dict) else None)
     else:
-        tokens = expand_bases(sys.argv[1:] if args is None else args)
+        tokens = expand_bases(with_run_config(sys.argv[1:] if args is None else args))
         root = config_files_root(tokens)
     return MidolCLI(
         L.LightningModule,

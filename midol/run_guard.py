@@ -127,6 +127,29 @@ def refuse_overwrite(trainer: Any) -> None:
                 "folder with --trainer.default_root_dir")
 
 
+def set_aside_checkpoints(trainer: Any, keep: str | None = None) -> list[Path]:
+    """``--overwrite true``: move the previous run's ``*.ckpt`` of every checkpoint folder into
+    ``<folder>/replaced-<time>/`` (nothing is deleted), so this run's ``best-*.ckpt`` is the only
+    match of the documented glob (issue 27 item 5). ``keep``: a checkpoint being resumed, which
+    stays where it is. Returns the folders written."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept = Path(keep).resolve() if keep and _is_local(keep) else None
+    moved_to: list[Path] = []
+    for folder in checkpoint_dirs(trainer):
+        path = Path(folder)
+        old = [p for p in sorted(path.glob("*.ckpt")) if p.resolve() != kept] if path.is_dir() else []
+        if not old:
+            continue
+        target = path / f"replaced-{stamp}"
+        target.mkdir(exist_ok=True)
+        for ckpt in old:
+            os.replace(ckpt, target / ckpt.name)
+        moved_to.append(target)
+    return moved_to
+
+
 def refuse_foreign_resume(trainer: Any, ckpt_path: str) -> None:
     """A :class:`UsageError` when ``ckpt_path`` lies outside every checkpoint folder of the run
     while one of them already holds ``*.ckpt``: resuming run A into run B's folder would replace

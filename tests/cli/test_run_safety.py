@@ -329,6 +329,11 @@ def test_rerun_in_a_folder_with_checkpoints_is_refused_unless_resumed_or_overwri
     assert last.read_bytes() == before and record_fit == []
     main(ablation_args(run, "--overwrite", "true"))
     assert record_fit[-1]["ckpt_path"] is None
+    # the previous run's checkpoints are set aside, not deleted (issue 27 item 5: a best-*.ckpt
+    # glob then names only the new run's file)
+    (aside,) = (run / "checkpoints").glob("replaced-*/last.ckpt")
+    assert aside.read_bytes() == before and not last.exists()
+    shutil.copy(aside, last)  # what the new run's first epoch writes (fit is recorded, not run)
     main(ablation_args(run, "--ckpt_path", "last"))
     assert record_fit[-1]["ckpt_path"] == str(last)
     # --overwrite is not part of a printed or saved config unless it is given.
