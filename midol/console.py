@@ -4,6 +4,7 @@ warnings. Called by the ``midol`` command only (a library user keeps every warni
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # (message regex, why it is harmless for midol)
@@ -17,8 +18,14 @@ _KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
 
 
 class _DropTips(logging.Filter):
+    """Lightning's product tips, and its accelerator banner lines for hardware that is absent
+    ("TPU available: False, using: 0 TPU cores" on every CPU run); a GPU that is there is kept."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("💡 Tip")
+        text = str(record.getMessage())
+        if text.startswith("💡 Tip"):
+            return False
+        return not re.match(r"^[A-Z]{3} available: False", text)
 
 
 def quiet_known_noise() -> None:

@@ -515,6 +515,9 @@ class MedMIX(BaseMethod):
 
     def _log_stage(self, stage: str) -> None:
         self.configure_metrics()
+        if self._trainer is not None and self.trainer.sanity_checking:
+            self.stage_metrics.of(stage).reset()  # a few sanity batches: no false warnings
+            return
         results = self.stage_metrics.results(stage, self.structure["label_names"])
         if results:
             self.log_dict(results, on_epoch=True)

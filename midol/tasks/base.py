@@ -418,6 +418,10 @@ class FinetuneModule(L.LightningModule):
         return value
 
     def _log_stage(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            # two sanity batches lack most classes: their "undefined" warnings would be false
+            self.stage_metrics.of(stage).reset()
+            return
         results = self.stage_results(stage)
         if results:
             # the number that selects checkpoints goes on the progress bar

@@ -33,8 +33,12 @@ def test_known_noise_is_silenced_but_other_warnings_are_not(caplog):
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with caplog.at_level(logging.INFO, logger=log.name):
         log.info("💡 Tip: For seamless cloud logging ...")
-        log.info("GPU available: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+        log.info("GPU available: False, used: False")  # absent hardware: noise (issue 27 item 13)
+        log.info("TPU available: False, using: 0 TPU cores")
+        log.info("GPU available: True (cuda), used: True")
+        log.info("the run's own line")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: True (cuda), used: True",
+                                                        "the run's own line"]
 
 
 def test_threads_option_and_busy_machine_warning(monkeypatch):

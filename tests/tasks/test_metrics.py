@@ -146,3 +146,29 @@ def test_dice_per_image_uses_the_empty_mask_rule_and_differs_from_pooled_dice():
     pooled = DicePerClass(2, ignore_index=255)
     pooled.update(preds, target)
     assert abs(float(pooled.compute()[1]) - float(metric.compute()[1])) > 0.05
+
+
+def test_sanity_check_batches_raise_no_undefined_class_warning() -> None:
+    """Issue 27 item 13: the two sanity-check batches lack most classes, and each fine-tune run
+    printed a false "1 of 9 classes/labels are undefined" warning before training."""
+    import warnings
+    from types import SimpleNamespace
+
+    from midol.tasks import ClassificationModule
+    from tests.helpers.finetune import tiny_backbone_args
+
+    module = ClassificationModule(num_classes=3, **tiny_backbone_args())
+    metrics = module.stage_metrics.of("val")
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    target = torch.tensor([0, 1])  # class 2 absent: its AUC is undefined
+    metrics.update(probs, target)
+    module._trainer = SimpleNamespace(sanity_checking=True)  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._log_stage("val")
+    assert all(m.update_count == 0 for m in metrics.values())  # reset for the real validation
+    metrics.update(probs, target)
+    module._trainer = SimpleNamespace(sanity_checking=False)  # type: ignore[assignment]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="1 of 3 classes/labels are undefined"):
+        module._log_stage("val")
