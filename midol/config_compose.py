@@ -122,8 +122,50 @@ def load_composed(path: str | Path, _stack: tuple[Path, ...] = (), keyed: bool =
     return merged if keyed else plain_callbacks(merged)
 
 
+OUTPUT_KEYS = ("dirpath", "output_dir", "image_dir", "save_dir")
+
+
+def relocated(trainer: dict[str, Any], old_root: str, new_root: str) -> dict[str, Any]:
+    """``trainer`` with every logger ``save_dir`` and callback output folder that lies in
+    ``old_root`` moved to the same place under ``new_root``: a derived preset that sets
+    ``trainer.default_root_dir`` moves all of its base's outputs (issue 27 item 1)."""
+    old = old_root.rstrip("/")
+
+    def move(value: Any) -> Any:
+        if not isinstance(value, str) or "://" in value:
+            return value
+        if value.rstrip("/") == old:
+            return new_root
+        if value.startswith(old + "/"):
+            return new_root.rstrip("/") + value[len(old):]
+        return value
+
+    def fix(spec: Any) -> Any:
+        if not isinstance(spec, dict) or not isinstance(spec.get("init_args"), dict):
+            return spec
+        args = {k: move(v) if k in OUTPUT_KEYS else v for k, v in spec["init_args"].items()}
+        return {**spec, "init_args": args}
+
+    out = dict(trainer)
+    logger = out.get("logger")
+    out["logger"] = [fix(x) for x in logger] if isinstance(logger, list) else fix(logger)
+    callbacks = out.get("callbacks")
+    if isinstance(callbacks, dict):
+        out["callbacks"] = {k: fix(v) for k, v in callbacks.items()}
+    elif isinstance(callbacks, list):
+        out["callbacks"] = [fix(v) for v in callbacks]
+    return out
+
+
 def _compose(base: dict[str, Any], over: dict[str, Any], path: Path) -> dict[str, Any]:
-    """:func:`merge`, with ``trainer.callbacks`` merged by name (:func:`_merge_callbacks`)."""
+    """:func:`merge`, with ``trainer.callbacks`` merged by name (:func:`_merge_callbacks`), and
+    the base's outputs moved under a ``trainer.default_root_dir`` the derived preset sets."""
+    base_trainer = base.get("trainer") if isinstance(base.get("trainer"), dict) else None
+    over_trainer_ = over.get("trainer") if isinstance(over.get("trainer"), dict) else None
+    if base_trainer is not None and over_trainer_ is not None:
+        old_root, new_root = base_trainer.get("default_root_dir"), over_trainer_.get("default_root_dir")
+        if isinstance(old_root, str) and isinstance(new_root, str) and old_root != new_root:
+            base = {**base, "trainer": relocated(base_trainer, old_root, new_root)}
     base_cb = (base.get("trainer") or {}).get("callbacks") if isinstance(base.get("trainer"), dict) else None
     over_trainer = over.get("trainer") if isinstance(over.get("trainer"), dict) else None
     if over_trainer is None or "callbacks" not in over_trainer or base_cb is None:

@@ -254,3 +254,36 @@ def test_a_derived_callbacks_list_replaces_the_base_with_a_warning(tmp_path: Pat
                                          r"model_checkpoint_2, preemption_checkpoint, export_backbone"):
         composed = load_composed(derived)["trainer"]["callbacks"]
     assert composed == [KNN]
+
+
+def test_a_root_set_in_a_derived_yaml_moves_every_output(tmp_path: Path, monkeypatch) -> None:
+    """Issue 27 item 1: a copy of the demo preset that set trainer.default_root_dir moved the
+    checkpoints and export, but its logs, heat-maps, routing table and summary still went to
+    outputs/demo/ (and overwrote the demo's). A fit of one epoch writes every file under the new
+    root and nothing under outputs/demo."""
+    import os
+
+    from midol.cli import main
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "my_run"
+    derived = tmp_path / "mine.yaml"
+    derived.write_text(yaml.safe_dump({"base": [str(REPO / "configs/pretrain/demo.yaml")],
+                                       "trainer": {"default_root_dir": str(run), "max_epochs": 1}}))
+    composed = flat(load_composed(derived))
+    outputs = {k: v for k, v in composed.items()
+               if k.rsplit(".", 1)[-1] in ("save_dir", "image_dir", "output_dir", "dirpath", "default_root_dir")
+               and v is not None}
+    assert outputs and all(str(v).startswith(str(run)) for v in outputs.values()), outputs
+
+    def snapshot(folder: Path) -> dict[str, float]:
+        return {str(p): p.stat().st_mtime for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+    demo_before = snapshot(REPO / "outputs" / "demo")
+    assert main(["fit", "--config", str(derived), "--data.init_args.num_workers", "0", "--threads", "1"]) == 0
+    assert snapshot(REPO / "outputs" / "demo") == demo_before
+    written = {os.path.relpath(p, run) for p in snapshot(run)}
+    assert {"checkpoints/last.ckpt", "teacher_backbone.safetensors", "summary.json",
+            "routing_table.md"} <= written
+    assert any(w.startswith("logs/") and w.endswith("metrics.csv") for w in written)
+    assert any(w.startswith("routing/") for w in written)
