@@ -52,6 +52,7 @@ from midol.methods.interfaces import BackboneExport
 from midol.methods.validation import raise_on_failed
 from midol.models.fusion import FusionMode, PoolMode
 from midol.models.medmix_net import MedMIXNet, NetOutput
+from midol.tasks.base import report_best_checkpoint
 from midol.tasks.stage_metrics import StageMetrics
 from midol.tasks.task_metrics import classification_metrics, multilabel_metrics
 
@@ -572,6 +573,9 @@ class MedMIX(BaseMethod):
 
         assert self.net is not None
         return MedMIXDeployable(self.experts, self.expert_recipes, self.net)
+
+    def on_fit_end(self) -> None:
+        report_best_checkpoint(self)  # the best validation macro AUC, its epoch and file
 
     def on_fit_start(self) -> None:
         rank_zero_info(self.describe())

@@ -435,15 +435,7 @@ class FinetuneModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """One line with the best checkpoint's score, epoch and path; a warning when the run
         ended without any validated checkpoint (e.g. validation every 5 epochs, 3 epochs run)."""
-        if self._trainer is None or not self.trainer.is_global_zero:
-            return
-        report = best_checkpoint_report(self.trainer)
-        if report is None:
-            return
-        if report.startswith("warning: "):
-            rank_zero_warn(report[len("warning: "):])
-        else:
-            print(report)
+        report_best_checkpoint(self)
 
     def on_train_epoch_end(self) -> None:
         self._log_stage("train")
@@ -453,6 +445,19 @@ class FinetuneModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_stage("test")
+
+
+def report_best_checkpoint(module: L.LightningModule) -> None:
+    """Print :func:`best_checkpoint_report` at the end of a fit (rank 0); its warning as one."""
+    if module._trainer is None or not module.trainer.is_global_zero:
+        return
+    report = best_checkpoint_report(module.trainer)
+    if report is None:
+        return
+    if report.startswith("warning: "):
+        rank_zero_warn(report[len("warning: "):])
+    else:
+        print(report)
 
 
 def best_checkpoint_report(trainer: Any) -> str | None:

@@ -380,3 +380,20 @@ def test_missingness_balance_fits_rates_on_training_rows_and_trains(tmp_path):
     with pytest.raises(ValueError, match=r"negative_labels: \['normal'\] are not labels"):
         medmix(tmp_path / "cache", missingness_balance=True, negative_labels=["normal"]).attach(
             datamodule(manifest), fit=True)
+
+
+def test_fit_ends_with_the_best_validation_metric(tmp_path, capsys):
+    """Issue 27 item 11: MedMIX never printed its best validation metric (the task modules do)."""
+    manifest = odir_subset(tmp_path, {"train": 20, "val": 12, "test": 8})
+    L.seed_everything(0)
+    model = medmix(tmp_path / "cache")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="best",
+                                               monitor="val/auc", mode="max")
+    t = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[ckpt],
+                  num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest))
+    out = capsys.readouterr().out
+    assert f"best val/auc = {float(ckpt.best_model_score):.4f} at epoch" in out and "best.ckpt" in out
