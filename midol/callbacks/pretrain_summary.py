@@ -22,11 +22,17 @@ class PretrainSummary(L.Callback):
     Args:
         output_dir: Folder of ``summary.json`` and ``routing_table.md``.
         progress: Show a progress bar while routing the corpus.
+        max_images: route at most this many images, evenly spaced over the corpus (a large
+            corpus; null: all). The table then says how many it counts.
     """
 
-    def __init__(self, output_dir: str | None = None, progress: bool = True):
+    def __init__(self, output_dir: str | None = None, progress: bool = True,
+                 max_images: int | None = None):
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"PretrainSummary max_images must be >= 1 or null, got {max_images}")
         self.output_dir = output_dir
         self.progress = progress
+        self.max_images = max_images
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -35,8 +41,9 @@ class PretrainSummary(L.Callback):
         if datamodule is None or not hasattr(datamodule, "routing_dataloader"):
             raise ValueError("PretrainSummary needs a datamodule with routing_dataloader()")
         modalities = list(datamodule.modalities)
-        counts = routing_counts(pl_module, datamodule.routing_dataloader(), len(modalities),  # type: ignore[arg-type]
-                                self.progress)
+        loader = (datamodule.routing_dataloader() if self.max_images is None
+                  else datamodule.routing_dataloader(max_images=self.max_images))
+        counts = routing_counts(pl_module, loader, len(modalities), self.progress)  # type: ignore[arg-type]
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         keys = getattr(pl_module, "summary_metrics", lambda: [])()
         finals: dict[str, Any] = {f"final_{k.split('/')[-1]}": metrics.get(k) for k in keys}

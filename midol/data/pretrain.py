@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from midol.data.corpus import Corpus, unique_modalities
 from midol.data.loader_utils import worker_init
@@ -109,14 +109,23 @@ class PretrainDataModule(ViewDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[Any]:
+    def routing_dataloader(self, batch_size: int | None = None,
+                           max_images: int | None = None) -> DataLoader[Any]:
         """Every item once, in corpus order, as ``eval_size`` centre crops
         (:class:`~midol.data.batches.ImageBatch`). Unreadable files are dropped (warned and listed
         in ``"skipped"``), not replaced, so a batch can be smaller than ``batch_size`` or empty.
+        ``max_images``: at most that many, evenly spaced over the corpus (every source keeps its
+        share), for a summary of a corpus too large to route whole.
         """
         corpus, _ = self._require_setup()
+        dataset: Dataset[Any] = RoutingDataset(corpus, EvalTransform(self.eval_size))
+        if max_images is not None and max_images < len(corpus):
+            if max_images < 1:
+                raise ValueError(f"max_images must be >= 1, got {max_images}")
+            picks = torch.linspace(0, len(corpus) - 1, max_images).round().long().unique().tolist()
+            dataset = Subset(dataset, picks)
         return DataLoader(
-            RoutingDataset(corpus, EvalTransform(self.eval_size)),
+            dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,

@@ -52,7 +52,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
     ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
     "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
-    "init_args.route_backbone_grad": True,
+    "init_args.route_backbone_grad": True, "init_args.max_images": None,
 }
 SWIN_B_SPEED = {
     "model.init_args.compile": "auto", "model.init_args.grad_checkpointing": "auto",
@@ -106,13 +106,21 @@ def old_in_new_terms(old: dict[str, Any]) -> dict[str, Any]:
     return null_run_folders(mapped)
 
 
+ADDED_CALLBACKS = {  # callbacks presets gained since 0.1.0, with the settings they have there
+    # every preset: SIGTERM -> last.ckpt (issue 26 item 5)
+    "midol.callbacks.PreemptionCheckpoint": {"dirpath": None, "filename": "last"},
+    # the Swin-B / ViT-B presets end with the summary the demo has (issue 27 item 11)
+    "midol.callbacks.PretrainSummary": {"output_dir": None, "progress": True, "max_images": 20000},
+}
+
+
 def preemption_entry(config: dict[str, Any], key: str) -> bool:
-    """A key of the PreemptionCheckpoint every preset gained (issue 26 item 5), at its defaults."""
+    """A key of a callback in ``ADDED_CALLBACKS``, at its listed settings."""
     head = key.split("].")[0] + "]"
-    if config.get(f"{head}.class_path") != "midol.callbacks.PreemptionCheckpoint":
+    settings = ADDED_CALLBACKS.get(config.get(f"{head}.class_path", ""))
+    if settings is None:
         return False
-    return key == f"{head}.class_path" or config[key] == {"dirpath": None, "filename": "last"}.get(
-        key.rsplit(".", 1)[-1], "<not a default>")
+    return key == f"{head}.class_path" or config[key] == settings.get(key.rsplit(".", 1)[-1], "<not listed>")
 
 
 def null_run_folders(config: dict[str, Any]) -> dict[str, Any]:

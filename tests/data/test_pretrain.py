@@ -176,3 +176,19 @@ def test_sources_parse_from_config(sample_data: Path) -> None:
     dm = instantiate(cfg).data
     assert isinstance(dm.sources[1], DataSource) and dm.sources[1].weight == 0.5
     assert dm.modalities == ["oct", "fundus"] and dm.transform.local_scale == (0.1, 0.3)
+
+
+def test_routing_sample_is_evenly_spaced_and_keeps_every_source(sample_data: Path) -> None:
+    """PretrainSummary's max_images (issue 27 item 11): a capped routing sample of a large corpus
+    spreads over it, so each source keeps its share (the first N items would be one source)."""
+    sources = [DataSource(str(sample_data / "xray"), "xray"), DataSource(str(sample_data / "oct"), "oct")]
+    dm = PretrainDataModule(sources, batch_size=4, num_workers=0, eval_size=32, **small())
+    dm.setup("fit")
+    n = len(dm.corpus)
+    batches = list(dm.routing_dataloader(batch_size=5, max_images=8))
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    assert indices == torch.linspace(0, n - 1, 8).round().long().tolist()
+    assert {int(m) for b in batches for m in b["modality"]} == {0, 1}
+    assert len(torch.cat([b["index"] for b in dm.routing_dataloader(max_images=10_000)])) == n
+    with pytest.raises(ValueError, match="max_images must be >= 1"):
+        dm.routing_dataloader(max_images=0)

@@ -101,10 +101,14 @@ class ShardedPretrainDataModule(ViewDataModule):
         )
         return ShardLoader(stream, **self.train_loader_kwargs())
 
-    def routing_dataloader(self, batch_size: int | None = None) -> DataLoader[dict[str, Any]]:
+    def routing_dataloader(self, batch_size: int | None = None,
+                           max_images: int | None = None) -> DataLoader[dict[str, Any]]:
         """Every sample once, as ``eval_size`` centre crops (batches as
         :meth:`PretrainDataModule.routing_dataloader`; ``index`` numbers the samples in index
         order, modality after modality; ``path`` is the origin recorded at writing)."""
+        if max_images is not None:
+            raise ValueError("PretrainSummary max_images: a capped sample is not offered for a "
+                             "sharded corpus (its stream has no random access); set it to null")
         return DataLoader(
             EvalStream(self.shard_index, self.eval_size),
             batch_size=batch_size or self.batch_size,
