@@ -140,6 +140,27 @@ def test_group_ema_formula(omega: list[float]) -> None:
         group_ema_(director, experts, torch.ones(3) / 3, m)
 
 
+@pytest.mark.parametrize("omega", [[0.1, 0.2, 0.3, 0.4], [0.0, 0.5, 0.0, 0.5]])
+def test_group_ema_without_host_sync_equals_the_skipping_update(omega: list[float], monkeypatch) -> None:
+    """Issue 30 item 4: the device-side update (no read-back of the shares) gives the same
+    director to float rounding, and reads nothing back to the host."""
+    torch.manual_seed(0)
+    experts = [Mlp(6, 10) for _ in range(4)]
+    skipping, sync_free = Mlp(6, 10).requires_grad_(False), Mlp(6, 10).requires_grad_(False)
+    sync_free.load_state_dict(skipping.state_dict())
+    group_ema_(skipping, experts, torch.tensor(omega), 0.9, sync_free=False)
+
+    def no_readback(*args, **kwargs):
+        raise AssertionError("a host read-back in the sync-free group EMA")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_readback)
+    monkeypatch.setattr(torch.Tensor, "item", no_readback)
+    group_ema_(sync_free, experts, torch.tensor(omega), 0.9, sync_free=True)
+    monkeypatch.undo()
+    for (name, a), b in zip(skipping.state_dict().items(), sync_free.state_dict().values()):
+        assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 # --- MAE --------------------------------------------------------------------------------------
 def ref_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     b, _, h, w = imgs.shape
