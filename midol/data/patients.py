@@ -432,6 +432,26 @@ def _encode_categorical(raw: list[list[str | None]], columns: list[str], train: 
     return codes, vocab
 
 
+def _encode_with(raw: list[list[str | None]], columns: list[str], vocab: list[list[str]],
+                 manifest: str, name: str) -> np.ndarray:
+    """Codes of ``raw`` in a recorded vocabulary (unseen values: missing, warned once)."""
+    if len(vocab) != len(columns):
+        raise ValueError(f"{manifest}: input {name!r}: {len(columns)} categorical columns but the "
+                         f"model recorded {len(vocab)} vocabularies")
+    codes = np.full((len(raw), len(columns)), MISSING_CODE, dtype=np.int64)
+    for j, column in enumerate(columns):
+        index = {v: i for i, v in enumerate(vocab[j])}
+        unseen = sorted({v for row in raw if (v := row[j]) is not None and v not in index})
+        for n, row in enumerate(raw):
+            value = row[j]
+            if value is not None and value in index:
+                codes[n, j] = index[value]
+        if unseen:
+            warnings.warn(f"{manifest}: input {name!r}: column {column!r}: value(s) the model never "
+                          f"saw, coded as missing ({MISSING_CODE}), e.g. {unseen[:3]}", stacklevel=3)
+    return codes
+
+
 def _targets(rows: list[dict], label_columns: list[str], task: Task, where: _Where
              ) -> tuple[np.ndarray, list[str]]:
     if task == "multilabel":
@@ -496,6 +516,8 @@ def read_patient_table(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     root: str | None = None,
+    vocabularies: dict[str, list[list[str]]] | None = None,
+    labels: bool = True,
 ) -> PatientTable:
     """Read a patient manifest (one CSV row per patient) with all its splits.
 
@@ -512,6 +534,11 @@ def read_patient_table(
             split of all patients with ``val_fraction``/``test_fraction``/``split_seed``
             (stratified by class, or for multilabel by "has any positive label").
         root: Base folder of relative paths (default: the CSV's folder).
+        vocabularies: per tabular input, the categories of each categorical column as a model
+            recorded them (new patients are scored with the training vocabulary; no training
+            rows are needed then). Default: learnt from the training split.
+        labels: False for patients to score: the label columns need not exist (targets are
+            zeros, ``label_columns`` are then the model's label names), every row is "test".
     """
     specs = check_inputs(inputs)
     label_columns = list(label_columns)
@@ -527,7 +554,7 @@ def read_patient_table(
     clash = sorted(input_columns & set(label_columns))
     if clash:
         raise ValueError(f"column(s) {clash} are both an input and a label")
-    required = list(dict.fromkeys([c for s in specs for c in s.columns] + label_columns))
+    required = list(dict.fromkeys([c for s in specs for c in s.columns] + (label_columns if labels else [])))
     rows = read_csv_rows(manifest, required)
     header = set(rows[0].keys())
     base = csv_base(manifest, root)
@@ -546,7 +573,12 @@ def read_patient_table(
                                  f"{seen[pid] + 1} (one row per patient)")
             seen[pid] = n
 
-    targets, label_names = _targets(rows, label_columns, task, where)  # type: ignore[arg-type]
+    if labels:
+        targets, label_names = _targets(rows, label_columns, task, where)  # type: ignore[arg-type]
+    else:
+        label_names = list(label_columns)
+        targets = (np.zeros((len(rows), len(label_names)), dtype=np.float32) if task == "multilabel"
+                   else np.zeros(len(rows), dtype=np.int64))
 
     present = np.zeros((len(rows), len(specs)), dtype=bool)
     images: dict[str, list[str | None]] = {}
@@ -569,7 +601,9 @@ def read_patient_table(
                                dtype=bool)
             present[:, m] = has_num | has_cat
 
-    if split_column is not None and split_column in header:
+    if not labels:
+        split = np.full(len(rows), "test", dtype="<U5")
+    elif split_column is not None and split_column in header:
         split = _splits(rows, split_column, split_names or DEFAULT_SPLIT_NAMES, where)
     else:
         split = None
@@ -598,7 +632,7 @@ def read_patient_table(
     else:
         split = split[kept]
     train = split == "train"
-    if not train.any():
+    if not train.any() and vocabularies is None:
         raise ValueError(f"{manifest}: the training split is empty")
 
     tabulars: dict[str, TabularArrays] = {}
@@ -606,8 +640,12 @@ def read_patient_table(
         if spec.kind != "tabular":
             continue
         numeric = numerics[spec.name]
-        codes, vocab = _encode_categorical(categoricals[spec.name], spec.categorical, train,
-                                           manifest, spec.name)
+        if vocabularies is not None:
+            vocab = [list(v) for v in vocabularies[spec.name]]
+            codes = _encode_with(categoricals[spec.name], spec.categorical, vocab, manifest, spec.name)
+        else:
+            codes, vocab = _encode_categorical(categoricals[spec.name], spec.categorical, train,
+                                               manifest, spec.name)
         tabulars[spec.name] = TabularArrays(numeric, ~np.isnan(numeric), codes, vocab)
 
     return PatientTable(

@@ -82,6 +82,16 @@ def export_deployable(method: Any, out_dir: str | Path, overwrite: bool = False)
         "label_names": list(method.structure["label_names"]),
         "input": "uint8 RGB images per image input (any size: resized per expert), "
                  "tabular values as in the manifest, a presence mask in input order",
+        # what reproduces the checkpoint's probabilities on image files (the feature cache's
+        # pre-processing): midol.fusion.score applies it; MedMIXDeployable.forward on tensors
+        # resizes the whole image instead (close, not equal)
+        "preprocessing": {
+            "per_expert": "EvalTransform(image_size): shorter side resized to image_size "
+                          "(bicubic; area when shrinking, albumentations SmallestMaxSize), centre "
+                          "crop, uint8; then (x / 255 - ImageNet mean) / std",
+            "image_sizes": {m: [int(r["image_size"]) for r in rs] for m, rs in method.expert_recipes.items()},
+        },
+        "input_specs": method.hparams.get("input_specs"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "midol_version": midol.__version__,
     }

@@ -20,6 +20,7 @@ With ``finetune_experts: true`` the experts train and see pixels every step (no 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,6 +87,7 @@ class MedMIXOptions(BaseMethodOptions, Protocol):
     feature_batch_size: int
     feature_workers: int
     structure: dict[str, Any] | None
+    input_specs: dict[str, Any] | None
 
 
 class MedMIX(BaseMethod):
@@ -136,6 +138,8 @@ class MedMIX(BaseMethod):
         feature_workers: data-loader workers when computing features for the cache.
         structure: filled from the data when the model is set up and saved with checkpoints
             (inputs, expert recipes, labels); leave it unset.
+        input_specs: filled at fit like ``structure``: the manifest's input columns and id
+            column, so that the deployable model scores a CSV of new patients; leave it unset.
         base_lr, lr_batch_size, min_lr, warmup_epochs, weight_decay, weight_decay_end, betas,
             ``**kwargs``: the shared schedule and optimiser settings of
             :class:`~midol.methods.base.BaseMethod`.
@@ -173,6 +177,7 @@ class MedMIX(BaseMethod):
         feature_batch_size: int = 64,
         feature_workers: int = 0,
         structure: dict[str, Any] | None = None,
+        input_specs: dict[str, Any] | None = None,
         base_lr: float = 1e-3,
         lr_batch_size: int = 64,
         min_lr: float = 1e-6,
@@ -301,6 +306,10 @@ class MedMIX(BaseMethod):
                                       self.expert_recipes, keep=not self.hparams.finetune_experts)
         if fit and self.hparams.missingness_balance:
             self._fit_missingness_balance(table)
+        if fit:
+            self.hparams["input_specs"] = {
+                "inputs": [dataclasses.asdict(spec) for spec in table.inputs],
+                "id_column": getattr(datamodule, "id_column", "patient_id")}
         if not self.hparams.finetune_experts:
             datamodule.set_load_images(False)
         if self.hparams.teacher_logits:

@@ -11,7 +11,9 @@ is at least ``--threshold`` joined by ``;`` (multi-label, sigmoid). Class names,
 and the backbone's architecture come from the checkpoint (midol records them when it saves a
 fine-tuned model); images get the evaluation transform of training (shorter side resized to the
 input size, centre crop) and the model's own normalisation. Unreadable images are left out and
-named on stderr. Segmentation and MedMIX (multi-input patients) checkpoints are not supported.
+named on stderr. A MedMIX deployable export (``midol export MEDMIX.ckpt --out DIR``, then
+``midol predict DIR --images patients.csv``) scores one row per patient, from the export alone.
+Segmentation checkpoints are not supported.
 
 This is a tool, not LightningCLI's ``predict`` subcommand (which midol does not offer: it needs
 the training config and writes no file).
@@ -35,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="midol predict", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fine-tuned classification or multi-label .ckpt")
+    p.add_argument("checkpoint", help="a fine-tuned classification or multi-label .ckpt, or a "
+                                      "MedMIX export folder (medmix.json)")
     p.add_argument("--images", required=True,
                    help="a folder (its images, sub-folders included) or a .csv manifest")
     p.add_argument("--out", required=True, help="the CSV to write")
@@ -174,6 +177,43 @@ def format_rows(paths: list[str], probs: Any, names: list[str], rule: str, thres
     return buf.getvalue()
 
 
+def is_medmix_export(path: str) -> bool:
+    """A MedMIX deployable export: its folder, or its ``medmix.safetensors``."""
+    p = Path(path)
+    return (p / "medmix.json").is_file() or (p.name.endswith(".safetensors")
+                                              and p.with_suffix(".json").is_file() and "medmix" in p.name)
+
+
+def predict_patients(ns: argparse.Namespace, out: Path) -> int:
+    """MedMIX: one row per patient of the ``--images`` CSV (the inputs' columns as in
+    training), from the deployable export alone (``midol export CKPT --out DIR``)."""
+    from midol.analysis.inputs import pick_device
+    from midol.fusion.score import load_for_scoring, score_patients, scoring_table
+    from midol.io.atomic import atomic_write_text
+
+    if not str(ns.images).lower().endswith(".csv"):
+        raise UsageError("a MedMIX model scores patients: --images must be a CSV with one row per "
+                         "patient and the input columns of training")
+    model, meta = load_for_scoring(ns.checkpoint)
+    table = scoring_table(meta, ns.images, ns.root)
+    probs, used = score_patients(model, meta, table, ns.batch_size, pick_device(ns.device))
+    names = list(meta["label_names"])
+    rule = "sigmoid" if table.task == "multilabel" else "softmax"
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["patient_id", "prediction", *[f"prob_{n}" for n in names], "inputs_used"])
+    for pid, p, mask in zip(table.patient_ids, probs, used, strict=True):
+        if rule == "softmax":
+            prediction = names[int(p.argmax())]
+        else:
+            prediction = ";".join(n for n, v in zip(names, p, strict=True) if v >= ns.threshold)
+        inputs = ";".join(n for n, m in zip(table.input_names, mask, strict=True) if m)
+        writer.writerow([pid, prediction, *[f"{v:.{ns.decimals}f}" for v in p], inputs])
+    atomic_write_text(out, buf.getvalue())
+    print(f"wrote {out}: {len(table)} patient(s), {len(names)} labels ({', '.join(names[:10])})")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ns = parser().parse_args(argv)
     if ns.batch_size < 1 or ns.num_workers < 0 or ns.decimals < 1:
@@ -190,6 +230,8 @@ def main(argv: list[str]) -> int:
         raise OutputFileError(f"--out {out} is a folder; give the CSV file to write")
     if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
         raise OutputFileError(f"--out {out}: its folder {out.parent} does not exist or cannot be written")
+    if is_medmix_export(ns.checkpoint):
+        return predict_patients(ns, out)
     files, paths = list_images(ns.images, ns.path_column, ns.root)
     module = load_method(ns.checkpoint, pick_device(ns.device), tuple(ns.class_path))
     rule = check_predictable(module, ns.checkpoint)

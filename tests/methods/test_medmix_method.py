@@ -397,3 +397,38 @@ def test_fit_ends_with_the_best_validation_metric(tmp_path, capsys):
         t.fit(model, datamodule=datamodule(manifest))
     out = capsys.readouterr().out
     assert f"best val/auc = {float(ckpt.best_model_score):.4f} at epoch" in out and "best.ckpt" in out
+
+
+def test_deployable_scores_a_csv_of_new_patients_alone(fitted, tmp_path):
+    """Issue 26: new patients could not be scored without the training rows in the manifest,
+    and raw images gave probabilities off by up to 0.021 (the pre-processing was not recorded).
+    A CSV of the test patients only, without labels or split, scored from the export alone,
+    gives the checkpoint's probabilities (which the feature cache computed)."""
+    from midol.cli import main
+
+    model = fitted["model"]
+    export = tmp_path / "export"
+    export_deployable(model, export)
+    meta = json.loads((export / "medmix.json").read_text())
+    assert meta["preprocessing"]["image_sizes"] == {"fundus": [32, 32]}
+    assert [i["name"] for i in meta["input_specs"]["inputs"]] == model.input_names
+    with open(fitted["manifest"], newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    keep = ["patient_id", "left_image", "right_image", "age", "sex"]
+    new = tmp_path / "new_patients.csv"
+    with open(new, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, keep)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in keep} for r in rows)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(export), "--images", str(new), "--out", str(out), "--root", str(ODIR)]) == 0
+    with open(out, newline="") as fh:
+        written = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in written] == [r["patient_id"] for r in rows]
+    labels = model.structure["label_names"]
+    got = np.array([[float(r[f"prob_{n}"]) for n in labels] for r in written])
+    table_rows = [model.table.patient_ids.index(r["patient_id"]) for r in rows]
+    expected = model.predict_rows(np.array(table_rows)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    one_eyed = [r for r in written if r["inputs_used"].count("fundus") == 1]
+    assert one_eyed  # absent eyes are reported as not used
