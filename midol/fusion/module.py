@@ -259,9 +259,14 @@ class MedMIX(BaseMethod):
         self.structure = structure
         self.input_names = [s["name"] for s in structure["inputs"]]
 
-    def load_experts(self) -> None:
-        """Build every expert from its spec (reads the weight files)."""
+    def load_experts(self, modalities: set[str] | None = None) -> None:
+        """Build the experts of ``modalities`` (default: all) from their specs (reads the weight
+        files). Experts of a modality no input uses are never built: they would sit in the
+        state dict without being recorded for the rebuild (issue 26: a demographics-only model
+        could not be reloaded)."""
         for modality, specs in self.expert_specs.items():
+            if modalities is not None and modality not in modalities:
+                continue
             built = [build_expert(s) for s in specs]
             self.experts[modality] = nn.ModuleList(m for m, _ in built)
             self.expert_recipes[modality] = [r for _, r in built]
@@ -284,8 +289,9 @@ class MedMIX(BaseMethod):
         if getattr(datamodule, "table", None) is None:
             datamodule.setup("fit")
         table = datamodule.table
-        if not all(m in self.experts for m in self.expert_specs):  # else rebuilt from a checkpoint
-            self.load_experts()
+        used = {spec.modality or spec.name for spec in table.inputs if spec.kind == "image"}
+        if not all(m in self.experts for m in used & set(self.expert_specs)):  # else rebuilt
+            self.load_experts(used)
         structure = structure_from(table, self.expert_specs, self.teacher_specs, self.expert_recipes)
         settings = self.feature_settings()
         if self.net is None:

@@ -432,3 +432,24 @@ def test_deployable_scores_a_csv_of_new_patients_alone(fitted, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5)
     one_eyed = [r for r in written if r["inputs_used"].count("fundus") == 1]
     assert one_eyed  # absent eyes are reported as not used
+
+
+def test_a_model_without_image_inputs_reloads_and_exports(tmp_path):
+    """Issue 26: a demographics-only model (experts configured for fundus, no image input used)
+    built those experts, saved them in its state dict without recording them, and could not be
+    reloaded by midol robustness or midol export (358 unexpected keys)."""
+    from tests.helpers.medmix import ODIR_INPUTS
+
+    manifest = odir_subset(tmp_path, {"train": 20, "val": 8, "test": 8})
+    L.seed_everything(0)
+    model = medmix(tmp_path / "cache", teachers=None)
+    t = trainer(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=datamodule(manifest, inputs=[ODIR_INPUTS[2]]))
+    assert len(model.experts) == 0 and not any(k.startswith("experts.") for k in model.state_dict())
+    ckpt = tmp_path / "demographics.ckpt"
+    t.save_checkpoint(ckpt)
+    rebuilt = load_method(ckpt)
+    deployed = load_deployable(export_deployable(rebuilt, tmp_path / "export"))
+    assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in model.net.parameters())
