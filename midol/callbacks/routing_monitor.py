@@ -26,6 +26,10 @@ DEFAULT_HINT = ("model.init_args.load_balance_weight, router_noise, more sinkhor
                 "teacher_temp (see docs/analysis.md).")
 
 
+FLAT_MIN_EPOCHS = 3  # a loss term observed at this many epoch ends or more ...
+FLAT_RELATIVE_RANGE = 1e-3  # ... whose values span at most this fraction of their mean is flat
+
+
 class RoutingMonitor(L.Callback):
     """Routing and collapse monitor for any method whose ``training_step`` returns a
     :class:`~midol.methods.interfaces.StepOutput`.
@@ -162,6 +166,7 @@ class RoutingMonitor(L.Callback):
         self._idle: dict[str, tuple[frozenset[int], int, int]] = {}
         self._teacher_values: list[torch.Tensor] = []
         self._teacher_key: str | None = None
+        self._terms: dict[str, list[float]] = {}  # per summary loss: its value at each epoch end
         self._teacher_streak = 0
         self._teacher_warned = False
 
@@ -269,6 +274,10 @@ class RoutingMonitor(L.Callback):
     # ------------------------------------------------------------------ per epoch
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
+        for key in getattr(pl_module, "summary_metrics", lambda: [])():
+            value = trainer.callback_metrics.get(key)
+            if value is not None and value.numel() == 1 and bool(torch.isfinite(value)):
+                self._terms.setdefault(key, []).append(float(value))
         k = len(self._modalities)
         for key, flat in self._counts.items():
             choice = self._choices[key]
@@ -286,6 +295,22 @@ class RoutingMonitor(L.Callback):
         self._counts = {}
         if self.heldout_every_n_epochs and (epoch + 1) % self.heldout_every_n_epochs == 0:
             self._heldout(trainer, pl_module, epoch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn about a loss term that stayed flat for the whole run (issue 26: DEX's L_co
+        stayed within 0.1% for 400 steps): it trains nothing, whatever its weight."""
+        for key, values in self._terms.items():
+            if len(values) < FLAT_MIN_EPOCHS:
+                continue
+            centre = sum(values) / len(values)
+            spread = max(values) - min(values)
+            if spread <= FLAT_RELATIVE_RANGE * max(abs(centre), 1e-12):
+                hint = getattr(pl_module, "flat_term_hint", lambda k: "")(key)
+                rank_zero_warn(
+                    f"{key} stayed within {spread:.3g} of {centre:.4g} ({100 * spread / max(abs(centre), 1e-12):.2f}%) "
+                    f"over {len(values)} epochs: this term does not change and trains nothing"
+                    + (f"; {hint}" if hint else "; check its weight and whether its gradient reaches "
+                       "the parameters it should move"))
 
     def _check_idle(self, key: str, label: str, report: dict[str, Any], epoch: int) -> None:
         idle = [i for i, share in enumerate(report["expert_load"]) if share < self.min_expert_share]

@@ -337,6 +337,16 @@ class DEX(BaseMethod):
     def summary_metrics(self) -> list[str]:
         return ["train/l_mae", "train/l_co", "train/l_bal"] if self.dex_layer_blocks else ["train/l_mae"]
 
+    def flat_term_hint(self, key: str) -> str:
+        """Why a DEX loss term can stay flat (the routing monitor's warning)."""
+        if key == "train/l_co" and self.hparams.co_form == "ce":
+            return ("with co_form: ce, L_co cannot fall below the entropy of its target "
+                    "softmax(f_D / co_director_temp), which is ~log(D) while the block outputs are "
+                    "small, and the experts start as copies of the director: a flat L_co at that "
+                    "floor means the experts stay coherent with the director (the term is satisfied), "
+                    "not that its gradient is lost; dex/alignment_block* shows the coherence itself")
+        return ""
+
     def collapse_hint(self) -> str:
         """Counter-measures the routing monitor suggests when a block's experts collapse."""
         return ("a larger model.init_args.bal_weight (L_bal), a larger noise_start or a later "

@@ -194,3 +194,53 @@ def test_invalid_options_are_rejected():
     monitor = RoutingMonitor()
     with pytest.raises(ValueError, match="routers"):
         monitor.on_fit_start(SimpleNamespace(), L.LightningModule())
+
+
+def test_a_loss_term_flat_for_the_whole_run_is_warned_about():
+    """Issue 26: DEX's L_co stayed within 0.1% for a whole run and nothing said so."""
+    import warnings
+
+    monitor = RoutingMonitor()
+    monitor._reset_state()
+    module = SimpleNamespace(summary_metrics=lambda: ["train/l_co", "train/l_mae"],
+                             flat_term_hint=lambda key: "a hint" if key == "train/l_co" else "")
+    values = {"train/l_co": [1.6975, 1.6970, 1.6981, 1.6968], "train/l_mae": [0.9, 0.7, 0.6, 0.55]}
+    for epoch in range(4):
+        trainer = SimpleNamespace(current_epoch=epoch, global_step=epoch, heldout=None,
+                                  callback_metrics={k: torch.tensor(v[epoch]) for k, v in values.items()})
+        monitor.heldout_every_n_epochs = 0
+        monitor.on_train_epoch_end(trainer, module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.on_train_end(trainer, module)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("train/l_co stayed within 0.0013 of 1.697")
+    assert "over 4 epochs" in messages[0] and messages[0].endswith("; a hint")
+
+
+def test_dex_coherence_starts_at_its_floor_so_a_flat_l_co_is_not_a_missing_gradient():
+    """The finding behind the flat L_co (issue 26). The CE form cannot fall below the entropy of
+    its target softmax(f_D / 0.5); with block outputs this small (std ~0.01) that target is almost
+    uniform, so the floor is log D. The experts start as copies of the director (cosine form 0), so
+    L_co starts at that floor and stays there while the experts stay coherent with the director:
+    a flat L_co is the term being satisfied, not a gradient that fails to reach the experts."""
+    import math
+
+    import torch.nn.functional as F
+
+    from midol.losses.dex import coherence_loss
+    from tests.helpers.dex import tiny_dex
+
+    torch.manual_seed(0)
+    module = tiny_dex()
+    module.train()
+    module.vit.forward_features(module.normalizer(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)))
+    last = next(iter(module.dex_layers())).last
+    d = last.director_out.shape[-1]
+    target = F.softmax(last.director_out.float() / 0.5, -1)
+    entropy = float(-(target * target.log()).sum(-1).mean())
+    assert entropy == pytest.approx(math.log(d), rel=1e-3)  # a near-uniform target
+    ce = float(coherence_loss(last.expert_out, last.director_out, "ce"))
+    assert ce == pytest.approx(entropy, rel=1e-4)  # at its floor H(target)
+    assert float(coherence_loss(last.expert_out, last.director_out, "cosine")) < 1e-6  # copies
+    assert "floor" in module.flat_term_hint("train/l_co")
