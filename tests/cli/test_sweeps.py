@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.finetune import REPO, pretrain_checkpoint
 from midol.cli import run_lightning
 from midol.loggers import WandbLogger
+from tests.helpers.finetune import REPO, pretrain_checkpoint
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 

@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
+from midol.cli import main
 from tests.helpers.faults import tiny_config
 from tests.helpers.tiny import tiny_datamodule, tiny_module
-from midol.cli import main
 
 
 class _Payload:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from tests.helpers.tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from midol.data import DataSource
+from tests.helpers.tiny import SAMPLE_DATA, tiny_datamodule, tiny_module
 
 _RUN: dict[str, Path] = {}
 STEPS = 4

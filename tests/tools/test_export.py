@@ -10,10 +10,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.finetune import pretrain_checkpoint
-from tests.helpers.images import real_batch
 from midol.cli import main
 from midol.methods import PretrainModule
+from tests.helpers.finetune import pretrain_checkpoint
+from tests.helpers.images import real_batch
 
 
 def test_export_reloads_into_timm_strictly_with_the_teachers_features(tmp_path_factory, tmp_path):

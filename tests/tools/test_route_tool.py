@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.analysis import tiny_run
-from tests.helpers.tiny import SAMPLE_DATA
 
-from midol.methods.loading import load_pretrain_module
 from midol.cli import main
 from midol.data import EvalTransform, load_image
+from midol.methods.loading import load_pretrain_module
+from tests.helpers.analysis import tiny_run
+from tests.helpers.tiny import SAMPLE_DATA
 
 
 @pytest.fixture(scope="module")
