@@ -10,8 +10,9 @@ Conversion rules (one place, so every loader in midol treats pixels the same way
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB by Pillow.
 * ``I;16*`` (unsigned 16-bit): the full 16-bit range is mapped linearly onto 0-255
   (``round(v / 257)``), so an 8-bit image stored as ``v * 257`` comes back exactly. Data that
-  only use 12 bits of a 16-bit container therefore look dark; that is deliberate (the mapping
-  is fixed, so intensities stay comparable across images).
+  only use 12 bits of a 16-bit container would look dark: a source's ``bits: 12`` maps
+  0-4095 onto 0-255 instead (the mapping stays fixed, so intensities stay comparable across
+  images), and a 16-bit image below 4096 read without it is warned about once.
 * ``I`` (32-bit signed): treated as 16-bit data when every value lies in 0-65535 (Pillow opens
   some 16-bit files this way), otherwise min-max scaled over the image.
 * ``F`` (32-bit float): min-max scaled over the finite values (NaN/inf -> 0); a constant image -> 0.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,13 @@ def image_formats() -> str:
             + ", and DICOM files of any name (found by their DICM preamble)")
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], bits: int | None = None) -> np.ndarray:
     """Decode ``path`` to a C-contiguous uint8 ``H x W x 3`` RGB array.
+
+    ``bits``: the bit depth a 16-bit file's values use (e.g. 12 for X-ray and CT exports that
+    store 0-4095): mapped from ``0 .. 2**bits - 1`` onto 0-255 instead of the full 16-bit range.
+    Without it, a 16-bit image whose values all stay below 4096 is warned about once per process
+    (mapped as 16-bit it is almost black).
 
     Raises:
         UnreadableImageError: missing file, unknown format, truncated or corrupt data.
@@ -70,7 +77,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
             return read_medical(path)
         except MedicalReadError as err:
             raise UnreadableImageError(path, str(err)) from err
-    return _decode(Path(path), str(path))
+    return _decode(Path(path), str(path), bits)
 
 
 def decode_image_bytes(data: bytes, origin: str = "<bytes>") -> np.ndarray:
@@ -79,11 +86,11 @@ def decode_image_bytes(data: bytes, origin: str = "<bytes>") -> np.ndarray:
     return _decode(io.BytesIO(data), origin)
 
 
-def _decode(source: Any, origin: str) -> np.ndarray:
+def _decode(source: Any, origin: str, bits: int | None = None) -> np.ndarray:
     try:
         with Image.open(source) as im:
             im.load()  # decode now: truncated files must fail here, not later
-            rgb = _to_rgb_array(im)
+            rgb = _to_rgb_array(im, bits, origin)
     except UnreadableImageError:
         raise
     except Exception as err:  # Pillow raises many unrelated types for bad files
@@ -107,7 +114,14 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an H x W or H x W x 3 image, got shape {image.shape}")
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
+class IntensityWarning(UserWarning):
+    """A file whose stored intensities the default mapping would squash (e.g. 12 bits in 16)."""
+
+
+_FEW_BITS_WARNED = False
+
+
+def _to_rgb_array(im: Image.Image, bits: int | None = None, origin: str = "") -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im, dtype=np.uint8)
@@ -120,12 +134,12 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     if mode.startswith("I;16"):
         arr = np.asarray(im)
         if arr.dtype.kind == "u":
-            return as_rgb(_scale_uint16(arr))
+            return as_rgb(_scale_uint16(arr, bits, origin))
         return as_rgb(_minmax(arr.astype(np.float64)))
     if mode == "I":
         arr = np.asarray(im).astype(np.int64)
         if arr.size and arr.min() >= 0 and arr.max() <= 65535:
-            return as_rgb(_scale_uint16(arr))
+            return as_rgb(_scale_uint16(arr, bits, origin))
         return as_rgb(_minmax(arr.astype(np.float64)))
     if mode == "F":
         return as_rgb(_minmax(np.asarray(im, dtype=np.float64)))
@@ -133,7 +147,19 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _scale_uint16(arr: np.ndarray) -> np.ndarray:
+def _scale_uint16(arr: np.ndarray, bits: int | None = None, origin: str = "") -> np.ndarray:
+    if bits is not None:  # the source says how many bits its values use
+        top = float(2**bits - 1)
+        return np.rint(np.clip(arr.astype(np.float64), 0, top) * (255.0 / top)).astype(np.uint8)
+    global _FEW_BITS_WARNED
+    peak = int(arr.max()) if arr.size else 0
+    if 255 < peak < 4096 and not _FEW_BITS_WARNED:
+        _FEW_BITS_WARNED = True
+        warnings.warn(
+            f"{origin}: a 16-bit image whose values stay below 4096 (at most {peak}: 12 bits "
+            "used); mapped over the full 16-bit range it trains at 0-16 of 255, almost black. "
+            "If the source stores 12-bit data, set its bits: 12 (DataSource); warned once",
+            IntensityWarning, stacklevel=4)
     # 65535 / 257 == 255 exactly, so v * 257 round-trips to v.
     return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
 

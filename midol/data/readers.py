@@ -35,10 +35,12 @@ class ImageList:
         paths: Sequence[str] | None = None,
         arrays: Sequence[tuple[str, np.ndarray]] | None = None,
         rows: np.ndarray | None = None,
+        bits: int | None = None,
     ) -> None:
         if (paths is None) == (arrays is None):
             raise ValueError("ImageList needs exactly one of paths and arrays")
         self.origin = origin
+        self.bits = bits  # of 16-bit files (load_image's bits)
         self._files: list[str] | None = list(paths) if paths is not None else None
         self.arrays: list[tuple[str, np.ndarray]] = list(arrays or [])
         if rows is None:
@@ -64,7 +66,7 @@ class ImageList:
     def load(self, i: int) -> np.ndarray:
         """Item ``i`` as uint8 ``H x W x 3``; may raise ``UnreadableImageError``."""
         if self._files is not None:
-            return load_image(self._files[int(self._rows[i])])
+            return load_image(self._files[int(self._rows[i])], self.bits)
         k, row = self._rows[i]
         return np.ascontiguousarray(as_rgb(self.arrays[int(k)][1][int(row)]))
 
@@ -81,7 +83,7 @@ class ImageList:
     def subset(self, idx: np.ndarray | Sequence[int]) -> ImageList:
         """The items ``idx`` (no pixels are copied)."""
         return ImageList(self.origin, self._files, None if self._files is not None else self.arrays,
-                         rows=self._rows[np.asarray(idx, dtype=np.int64)])
+                         rows=self._rows[np.asarray(idx, dtype=np.int64)], bits=self.bits)
 
     def check_files(self) -> None:
         """``FileNotFoundError`` naming the first listed files that do not exist."""

@@ -47,6 +47,9 @@ class DataSource:
             ``images/*``); default: all.
         exclude: Folder and CSV: drop images matching one of these patterns (e.g. ``*masks/*``
             so a dataset's segmentation masks are not trained on as images).
+        bits: Folder and CSV: the bit depth of this source's 16-bit files (e.g. 12 for X-ray and
+            CT exports storing 0-4095): mapped from 0 .. 2**bits - 1 onto 0-255; default: the
+            full 16-bit range (a file below 4096 is then warned about).
     """
 
     path: str
@@ -59,8 +62,11 @@ class DataSource:
     recursive: bool = True
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
+    bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.bits is not None and not 8 <= int(self.bits) <= 16:
+            raise ValueError(f"{self.describe()}: bits must be between 8 and 16, got {self.bits!r}")
         try:
             weight = float(self.weight)
         except (TypeError, ValueError):
@@ -135,7 +141,7 @@ def resolve_source(source: DataSource) -> ImageList:
                 f"{name}: no image file found in the folder {where}(extensions: {image_extensions()})"
             )
         paths = filter_paths(paths, source, root)
-        return ImageList(source.path, paths=paths)
+        return ImageList(source.path, paths=paths, bits=source.bits)
     if kind == "csv":
         rows = read_csv_rows(source.path, [source.path_column], name=name)
         cells = [(row.get(source.path_column) or "").strip() for row in rows]
@@ -144,7 +150,7 @@ def resolve_source(source: DataSource) -> ImageList:
         if not paths:
             raise ValueError(f"{name}: CSV column {source.path_column!r} lists no path")
         paths = filter_paths(paths, source, base)
-        return ImageList(source.path, paths=paths)
+        return ImageList(source.path, paths=paths, bits=source.bits)
     if not source.splits:
         raise ValueError(f"{name}: splits is empty")
     keys = [f"{split}_images" for split in source.splits]

@@ -50,7 +50,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.gate_noise": 0.0, "init_args.router_bias": True, "init_args.grad_norm_every": 0,
     "init_args.select_metric": "dice", "init_args.dex_mode": None, "init_args.decoder_type": "fpn",
     "transform.class_path": "midol.data.MultiCropTransform", "transform.init_args.seed": None,
-    ".include": None, ".exclude": [],  # per-source globs (data.init_args.sources[i])
+    ".include": None, ".exclude": [], ".bits": None,  # per-source globs and bit depth (sources[i])
     "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
     "init_args.route_backbone_grad": True, "init_args.max_images": None,
 }

@@ -158,3 +158,32 @@ def test_dicom_without_an_extension_is_found_by_its_preamble(tmp_path):
     assert is_image_file("x.dcm") and not is_image_file(tmp_path / "series" / "IM000001")  # by name
     listed = image_extensions()
     assert all(ext in listed for ext in (".png", ".dcm", ".nii.gz", "DICM preamble"))
+
+
+def test_a_12_bit_png_from_a_real_ct_is_warned_about_and_read_with_bits_12(tmp_path, monkeypatch):
+    """Issue 28 item 1: 12-bit values in a 16-bit PNG (X-ray / CT exports) were divided by 257
+    and trained at 0-16 of 255 without a word. Now a warning names the file once, and a source's
+    ``bits: 12`` maps 0-4095 onto 0-255."""
+    from PIL import Image
+
+    import midol.data.image_io as image_io
+    from midol.data.corpus import Corpus
+    from midol.data.image_io import IntensityWarning
+    from midol.data.sources import DataSource
+
+    ds = pydicom.dcmread(os.path.join(DICOM_DIR, "CT_small.dcm"))
+    raw = ds.pixel_array.astype(np.int64)
+    twelve = np.clip(raw - raw.min(), 0, 4095).astype(np.uint16)
+    assert 255 < twelve.max() < 4096
+    (tmp_path / "ct").mkdir()
+    path = tmp_path / "ct" / "slice.png"
+    Image.fromarray(twelve).save(path)
+    monkeypatch.setattr(image_io, "_FEW_BITS_WARNED", False)
+    with pytest.warns(IntensityWarning, match=r"slice.png: a 16-bit image whose values stay below 4096"):
+        dark = load_image(path)
+    assert dark.max() <= 16
+    corpus = Corpus([DataSource(str(tmp_path / "ct"), "ct", bits=12)])
+    bright = corpus.load(0)
+    np.testing.assert_array_equal(bright[..., 0], np.rint(twelve * (255 / 4095)).astype(np.uint8))
+    with pytest.raises(ValueError, match="bits must be between 8 and 16"):
+        DataSource(str(tmp_path / "ct"), "ct", bits=20)
