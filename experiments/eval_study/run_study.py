@@ -148,11 +148,22 @@ def backbone_specs(study: dict[str, Any], names: list[str], seeds: list[int]) ->
     return specs
 
 
-def run_evals(study: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every eval of rows.yaml on every finished run; returns what ran (for the report)."""
+def run_evals(study: dict[str, Any], seeds: list[int], only: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every eval of rows.yaml on every finished run; returns what ran (for the report).
+    ``only``: re-run just these evals (names in rows.yaml); the others' last results are reused."""
     ev = study["eval"]
     done = []
     for e in ev["evals"]:
+        if only is not None and e["name"] not in only:
+            for suite_key in e["suites"]:
+                out = OUT / "eval" / f"{e['name']}_{suite_key}"
+                dest = RESULTS_DIR / f"{e['name']}_{suite_key}"
+                if (out / "report.json").is_file() and (dest / "report.json").is_file():
+                    done.append({"name": e["name"], "suite": suite_key, "suite_file": ev["suites"][suite_key],
+                                 "rc": 0, "command": "(reused from an earlier round)", "minutes": None,
+                                 "out": str(out), "baseline": e["baseline"],
+                                 "n_backbones": None, "copied_to": str(dest)})
+            continue
         specs = backbone_specs(study, e["rows"], seeds)
         others = [r for r in e["rows"] if r != e["baseline"]]
         if not backbone_specs(study, others, seeds) or not backbone_specs(study, [e["baseline"]], seeds):
@@ -219,6 +230,8 @@ def main() -> int:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--eval-only", action="store_true", help="run the evals and the report now")
     p.add_argument("--no-commit", action="store_true")
+    p.add_argument("--evals", default=None, help="with --eval-only: re-run only these evals (comma-"
+                   "separated names of rows.yaml), reusing the others' last results")
     ns = p.parse_args()
     os.chdir(REPO)
     study = yaml.safe_load(ROWS.read_text())
@@ -240,7 +253,8 @@ def main() -> int:
         import report  # experiments/eval_study/report.py, reloaded each round: fixes apply
 
         importlib.reload(report)
-        evals = run_evals(study, list(study["seeds"]))
+        only = set(ns.evals.split(",")) if ns.evals else None
+        evals = run_evals(study, list(study["seeds"]), only)
         report.write(study, evals, RESULTS_MD, RESULTS_DIR)
         if not ns.no_commit:
             commit(f"Eval study ({label}): midol eval of every finished run, "
