@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from midol.cli import main
+from midol.cli import TOOLS, main
 from midol.config_errors import short_parse_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_misspelt_subcommand_suggests_it_and_lists_the_tools(monkeypatch, capsys
     line = one_line_error(capsys, ["fitt", "--config", DEMO])
     assert line.startswith("midol: error: unknown subcommand 'fitt' — did you mean 'fit'? "
                            "(subcommands: fit, validate, test")
-    assert "tools: analyze, eval, export" in line
+    assert "tools: " + ", ".join(sorted(TOOLS)) + ")" in line and "analyze, embed, eval, export" in line
 
 
 def test_debug_adds_jsonargparse_message(monkeypatch, capsys):
