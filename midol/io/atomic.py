@@ -83,5 +83,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike[str], text: str, errors: str = "strict") -> Path:
+    """UTF-8 text; ``errors="surrogateescape"`` writes undecodable file names as their bytes."""
+    return atomic_write_bytes(path, text.encode("utf-8", errors))

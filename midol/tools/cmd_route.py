@@ -97,7 +97,7 @@ def write_tags(routed: RoutedImages, names: list[str] | None, out: Path) -> None
     writer = csv.writer(buffer)
     writer.writerow(tag_header(list(routed.routes), bool(names)))
     writer.writerows(tag_rows(routed, names))
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_text(out, buffer.getvalue(), errors="surrogateescape")
 
 
 def check_writable(out: Path) -> None:
@@ -169,7 +169,9 @@ def route_to_csv(module: Any, loader: Any, modalities: list[str], names: list[st
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
-    with open(partial, "w", newline="", encoding="utf-8") as fh:
+    # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes (it
+    # aborted the run before, issue 26 item 16), so the path in the CSV names the real file
+    with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(tag_header(list(sizes), bool(names)))
         fh.flush()

@@ -85,3 +85,19 @@ def test_route_errors_are_clear(checkpoint, tmp_path):
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="not a midol training checkpoint"):
         main(["route", str(bad), "--folder", str(SAMPLE_DATA / "oct"), "--out", str(tmp_path / "x.csv")])
+
+
+def test_a_file_name_that_is_not_utf8_is_routed_and_written_as_its_bytes(checkpoint, tmp_path):
+    """Issue 26 item 16: a non-UTF-8 file name aborted `midol route`."""
+    import os
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    src = sorted((SAMPLE_DATA / "oct").rglob("*.png"))[0]
+    shutil.copy(src, os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # Latin-1, not UTF-8
+    shutil.copy(src, folder / "plain.png")
+    out = tmp_path / "tags.csv"
+    assert main(["route", str(checkpoint), "--folder", str(folder), "--out", str(out), "--no-progress"]) == 0
+    raw = out.read_bytes()
+    assert b"caf\xe9.png" in raw and b"plain.png" in raw
