@@ -6,6 +6,8 @@ plus ``analysis.json`` (paper Figs. 3a, 5, 6, 7, 8):
 * ``embedding.png``: t-SNE (or UMAP/PCA) of the pooled teacher features by modality and expert;
 * ``loss_curves.png``: L_route and L_cst from the run's CSVLogger ``metrics.csv``;
 * ``gradcam.png``: Grad-CAM of the teacher backbone for a few images per modality;
+* ``pca_maps.png``: the first 3 principal components of the backbone's last-stage patch
+  features as RGB over a few images, background thresholded away (DINOv2's demo);
 * ``confusion_matrix.png`` (+ ``gradcam_classifier.png``): with ``--classifier-config`` and
   ``--classifier``, a fine-tuned classification model on its test (or val) split.
 """
@@ -53,6 +55,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradcam-stage", type=int, default=-1, help="backbone stage for Grad-CAM (-1 = last)")
     p.add_argument("--gradcam-score", choices=["router", "feature_norm"], default="router",
                    help="pre-trained backbone target: the top routed expert's logit, or the pooled-feature norm")
+    p.add_argument("--pca-maps", "--pca_maps", dest="pca_maps", type=int, default=8,
+                   help="images for pca_maps.png, taken across the modalities (0 = none)")
+    p.add_argument("--pca-threshold", type=float, default=0.0,
+                   help="foreground: patches scoring above this on the first principal component")
+    p.add_argument("--pca-percentile", type=float, default=None,
+                   help="foreground: patches above this percentile of that score (instead of --pca-threshold)")
+    p.add_argument("--pca-invert", action="store_true",
+                   help="foreground: the patches at or below the threshold (when it picks the background)")
+    p.add_argument("--pca-no-background", action="store_true",
+                   help="no thresholding: PCA colours for every patch")
     p.add_argument("--classifier-config", default=None, help="the midol fit config of a fine-tuned classifier")
     p.add_argument("--classifier", default=None, help="that classifier's .ckpt (with --classifier-config)")
     p.add_argument("--classifier-split", choices=["test", "val"], default="test")
@@ -77,6 +89,10 @@ def _check(ns: argparse.Namespace) -> None:
         raise ValueError("--classifier and --classifier-config go together")
     if ns.threads < 1:
         raise ValueError("--threads must be >= 1")
+    if ns.pca_maps < 0:
+        raise ValueError("--pca-maps must be >= 0")
+    if ns.pca_percentile is not None and not 0 <= ns.pca_percentile <= 100:
+        raise ValueError("--pca-percentile must lie in [0, 100]")
     if ns.per_modality < 0 or ns.gradcam_per_modality < 0 or ns.batch_size < 1 or ns.num_workers < 0:
         raise ValueError("--per-modality/--gradcam-per-modality must be >= 0, --batch-size >= 1, --num-workers >= 0")
 
@@ -108,6 +124,37 @@ def pretrained_gradcam(module: Any, corpus: Corpus, routed: RoutedImages, ns: ar
                 out / "gradcam.png")
     return {"file": "gradcam.png", "score": what, "stage": ns.gradcam_stage,
             "images": [routed.paths[i] for i in picks]}
+
+
+def pca_images(routed: RoutedImages, count: int) -> list[int]:
+    """Positions (in ``routed``) of ``count`` images taken in turn from each modality."""
+    queues = [np.flatnonzero(routed.modality == k).tolist() for k in range(len(routed.modalities))]
+    picks: list[int] = []
+    while len(picks) < count and any(queues):
+        for queue in queues:
+            if queue and len(picks) < count:
+                picks.append(queue.pop(0))
+    return picks
+
+
+def pca_map_stage(module: Any, corpus: Corpus, routed: RoutedImages, ns: argparse.Namespace,
+                  size: int, out: Path) -> dict[str, Any]:
+    """``pca_maps.png``: :mod:`midol.analysis.pca_maps` of the default exported backbone."""
+    from midol.analysis.pca_maps import patch_features, pca_figure, pca_rgb
+    from midol.data.transforms.eval import EvalTransform
+
+    picks = pca_images(routed, ns.pca_maps)
+    transform = EvalTransform(size)
+    images = torch.stack([transform(corpus.load(int(routed.index[i]))) for i in picks])
+    name, export = next(iter(module.export_modules().items()))
+    feats = patch_features(export.module, module.normalize(images.to(module.device)))
+    rgb, foreground = pca_rgb(feats, threshold=ns.pca_threshold, percentile=ns.pca_percentile,
+                              background=not ns.pca_no_background, invert=ns.pca_invert)
+    titles = [routed.modalities[routed.modality[i]] for i in picks]
+    save_figure(pca_figure(images.numpy(), rgb, foreground, titles,
+                           f"PCA of the {name.replace('_', ' ')} patch features"), out / "pca_maps.png")
+    return {"file": "pca_maps.png", "backbone": name, "grid": list(rgb.shape[1:3]),
+            "foreground_share": float(foreground.mean()), "images": [routed.paths[i] for i in picks]}
 
 
 def classifier_analysis(ns: argparse.Namespace, device: torch.device, out: Path) -> dict[str, Any]:
@@ -218,7 +265,8 @@ def main(argv: list[str]) -> int:
     del checkpoint  # its tensors are the module's now
     sources, config_size = sources_from_config(ns.data)
     corpus = Corpus(sources)
-    stages = ["teacher pass", "routing matrix", "embedding", "loss curves", "grad-cam", "classifier"]
+    stages = ["teacher pass", "routing matrix", "embedding", "loss curves", "grad-cam", "pca maps",
+              "classifier"]
     bar = tqdm(total=len(stages), desc="midol analyze", disable=ns.no_progress)
     summary: dict[str, Any] = {"checkpoint": str(ns.checkpoint), "data": str(ns.data), "skipped": {}}
 
@@ -273,6 +321,12 @@ def main(argv: list[str]) -> int:
         summary["skipped"]["gradcam"] = "--gradcam-per-modality 0"
     done("grad-cam")
 
+    if ns.pca_maps and routed.paths:
+        summary["pca_maps"] = pca_map_stage(module, corpus, routed, ns, size, out)
+    else:
+        summary["skipped"]["pca_maps"] = "--pca-maps 0" if not ns.pca_maps else "no readable image"
+    done("pca maps")
+
     if ns.classifier:
         summary["classifier"] = classifier_analysis(ns, device, out)
     else:
@@ -281,7 +335,7 @@ def main(argv: list[str]) -> int:
     bar.close()
 
     written = routing_files + [summary[k]["file"] for k in ("embedding", "loss_curves", "gradcam",
-                                                                     "classifier") if k in summary]
+                                                                     "pca_maps", "classifier") if k in summary]
     written += [summary["classifier"]["gradcam_file"]] if "gradcam_file" in summary.get("classifier", {}) else []
     summary["files"] = sorted(written)
     atomic_write_text(out / "analysis.json", json.dumps(summary, indent=2) + "\n")
