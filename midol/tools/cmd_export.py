@@ -2,6 +2,10 @@
 worth keeping (M-IDoL: the teacher backbone) -> safetensors + JSON; for a MedMIX fusion
 checkpoint, the deployable model (experts + fusion network, no teacher).
 
+Beside each timm local-dir folder ``<part>_timm/`` it writes a model card ``README.md``
+(:mod:`midol.methods.model_card`; ``--no_model_card`` skips it, ``--eval_report`` adds a
+``midol eval`` report's verdicts).
+
 ``--onnx`` also writes ``<part>.onnx`` for each exported part, checked against PyTorch with
 onnxruntime (:mod:`midol.methods.onnx_export`); for a fine-tuned task checkpoint (classification,
 multi-label, segmentation) it writes the backbone + head as ``task_model.onnx`` with
@@ -41,8 +45,17 @@ def main(argv: list[str]) -> int:
                         "difference <= 1e-4, recorded in <part>.json); a fine-tuned task "
                         f"checkpoint: {TASK_PART}.onnx + {TASK_PART}.json. Needs "
                         "pip install 'midol[onnx]'")
+    parser.add_argument("--no_model_card", action="store_true",
+                        help="do not write the model card <part>_timm/README.md (architecture, "
+                        "method and settings, corpus, training length, routing table, eval "
+                        "verdicts, licence fields to fill, the one-line timm load)")
+    parser.add_argument("--eval_report", default=None, metavar="PATH",
+                        help="a `midol eval` report.md whose suite-level verdict table the model "
+                        "card copies")
     add_trust_option(parser)
     ns = parser.parse_args(argv)
+    if ns.eval_report is not None and not Path(ns.eval_report).is_file():
+        raise UsageError(f"--eval_report {ns.eval_report}: no such file")
     from midol.methods.export import export_method  # after parsing: --help stays instant
     from midol.methods.loading import load_method
     from midol.methods.onnx_export import export_part_onnx, require_onnx
@@ -64,6 +77,14 @@ def main(argv: list[str]) -> int:
     paths = export_method(method, ns.out, ns.parts, ns.image_size, str(ns.checkpoint))
     for path in paths:
         print(f"wrote {path}")
+    if not ns.no_model_card:
+        from midol.methods.model_card import write_model_card
+
+        chosen_parts = ns.parts or [next(iter(method.export_modules()))]
+        for name, path in zip(chosen_parts, paths):
+            card = write_model_card(path, method, name, ns.checkpoint, ns.eval_report)
+            if card is not None:
+                print(f"wrote {card}")
     if ns.onnx:
         available = method.export_modules()
         chosen = ns.parts or [next(iter(available))]

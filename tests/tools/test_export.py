@@ -48,7 +48,7 @@ def test_export_in_timms_local_format_loads_with_the_right_input_size(tmp_path_f
     ckpt = pretrain_checkpoint(tmp_path_factory)
     assert main(["export", str(ckpt), "--out", str(tmp_path)]) == 0
     local = tmp_path / "teacher_backbone_timm"
-    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in local.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + model card
     assert (local / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others
     model = timm.create_model(f"local-dir:{local}", pretrained=True)
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # not timm's 224 default
