@@ -22,8 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,49 +44,18 @@ from midol.fusion.experts import (
     expert_features,
     parse_expert_table,
 )
+from midol.fusion.losses import aux_task_loss, teacher_distill_loss
+from midol.fusion.options import MedMIXOptions, validate_options
 from midol.fusion.patient_features import FeatureSettings, PatientFeatures, patient_batch
 from midol.fusion.structure import check_same_structure, structure_from
-from midol.losses.distill import cosine_distill_loss, logit_kl_loss
-from midol.methods.base import BaseMethod, BaseMethodOptions
+from midol.losses.distill import logit_kl_loss
+from midol.methods.base import BaseMethod
 from midol.methods.interfaces import BackboneExport
-from midol.methods.validation import raise_on_failed
 from midol.models.fusion import FusionMode, PoolMode
 from midol.models.medmix_net import MedMIXNet, NetOutput
 from midol.tasks.base import report_best_checkpoint
 from midol.tasks.stage_metrics import StageMetrics
 from midol.tasks.task_metrics import classification_metrics, multilabel_metrics
-
-
-class MedMIXOptions(BaseMethodOptions, Protocol):
-    """``self.hparams`` of :class:`MedMIX`: its ``__init__`` arguments, typed, so that a
-    misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
-
-    experts: dict[str, list[dict[str, Any]]]
-    teachers: dict[str, dict[str, Any]] | None
-    dim: int
-    pooling: PoolMode
-    expert_dropout: float
-    fusion: FusionMode
-    aux_heads: bool
-    aux_weight: float
-    aux_entropy_scores: bool
-    hidden_dim: int
-    head_dropout: float
-    distill_weight: float
-    teacher_logits: str | None
-    kd_weight: float
-    kd_temperature: float
-    train_drop_rate: float
-    train_drop_input: str | None
-    missingness_balance: bool
-    negative_labels: list[str] | None
-    finetune_experts: bool
-    cache_dir: str
-    cache_key: CacheKey
-    feature_batch_size: int
-    feature_workers: int
-    structure: dict[str, Any] | None
-    input_specs: dict[str, Any] | None
 
 
 class MedMIX(BaseMethod):
@@ -214,32 +182,7 @@ class MedMIX(BaseMethod):
             self._build(structure, from_recipes=True)
 
     def _validate_medmix(self) -> None:
-        h = self.hparams
-        checks = [
-            ("dim", h.dim >= 1, ">= 1"), ("hidden_dim", h.hidden_dim >= 1, ">= 1"),
-            ("expert_dropout", 0 <= h.expert_dropout < 1, "in [0, 1)"),
-            ("head_dropout", 0 <= h.head_dropout < 1, "in [0, 1)"),
-            ("aux_weight", h.aux_weight >= 0, ">= 0"),
-            ("distill_weight", h.distill_weight >= 0, ">= 0"),
-            ("kd_weight", h.kd_weight >= 0, ">= 0"), ("kd_temperature", h.kd_temperature > 0, "> 0"),
-            ("train_drop_rate", 0 <= h.train_drop_rate < 1, "in [0, 1)"),
-            ("feature_batch_size", h.feature_batch_size >= 1, ">= 1"),
-            ("feature_workers", h.feature_workers >= 0, ">= 0"),
-            ("cache_key", h.cache_key in ("stat", "content"), "'stat' or 'content'"),
-        ]
-        raise_on_failed(h, checks)
-        if h.pooling not in ("attention", "mean", "concat"):
-            raise ValueError(f"pooling must be attention, mean or concat, got {h.pooling!r}")
-        if h.fusion not in ("reliability", "mean", "concat_missing", "transformer"):
-            raise ValueError(f"fusion must be reliability, mean, concat_missing or transformer, "
-                             f"got {h.fusion!r}")
-        if h.fusion == "transformer" and h.dim % 4:
-            raise ValueError(f"dim must be a multiple of 4 with fusion: transformer (its 4 heads), "
-                             f"got {h.dim}")
-        if h.kd_weight > 0 and not h.teacher_logits:
-            raise ValueError("kd_weight > 0 needs teacher_logits (a CSV of teacher logits)")
-        if h.teacher_logits and h.structure is None and not Path(h.teacher_logits).expanduser().is_file():
-            raise FileNotFoundError(f"teacher_logits: {h.teacher_logits} does not exist")
+        validate_options(self.hparams)
 
     # ------------------------------------------------------------------ building
     def _build(self, structure: dict[str, Any], from_recipes: bool) -> None:
@@ -466,33 +409,10 @@ class MedMIX(BaseMethod):
         return {"loss": loss}
 
     def aux_loss(self, out: NetOutput, present: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean over inputs of the task loss of each input's auxiliary head on the samples
-        that have the input (inputs no sample has are left out)."""
-        losses = []
-        for m, name in enumerate(self.input_names):
-            rows = present[:, m]
-            if bool(rows.any()):
-                losses.append(self.task_loss(out.aux_logits[name][rows], target[rows]))
-        return torch.stack(losses).mean()
+        return aux_task_loss(out, present, target, self.input_names, self.task_loss)
 
     def distill_loss(self, out: NetOutput, present: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``mean (1 - cos(P_m z_m, t_m))`` over the present inputs that have a teacher
-        embedding (midol's design; MedMIX: a large teacher used only in training)."""
-        students, teachers, masks = [], [], []
-        for m, name in enumerate(self.input_names):
-            if name not in self.projections:
-                continue
-            students.append(self.projections[name](out.z[:, m]))
-            teacher, ok = self.features.teacher_rows(name, index, out.z.device)
-            teachers.append(teacher)
-            masks.append(present[:, m] & ok.to(present.device))
-        width = {s.shape[-1] for s in students}
-        if len(width) == 1:
-            return cosine_distill_loss(torch.stack(students, 1), torch.stack(teachers, 1),
-                                       torch.stack(masks, 1))
-        # teachers of different widths: the same per-entry mean, one input at a time
-        total = sum(cosine_distill_loss(s, t, k) * k.sum() for s, t, k in zip(students, teachers, masks, strict=True))
-        return total / torch.stack(masks).sum().clamp_min(1)
+        return teacher_distill_loss(out, present, index, self.input_names, self.projections, self.features)
 
     def forward(self, batch: dict[str, Any], present: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a batch of patient rows (``present`` overrides the natural presence)."""

@@ -67,7 +67,8 @@ def test_analyze_writes_every_plot_and_consistent_numbers(run_dir, tmp_path):
     check_png(out / "embedding.png", (1100, 500))
     check_png(out / "loss_curves.png", (900, 350))
     check_png(out / "gradcam.png", (1520, 420))
-    assert summary["files"] == ["embedding.png", "gradcam.png", "loss_curves.png", "routing_matrix.png"]
+    assert summary["files"] == ["embedding.png", "gradcam.png", "loss_curves.png", "pca_maps.png",
+                                "routing_matrix.png"]
     assert summary["images_per_modality"] == {"xray": 12, "pathology": 12, "oct": 12, "fundus": 12}
 
     # the routing counts equal the teacher router applied image by image to the same images
