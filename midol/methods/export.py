@@ -17,7 +17,9 @@ from typing import Any
 from safetensors.torch import save_file
 
 import midol
+from midol.data.feature_cache import weights_fingerprint
 from midol.data.transforms.common import IMAGENET_MEAN, IMAGENET_STD
+from midol.errors import CheckpointFileError
 from midol.io.atomic import atomic_path, atomic_write_text, default_file_mode
 from midol.methods.interfaces import BackboneExport, Pretrained
 
@@ -60,6 +62,9 @@ def export_backbone(
         **({"dex": part.dex} if part.dex else {}),
         "source": source,
         "midol_version": midol.__version__,
+        # the weights this description belongs to: a kill between the two files (issue 26
+        # item 16) leaves new weights beside an old JSON, which a reader then refuses
+        "sha256": weights_fingerprint(path),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     if timm_format and not part.dex:  # timm's format cannot express injected DEX layers
@@ -166,6 +171,11 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: its description {meta_path} is missing")
     meta: dict[str, Any] = json.loads(meta_path.read_text())
+    recorded = meta.get("sha256")
+    if recorded is not None and Path(path).is_file() and weights_fingerprint(path) != recorded:
+        raise CheckpointFileError(
+            f"{path}: {meta_path.name} describes other weights (sha256 {str(recorded)[:12]}…): the "
+            "export was interrupted between its files; export it again")
     return meta
 
 

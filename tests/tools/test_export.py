@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
@@ -61,3 +62,27 @@ def test_export_in_timms_local_format_loads_with_the_right_input_size(tmp_path_f
     # timm's own data config follows the recorded size
     config = timm.data.resolve_data_config({}, model=model)
     assert config["input_size"] == (3, 32, 32)
+
+
+def test_weights_and_description_of_two_exports_never_mix(tmp_path_factory, tmp_path):
+    """Issue 26 item 16: a kill between an export's files left new weights beside an old JSON
+    (or the reverse); the JSON now records the weights' sha256 and a reader refuses a mix."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from midol.errors import CheckpointFileError
+    from midol.methods.export import read_export_meta
+    from midol.tasks.backbones import load_backbone
+
+    ckpt = pretrain_checkpoint(tmp_path_factory)
+    assert main(["export", str(ckpt), "--out", str(tmp_path), "--no_model_card"]) == 0
+    weights = tmp_path / "teacher_backbone.safetensors"
+    meta = read_export_meta(weights)
+    assert meta["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    state = load_file(str(weights))
+    save_file({k: v + 1 for k, v in state.items()}, str(weights))  # the next export's weights
+    with pytest.raises(CheckpointFileError, match="describes other weights .* interrupted between its files"):
+        read_export_meta(weights)
+    with pytest.raises(CheckpointFileError, match="interrupted between its files"):
+        load_backbone(checkpoint=str(weights))
