@@ -70,3 +70,20 @@ def test_full_disk_in_the_feature_cache_is_one_line_exit_3(tmp_path: Path, monke
         cache.features(lambda x: torch.zeros(len(x), 4), "enc", files,
                        lambda a: torch.zeros(3, 8, 8, dtype=torch.uint8), "t")
     assert exit_code(err.value) == EXIT_INPUT
+
+
+def test_temporaries_of_killed_writers_are_cleaned_but_a_live_one_stays(tmp_path: Path) -> None:
+    """Issue 26 item 16: large hidden temporary files of killed writers were never cleaned."""
+    import os
+    import time
+
+    from midol.io.atomic import atomic_write_text
+
+    target = tmp_path / "features.npy"
+    stale, live = tmp_path / ".features.npy.abc123.tmp", tmp_path / ".features.npy.def456.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    atomic_write_text(target, "new")
+    assert not stale.exists() and live.exists() and target.read_text() == "new"
