@@ -235,7 +235,9 @@ def write(study: dict[str, Any], evals: list[dict[str, Any]], md_path: Path, res
     L += ["## Evals run for this version of the file", "",
           "| eval | suite | backbones | minutes | rc | report |", "|---|---|---|---|---|---|"]
     for e in evals:
-        L.append(f"| {e['name']} | {e['suite_file']} | {e['n_backbones']} | {e['minutes']:.1f} | "
+        minutes = "reused" if e.get("minutes") is None else f"{e['minutes']:.1f}"
+        backbones = "—" if e.get("n_backbones") is None else e["n_backbones"]
+        L.append(f"| {e['name']} | {e['suite_file']} | {backbones} | {minutes} | "
                  f"{e['rc']} | {e.get('copied_to', '—')} |")
     L += [""] + [f"- `{e['name']}_{e['suite']}`: `{e['command']}`" for e in evals] + [""]
     for key, rep in reps.items():
