@@ -18,7 +18,6 @@ the newest readable checkpoint of the same folder, with a warning naming both fi
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import re
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from midol.errors import CheckpointFileError
-from midol.io.atomic import atomic_path
+from midol.io.atomic import atomic_path, remove_stale_temporaries
 from midol.io.weights import verify_archive
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -41,11 +40,6 @@ _LAST = re.compile(r"^last(-(\d+))?$")  # Lightning's names of save_last files (
 def _is_weights_only_refusal(err: BaseException) -> bool:
     """torch refused to unpickle an object (a checkpoint carrying code), not a damaged file."""
     return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
-
-
-def _stale_temps(target: Path) -> list[Path]:
-    """Temporary files :func:`atomic_path` left beside ``target`` (its writer was killed)."""
-    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,9 +56,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         with atomic_path(target) as tmp:
             torch.save(checkpoint, tmp)
-        for stale in _stale_temps(target):  # from a writer killed before its rename
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        # from a writer killed before its rename: any age, since the run folder's lock keeps
+        # every other writer of this checkpoint out
+        remove_stale_temporaries(target, older_than_s=0)
 
     def load_checkpoint(self, path: Any, map_location: Callable | Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:

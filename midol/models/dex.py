@@ -53,7 +53,7 @@ class DEXLayer(nn.Module):
     In training with gradients enabled, each forward updates the ``freq`` buffer and (with
     ``update_director``) the director, before backward, so the director tracks the experts'
     pre-update weights (authors' code); with ``defer_updates`` (what :class:`~midol.methods.DEX`
-    sets) forward only records the shares and :meth:`commit_updates` applies them. Omega is all-reduced over ranks so every rank applies
+    sets) forward only records the shares and :meth:`commit` applies them. Omega is all-reduced over ranks so every rank applies
     the same update (the authors' code uses each rank's local batch and lets copies drift).
     """
 
@@ -102,7 +102,7 @@ class DEXLayer(nn.Module):
         self.compute_director_out: bool | None = None
         self._mode: DEXMode = "experts"
         self.last: DEXRouting | None = None
-        # Deferred: forward only records Omega and commit_updates() applies it after backward.
+        # Deferred: forward only records Omega and commit() applies it after backward.
         # Activation checkpointing re-runs forward during backward, and an update made in the
         # first forward would change the recomputed routing (the noise reads ``freq``) and
         # update twice. The experts do not change before the optimiser step, so the director
@@ -213,9 +213,6 @@ class DEXLayer(nn.Module):
         self._pending_omega = None
 
     def commit(self) -> bool:
-        return self.commit_updates()
-
-    def commit_updates(self) -> bool:
         """With ``defer_updates``: apply the updates the last training forward computed (call
         after backward, before the optimiser step); False when there were none."""
         omega, self._pending_omega = self._pending_omega, None

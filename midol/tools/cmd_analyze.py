@@ -105,14 +105,20 @@ def gradcam_images(routed: RoutedImages, per_modality: int) -> list[int]:
     return picks
 
 
+def eval_images(corpus: Corpus, routed: RoutedImages, picks: list[int], size: int) -> torch.Tensor:
+    """uint8 ``B x 3 x size x size`` of the picked routed images, as evaluation sees them."""
+    from midol.data.transforms.eval import EvalTransform
+
+    transform = EvalTransform(size)
+    return torch.stack([transform(corpus.load(int(routed.index[i]))) for i in picks])
+
+
 def pretrained_gradcam(module: Any, corpus: Corpus, routed: RoutedImages, ns: argparse.Namespace,
                        size: int, out: Path) -> dict[str, Any]:
     from midol.analysis.gradcam import feature_norm_score, grad_cam, gradcam_figure, top_logit_score
-    from midol.data.transforms.eval import EvalTransform
 
     picks = gradcam_images(routed, ns.gradcam_per_modality)
-    transform = EvalTransform(size)
-    images = torch.stack([transform(corpus.load(int(routed.index[i]))) for i in picks])
+    images = eval_images(corpus, routed, picks, size)
     router = getattr(module, "pooled_router", lambda: None)()
     use_router = ns.gradcam_score == "router" and router is not None
     score = top_logit_score(router) if use_router else feature_norm_score
@@ -141,11 +147,9 @@ def pca_map_stage(module: Any, corpus: Corpus, routed: RoutedImages, ns: argpars
                   size: int, out: Path) -> dict[str, Any]:
     """``pca_maps.png``: :mod:`midol.analysis.pca_maps` of the default exported backbone."""
     from midol.analysis.pca_maps import patch_features, pca_figure, pca_rgb
-    from midol.data.transforms.eval import EvalTransform
 
     picks = pca_images(routed, ns.pca_maps)
-    transform = EvalTransform(size)
-    images = torch.stack([transform(corpus.load(int(routed.index[i]))) for i in picks])
+    images = eval_images(corpus, routed, picks, size)
     name, export = next(iter(module.export_modules().items()))
     feats = patch_features(export.module, module.normalize(images.to(module.device)))
     rgb, foreground = pca_rgb(feats, threshold=ns.pca_threshold, percentile=ns.pca_percentile,

@@ -17,6 +17,7 @@ from midol.data.patient_datamodule import PatientDataModule, PatientDataset, Unr
 from midol.data.patients import InputSpec, read_patient_table
 from midol.models.fusion import MISSING_CODE
 from tests.helpers.paths import SHARED_DATA
+from tests.helpers.task_data import write_csv
 
 ODIR = SHARED_DATA / "fundus" / "odir_patients"
 ODIR_LABELS = ["N", "D", "G", "C", "A", "H", "M", "O"]
@@ -27,14 +28,6 @@ ODIR_INPUTS = [
 ]
 needs_odir = pytest.mark.skipif(not (ODIR / "patients.csv").is_file(),
                                 reason=f"ODIR patients not found at {ODIR}")
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def png(path: Path, value: int = 100, size: tuple[int, int] = (12, 10)) -> str:

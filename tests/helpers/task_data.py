@@ -13,7 +13,7 @@ from PIL import Image
 MULTILABELS = ["xray", "abnormal", "pathology"]
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
