@@ -82,6 +82,7 @@ class MIDoLOptions(MomentumMethodOptions, Protocol):
     sinkhorn_impl: Literal['swav', 'authors']
     infonce_temp: float
     infonce_expert_mean: Literal['nonempty', 'all']
+    infonce_gather: Literal['float32', 'bfloat16']
     center_momentum: float
     teacher_views: Literal['global', 'all']
     num_global_views: int | None
@@ -154,6 +155,10 @@ class MIDoL(MomentumMethod):
         infonce_temp: tau of Eq. 19 (0.04).
         infonce_expert_mean: Average L_cst^i over the experts that received images
             (``nonempty``, default) or divide by N as Eq. 20 prints it (``all``).
+        infonce_gather: Under DDP, the dtype other ranks' teacher vectors are all-gathered in
+            for L_cst's denominator: ``float32`` (default, exact) or ``bfloat16`` (half the
+            traffic: ~1 GiB less per step at 64 GPUs; loss within ~2e-3 relative, tested on 2
+            processes). The logits are float32 either way.
         center_momentum: Centre momentum of the DINO cross-entropy (0.9).
         teacher_views: The teacher sees the ``global`` views (authors' code) or ``all`` views
             (the paper's equations).
@@ -207,6 +212,7 @@ class MIDoL(MomentumMethod):
         sinkhorn_impl: Literal["swav", "authors"] = "swav",
         infonce_temp: float = 0.04,
         infonce_expert_mean: Literal["nonempty", "all"] = "nonempty",
+        infonce_gather: Literal["float32", "bfloat16"] = "float32",
         center_momentum: float = 0.9,
         teacher_views: Literal["global", "all"] = "global",
         num_global_views: int | None = None,
@@ -268,6 +274,8 @@ class MIDoL(MomentumMethod):
             raise ValueError(f"cst_loss must be 'infonce' or 'dino_ce', got {h.cst_loss!r}")
         if h.infonce_expert_mean not in ("nonempty", "all"):
             raise ValueError(f"infonce_expert_mean must be 'nonempty' or 'all', got {h.infonce_expert_mean!r}")
+        if h.infonce_gather not in ("float32", "bfloat16"):
+            raise ValueError(f"infonce_gather must be 'float32' or 'bfloat16', got {h.infonce_gather!r}")
         if h.sinkhorn_impl not in ("swav", "authors"):
             raise ValueError(f"sinkhorn_impl must be 'swav' or 'authors', got {h.sinkhorn_impl!r}")
         if h.teacher_views not in ("global", "all"):
@@ -392,6 +400,7 @@ class MIDoL(MomentumMethod):
             l_cst = expert_infonce_loss(
                 s_rep, t_rep, assignment, self.num_experts, h.infonce_temp,
                 check_inputs=False, expert_mean=h.infonce_expert_mean,
+                gather_dtype=getattr(torch, h.infonce_gather),
             )
         loss = h.route_weight * l_route + h.cst_weight * l_cst + h.load_balance_weight * l_balance
         terms = {"l_route": l_route, "l_cst": l_cst, "l_balance": l_balance, "total": loss}

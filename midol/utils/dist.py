@@ -45,3 +45,15 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`gather_no_grad` with ``dtype`` on the wire (e.g. bfloat16: half the bytes of
+    float32), returned in ``x.dtype``; this rank's own rows are ``x`` itself, not rounded."""
+    if not is_distributed() or dtype == x.dtype:
+        return gather_no_grad(x)
+    out = gather_no_grad(x.to(dtype)).to(x.dtype)
+    rows = x.shape[0]
+    out[rank() * rows:(rank() + 1) * rows] = x
+    return out

@@ -53,6 +53,7 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     ".include": None, ".exclude": [], ".bits": None,  # per-source globs and bit depth (sources[i])
     "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
     "init_args.route_backbone_grad": True, "init_args.max_images": None,
+    "init_args.infonce_gather": "float32",
 }
 SWIN_B_SPEED = {
     "model.init_args.compile": "auto", "model.init_args.grad_checkpointing": "auto",

@@ -101,6 +101,17 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             res[f"nce_loss_{tau}"] = loss.detach()
             res[f"nce_grad_{tau}"] = student.grad.detach().clone()
             res[f"nce_teacher_grad_{tau}"] = teacher.grad
+            # the same loss with other ranks' teacher vectors sent as bfloat16
+            student = local_rows(data["nce_student"], rank, dim=1).requires_grad_()
+            teacher = local_rows(data["nce_teacher"], rank, dim=1)
+            loss = expert_infonce_loss(student, teacher, assignment, N_EXPERTS, temperature=tau,
+                                       gather_dtype=torch.bfloat16)
+            loss.backward()
+            res[f"nce_bf16_loss_{tau}"] = loss.detach()
+            res[f"nce_bf16_grad_{tau}"] = student.grad.detach().clone()
+        from midol.utils.dist import gather_no_grad_as
+
+        res["gather_bf16"] = gather_no_grad_as(local_rows(data["nce_teacher"][0], rank), torch.bfloat16)
 
         # (d) routing consistency with local logits
         for form in ("student_weighted", "teacher_target"):
