@@ -24,6 +24,8 @@ from midol.utils.dist import all_reduce_sum
 
 DEXMode = Literal["experts", "director"]
 _MODES = ("experts", "director")
+DEXDispatch = Literal["loop", "sorted", "dense"]
+DISPATCHES = ("loop", "sorted", "dense")
 
 
 @dataclass
@@ -53,8 +55,21 @@ class DEXLayer(nn.Module):
     In training with gradients enabled, each forward updates the ``freq`` buffer and (with
     ``update_director``) the director, before backward, so the director tracks the experts'
     pre-update weights (authors' code); with ``defer_updates`` (what :class:`~midol.methods.DEX`
-    sets) forward only records the shares and :meth:`commit` applies them. Omega is all-reduced over ranks so every rank applies
-    the same update (the authors' code uses each rank's local batch and lets copies drift).
+    sets) forward only records the shares and :meth:`commit` applies them. Omega is all-reduced
+    over ranks so every rank applies the same update (the authors' code uses each rank's local
+    batch and lets copies drift).
+
+    ``dispatch`` (issue 30) picks how rows reach their experts; all three give the same output
+    and gradients to float rounding (tested):
+
+    * ``loop``: each expert runs on the rows that chose it, found by ``torch.where``: one
+      device-to-host read per expert per block, data-dependent shapes (no whole-graph compile).
+    * ``sorted``: the rows sorted by expert and split into segments: one read-back of the E
+      segment sizes per block instead of E; still data-dependent shapes.
+    * ``dense``: every expert on every row, weighted by its gate (0 where not chosen): no
+      read-back and static shapes (compiles as one graph), at E / k times the experts' FLOPs. An
+      expert no row chose gets a zero gradient where ``loop``/``sorted`` leave it ``None``
+      (AdamW then still moves it by its moments; the loss and gradients are the same).
     """
 
     def __init__(
@@ -70,8 +85,11 @@ class DEXLayer(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         bias: bool = True,
         drop: float = 0.0,
+        dispatch: DEXDispatch = "loop",
     ):
         super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"unknown DEX dispatch {dispatch!r}; expected one of {DISPATCHES}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
@@ -86,6 +104,7 @@ class DEXLayer(nn.Module):
         self.freq_momentum = freq_momentum
         self.token_routing = token_routing
         self.num_prefix_tokens = num_prefix_tokens
+        self.dispatch: DEXDispatch = dispatch
 
         def mlp() -> Mlp:
             return Mlp(dim, hidden_dim, act_layer=act_layer, bias=bias, drop=drop)
@@ -146,10 +165,20 @@ class DEXLayer(nn.Module):
         return x[:, 0] if self.num_prefix_tokens > 0 else x.mean(dim=1)
 
     def mix(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``sum_k gate_k * expert_k(x)`` per row; each expert runs only on the rows (images, or
-        tokens with token routing) that chose it."""
+        """``sum_k gate_k * expert_k(x)`` per row (images, or tokens with token routing), by
+        the layer's ``dispatch``."""
         b, n, d = x.shape
         units = x.reshape(b * n, 1, d) if self.token_routing else x
+        if self.dispatch == "dense":
+            out = self._mix_dense(units, gates, indices)
+        elif self.dispatch == "sorted":
+            out = self._mix_sorted(units, gates, indices)
+        else:
+            out = self._mix_loop(units, gates, indices)
+        return out.reshape(b, n, -1)
+
+    def _mix_loop(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each expert only on the rows that chose it (one ``torch.where`` read-back each)."""
         out: torch.Tensor | None = None
         for e, expert in enumerate(self.experts):
             rows, slot = torch.where(indices == e)
@@ -161,7 +190,34 @@ class DEXLayer(nn.Module):
                 out = y.new_zeros(units.shape[:-1] + y.shape[-1:])
             out = out.index_add(0, rows, y * gates[rows, slot].to(y.dtype)[:, None, None])
         assert out is not None  # every row chose k >= 1 experts
-        return out.reshape(b, n, -1)
+        return out
+
+    def _mix_sorted(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The rows x k choices sorted by expert (stable: row order kept within an expert),
+        gathered once and split into per-expert segments; one read-back of E sizes."""
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        sizes = torch.bincount(flat, minlength=self.num_experts).tolist()
+        rows = torch.div(order, indices.shape[1], rounding_mode="floor")
+        weight = gates.reshape(-1)[order]
+        segments = units[rows].split(sizes)
+        ys = [expert(seg) for expert, seg, size in zip(self.experts, segments, sizes, strict=True) if size]
+        y = torch.cat(ys)
+        out = y.new_zeros(units.shape[:-1] + y.shape[-1:])
+        return out.index_add(0, rows, y * weight.to(y.dtype)[:, None, None])
+
+    def _mix_dense(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row times its gate (0 where not chosen): static shapes, no
+        read-back. Summed in expert order, as the loop, so a row's sum is the same."""
+        out: torch.Tensor | None = None
+        for e, expert in enumerate(self.experts):
+            # a row picks an expert at most once in its top-k, so this is its gate or 0
+            weight = (gates * (indices == e).to(gates.dtype)).sum(dim=-1)
+            y = expert(units)
+            term = y * weight.to(y.dtype)[:, None, None]
+            out = term if out is None else out + term
+        assert out is not None  # num_experts >= 1
+        return out
 
     def gate_mass(self, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum over rows of each expert's gate (E,), float32, no gradient."""
@@ -224,7 +280,8 @@ class DEXLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"temperature={self.temperature}, token_routing={self.token_routing}"
+            f"temperature={self.temperature}, token_routing={self.token_routing}, "
+            f"dispatch={self.dispatch}"
         )
 
 
@@ -302,3 +359,11 @@ def set_dex_mode(model: nn.Module, mode: DEXMode) -> None:
         raise ValueError(f"unknown DEX mode {mode!r}; expected one of {_MODES}")
     for layer in dex_layers(model):
         layer.mode = mode
+
+
+def set_dex_dispatch(model: nn.Module, dispatch: DEXDispatch) -> None:
+    """Set the ``dispatch`` (``loop``, ``sorted`` or ``dense``) of every DEXLayer of ``model``."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"unknown DEX dispatch {dispatch!r}; expected one of {DISPATCHES}")
+    for layer in dex_layers(model):
+        layer.dispatch = dispatch
