@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from midol.data.batches import ImageBatch, ViewBatch
 from midol.data.corpus import Corpus
@@ -161,7 +161,9 @@ class ViewCollate:
     def __call__(self, batch: list[dict[str, Any]]) -> ViewBatch:
         num_views = len(batch[0]["views"])
         return {
-            "views": [torch.stack([b["views"][v] for b in batch]) for v in range(num_views)],
+            # default_collate stacks straight into shared memory inside a worker: without it the
+            # worker stacks into ordinary memory and the loader copies the batch once more
+            "views": [default_collate([b["views"][v] for b in batch]) for v in range(num_views)],
             "num_global": self.num_global,
             "modality": torch.tensor([b["modality"] for b in batch], dtype=torch.long),
             "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
