@@ -18,7 +18,12 @@ def unique_modalities(sources: Sequence[DataSource]) -> list[str]:
 
 
 class Corpus:
-    """All items of several sources behind one flat index (source after source, in order)."""
+    """All items of several sources behind one flat index (source after source, in order).
+
+    ``group_ids``: each item's group over the whole corpus (a source's ``group_by`` groups,
+    numbered source after source; an ungrouped item is its own group); ``group_counts``: the
+    groups of each source. The sampler divides a source's weight among a group's items.
+    """
 
     def __init__(self, sources: Sequence[DataSource]) -> None:
         if not sources:
@@ -31,6 +36,20 @@ class Corpus:
         self.source_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         self._starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self._modality_of_source = [self.modalities.index(s.modality) for s in sources]
+        ids: list[np.ndarray] = []
+        self.group_counts: list[int] = []
+        for lst in self.sources:
+            keys = lst.group_keys()
+            if keys is None:
+                local = np.arange(len(lst), dtype=np.int64)
+            else:
+                # numbered by first appearance, so ids follow the listing order
+                local = np.unique(np.asarray(keys, dtype=object), return_inverse=True)[1].astype(np.int64)
+                _, first = np.unique(local, return_index=True)
+                local = np.argsort(np.argsort(first))[local]
+            ids.append(local + sum(self.group_counts))
+            self.group_counts.append(int(local.max()) + 1 if len(local) else 0)
+        self.group_ids = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.source_ids.numel())

@@ -19,6 +19,10 @@ Conversion rules (one place, so every loader in midol treats pixels the same way
 
 Multi-frame files (GIF, TIFF stacks) give their first frame. DICOM and NIfTI files are read by
 :mod:`midol.data.medical_io` (intensity windowing; optional pydicom / nibabel).
+
+A source's :class:`~midol.data.medical_io.ReadOptions` change two rules: ``bits`` (above) and
+``minmax``, which maps each image's own range onto 0-255 (16-bit values before any division,
+other modes after their conversion to RGB). Windows and slices apply to DICOM / NIfTI only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from midol.data.medical_io import (
     MEDICAL_EXTENSIONS,
     RASTER_EXTENSIONS,
     MedicalReadError,
+    ReadOptions,
     is_medical_file,
     read_medical,
 )
@@ -61,23 +66,33 @@ def image_formats() -> str:
             + ", and DICOM files of any name (found by their DICM preamble)")
 
 
-def load_image(path: str | os.PathLike[str], bits: int | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], bits: int | None = None,
+               options: ReadOptions | None = None, index: int | None = None) -> np.ndarray:
     """Decode ``path`` to a C-contiguous uint8 ``H x W x 3`` RGB array.
 
     ``bits``: the bit depth a 16-bit file's values use (e.g. 12 for X-ray and CT exports that
     store 0-4095): mapped from ``0 .. 2**bits - 1`` onto 0-255 instead of the full 16-bit range.
     Without it, a 16-bit image whose values all stay below 4096 is warned about once per process
-    (mapped as 16-bit it is almost black).
+    (mapped as 16-bit it is almost black). ``options``: a source's intensity, window and stack
+    options (``bits`` is then ``options.bits``); ``index``: the slice of a NIfTI volume or the
+    frame of a multi-frame DICOM (default: the middle one).
 
     Raises:
         UnreadableImageError: missing file, unknown format, truncated or corrupt data.
+        ValueError: a window or a slice index for a raster image (PNG, JPEG, ...).
     """
+    if options is not None and bits is not None:
+        raise ValueError("give bits either as bits or in options, not both")
+    opts = options if options is not None else ReadOptions(bits=bits)
     if is_medical_file(path):  # DICOM / NIfTI: windowed by midol.data.medical_io's rules
         try:
-            return read_medical(path)
+            return read_medical(path, index=index, options=opts)
         except MedicalReadError as err:
             raise UnreadableImageError(path, str(err)) from err
-    return _decode(Path(path), str(path), bits)
+    if opts.windows or index is not None:
+        raise ValueError(f"{path}: a window or a slice index applies to DICOM / NIfTI values, "
+                         "not to a raster image")
+    return _decode(Path(path), str(path), opts.bits, opts.minmax)
 
 
 def decode_image_bytes(data: bytes, origin: str = "<bytes>") -> np.ndarray:
@@ -86,11 +101,11 @@ def decode_image_bytes(data: bytes, origin: str = "<bytes>") -> np.ndarray:
     return _decode(io.BytesIO(data), origin)
 
 
-def _decode(source: Any, origin: str, bits: int | None = None) -> np.ndarray:
+def _decode(source: Any, origin: str, bits: int | None = None, minmax: bool = False) -> np.ndarray:
     try:
         with Image.open(source) as im:
             im.load()  # decode now: truncated files must fail here, not later
-            rgb = _to_rgb_array(im, bits, origin)
+            rgb = _to_rgb_array(im, bits, origin, minmax)
     except UnreadableImageError:
         raise
     except Exception as err:  # Pillow raises many unrelated types for bad files
@@ -121,7 +136,12 @@ class IntensityWarning(UserWarning):
 _FEW_BITS_WARNED = False
 
 
-def _to_rgb_array(im: Image.Image, bits: int | None = None, origin: str = "") -> np.ndarray:
+def _to_rgb_array(im: Image.Image, bits: int | None = None, origin: str = "",
+                  minmax: bool = False) -> np.ndarray:
+    if minmax:
+        if im.mode.startswith("I"):  # 16/32-bit values: their own range, before any rounding
+            return as_rgb(_minmax(np.asarray(im).astype(np.float64)))
+        return _minmax(_to_rgb_array(im, origin=origin).astype(np.float64))
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im, dtype=np.uint8)

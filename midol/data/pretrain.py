@@ -79,8 +79,8 @@ class PretrainDataModule(ViewDataModule):
                 "(data.sources in the config)"
             )
         corpus = Corpus(self.sources)
-        rank_zero_info("pre-training corpus:\n" + source_table(list(self.sources),
-                                                                [len(s) for s in corpus.sources]))
+        rank_zero_info("pre-training corpus:\n" + source_table(
+            list(self.sources), [len(s) for s in corpus.sources], corpus.group_counts))
         dataset = PretrainDataset(corpus, self.transform)
         check_readable(corpus, dataset.max_tries)
         self.corpus = corpus
@@ -96,7 +96,7 @@ class PretrainDataModule(ViewDataModule):
         corpus, dataset = self._require_setup()
         sampler = WeightedSourceSampler(
             corpus.source_ids, [s.weight for s in self.sources],
-            num_samples=self.samples_per_epoch, seed=self.seed,
+            num_samples=self.samples_per_epoch, seed=self.seed, group_ids=corpus.group_ids,
         )
         if len(sampler) < self.batch_size:
             raise ValueError(

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from midol.data.image_io import as_rgb, image_formats, is_image_file, load_image
-from midol.data.medical_io import is_dicom_file
+from midol.data.medical_io import ReadOptions, is_dicom_file
 from midol.errors import InputFileError
 
 Kind = Literal["folder", "csv", "npz"]
@@ -26,7 +26,10 @@ class ImageList:
     """The images of one source or split: file paths decoded on access, or rows of uint8
     ``N x H x W [x C]`` arrays (one per npz split), in a fixed order.
 
-    ``describe(i)`` names item ``i`` in warnings and errors: its path, or ``file.npz#split[row]``.
+    A file may be listed once per slice (``frames``: the slice of a NIfTI volume or the frame
+    of a multi-frame DICOM, -1 for the file's default one) and with a group key (``groups``:
+    its series or patient; see ``DataSource.group_by``). ``describe(i)`` names item ``i`` in
+    warnings and errors: its path (``path#slice=k`` for a slice), or ``file.npz#split[row]``.
     """
 
     def __init__(
@@ -36,12 +39,26 @@ class ImageList:
         arrays: Sequence[tuple[str, np.ndarray]] | None = None,
         rows: np.ndarray | None = None,
         bits: int | None = None,
+        *,
+        frames: Sequence[int] | np.ndarray | None = None,
+        groups: Sequence[str] | None = None,
+        options: ReadOptions | None = None,
     ) -> None:
         if (paths is None) == (arrays is None):
             raise ValueError("ImageList needs exactly one of paths and arrays")
+        if options is not None and bits is not None:
+            raise ValueError("ImageList: give bits either as bits or in options, not both")
         self.origin = origin
-        self.bits = bits  # of 16-bit files (load_image's bits)
+        self.options = options if options is not None else ReadOptions(bits=bits)
+        self.bits = self.options.bits  # of 16-bit files (load_image's bits)
         self._files: list[str] | None = list(paths) if paths is not None else None
+        n_files = len(self._files) if self._files is not None else 0
+        # per listed file: its slice (-1 = the file's default) and group key; None = not used
+        self._frames = None if frames is None else np.asarray(frames, dtype=np.int64)
+        self._groups = None if groups is None else list(groups)
+        for name, extra in (("frames", self._frames), ("groups", self._groups)):
+            if extra is not None and (self._files is None or len(extra) != n_files):
+                raise ValueError(f"ImageList: {name} needs one entry per path ({n_files} paths)")
         self.arrays: list[tuple[str, np.ndarray]] = list(arrays or [])
         if rows is None:
             if self._files is not None:
@@ -55,7 +72,8 @@ class ImageList:
 
     @property
     def paths(self) -> list[str] | None:
-        """The files of the listed items in order (None for arrays)."""
+        """The files of the listed items in order (None for arrays; a volume's file once per
+        listed slice)."""
         if self._files is None:
             return None
         return [self._files[int(r)] for r in self._rows]
@@ -63,16 +81,31 @@ class ImageList:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def frame(self, i: int) -> int | None:
+        """The slice / frame of item ``i`` (None: the file's default, or not a file)."""
+        if self._frames is None:
+            return None
+        k = int(self._frames[int(self._rows[i])])
+        return None if k < 0 else k
+
+    def group_keys(self) -> list[str] | None:
+        """Each item's group key (series / patient / CSV value), None when not grouped."""
+        if self._groups is None:
+            return None
+        return [self._groups[int(r)] for r in self._rows]
+
     def load(self, i: int) -> np.ndarray:
         """Item ``i`` as uint8 ``H x W x 3``; may raise ``UnreadableImageError``."""
         if self._files is not None:
-            return load_image(self._files[int(self._rows[i])], self.bits)
+            return load_image(self._files[int(self._rows[i])], options=self.options, index=self.frame(i))
         k, row = self._rows[i]
         return np.ascontiguousarray(as_rgb(self.arrays[int(k)][1][int(row)]))
 
     def describe(self, i: int) -> str:
         if self._files is not None:
-            return self._files[int(self._rows[i])]
+            frame = self.frame(i)
+            path = self._files[int(self._rows[i])]
+            return path if frame is None else f"{path}#slice={frame}"
         k, row = self._rows[i]
         return f"{self.origin}#{self.arrays[int(k)][0]}[{int(row)}]"
 
@@ -83,7 +116,8 @@ class ImageList:
     def subset(self, idx: np.ndarray | Sequence[int]) -> ImageList:
         """The items ``idx`` (no pixels are copied)."""
         return ImageList(self.origin, self._files, None if self._files is not None else self.arrays,
-                         rows=self._rows[np.asarray(idx, dtype=np.int64)], bits=self.bits)
+                         rows=self._rows[np.asarray(idx, dtype=np.int64)], frames=self._frames,
+                         groups=self._groups, options=self.options)
 
     def check_files(self) -> None:
         """``FileNotFoundError`` naming the first listed files that do not exist."""

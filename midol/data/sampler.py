@@ -20,6 +20,11 @@ class WeightedSourceSampler(Sampler[int]):
     so that source's share of the draws is ``3 n_2 / (n_1 + 3 n_2)``. To give two sources equal
     shares, use weights inversely proportional to their sizes.
 
+    ``group_ids`` (the corpus's, from the sources' ``group_by``): a group's items share their
+    source's weight, ``weight / (items in the group)``, so every group of a source is drawn
+    equally often whatever its size (a 300-slice CT series as often as a one-image study).
+    A group may not span two sources.
+
     * All weights equal (the default): a seeded random permutation of the items (no
       replacement; when ``num_samples`` exceeds the dataset, further permutations are
       appended). Sources contribute in proportion to their size.
@@ -36,6 +41,7 @@ class WeightedSourceSampler(Sampler[int]):
         weights: Sequence[float],
         num_samples: int | None = None,
         seed: int = 0,
+        group_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
         ids = torch.as_tensor(source_ids, dtype=torch.long).flatten()
         if ids.numel() == 0:
@@ -54,6 +60,18 @@ class WeightedSourceSampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self._item_weights = w[ids]
+        if group_ids is not None:
+            gids = torch.as_tensor(group_ids, dtype=torch.long).flatten()
+            if gids.shape != ids.shape or int(gids.min()) < 0:
+                raise ValueError(f"group_ids must be {ids.numel()} ids >= 0, one per item, "
+                                 f"got {gids.numel()}")
+            size = int(gids.max()) + 1
+            lo = torch.full((size,), len(weights), dtype=torch.long).scatter_reduce(0, gids, ids, "amin")
+            hi = torch.full((size,), -1, dtype=torch.long).scatter_reduce(0, gids, ids, "amax")
+            if bool((lo != hi)[hi >= 0].any()):
+                raise ValueError("a group spans two sources (group ids must be numbered per source)")
+            counts = torch.bincount(gids, minlength=size).to(torch.float64)
+            self._item_weights = self._item_weights / counts[gids]
         self._uniform = bool(torch.all(self._item_weights == self._item_weights[0]))
 
     def set_epoch(self, epoch: int) -> None:
