@@ -28,7 +28,9 @@ from midol.data.shards import (  # noqa: E402
     ShardStream,
     write_shards,
 )
-from midol.data.shards.stream import _image_of, _read_shard  # noqa: E402
+from midol.data.shards import stream as stream_module  # noqa: E402
+from midol.data.shards.index import OFFSETS_SUFFIX, offsets_path, scan_sample_offsets  # noqa: E402
+from midol.data.shards.stream import _image_of, _read_samples, _read_shard  # noqa: E402
 from midol.tools import cmd_shard as shard_tool  # noqa: E402
 from tests.helpers.tiny import tiny_module  # noqa: E402
 
@@ -181,3 +183,105 @@ def test_shard_tool_and_errors(tmp_path: Path, sample_data: Path, monkeypatch, c
         ShardedPretrainDataModule(str(out), modality_weights={"xray": 0.0})
     with pytest.raises(FileNotFoundError, match="midol shard"):
         ShardedPretrainDataModule(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> ShardIndex:
+    """pathology (41 tiles) and oct (16 scans), one shard each."""
+    out = tmp_path_factory.mktemp("one_shard")
+    return write_shards(sample_sources(sample_data)[1::2], out, shard_size=1000, progress=False)
+
+
+def test_offsets_file_matches_the_tar_headers(shards: ShardIndex) -> None:
+    for modality in ("xray", "pathology"):
+        for i, shard in enumerate(shards.shards[modality]):
+            url = shards.url(shard)
+            written = np.load(offsets_path(url))
+            assert np.array_equal(written, scan_sample_offsets(url))
+            assert written[0] == 0 and len(written) == shards.counts[modality][i] + 1
+            whole = list(_read_shard(url))
+            picks = [len(whole) - 1, 0, 2] if len(whole) > 2 else [0]
+            for k, sample in zip(sorted(picks), _read_samples(url, written, sorted(picks))):
+                assert sample == whole[k]  # key, url and every file's bytes
+
+
+class _Counting:
+    """A shard file that counts the bytes read from it."""
+
+    def __init__(self, path: str, tally: list[int]) -> None:
+        self.f, self.tally = open(path, "rb"), tally
+
+    def seek(self, pos: int) -> int:
+        return self.f.seek(pos)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.tally[0] += len(data)
+        return data
+
+    def __enter__(self) -> _Counting:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+def test_each_worker_reads_only_its_slice_of_a_shard(one_shard: ShardIndex, monkeypatch) -> None:
+    """2 ranks x 3 workers, pathology in one shard of 41: each slot reads its 6-7 samples'
+    bytes, about 1/6 of the shard (before: all of it), and the slots' samples are disjoint
+    and complete."""
+    def whole_shard(url: str):
+        raise AssertionError(f"read {url} in full")
+
+    monkeypatch.setattr(stream_module, "_read_shard", whole_shard)
+    m = one_shard.modalities.index("pathology")
+    offsets = np.load(offsets_path(one_shard.url(one_shard.shards["pathology"][0])))
+    sizes = np.diff(offsets)
+    stream = ShardStream(one_shard, lambda x: x, {m: 1.0 for m in one_shard.modalities}, 8, 1,
+                         shuffle_buffer=0)
+    origins, shares = [], []
+    for rank in range(2):
+        for worker in range(3):
+            slot = rank * 3 + worker
+            tally = [0]
+            monkeypatch.setattr(stream_module, "_open_local", lambda p, t=tally: _Counting(p, t))
+            picks = range(slot, 41, 6)
+            gen = stream._modality_stream(m, epoch=0, slot=slot, slots=6)
+            origins.append([_image_of(next(gen))[1] for _ in picks])
+            assert tally[0] == sum(int(sizes[k]) for k in picks)  # its samples' bytes, no more
+            shares.append(tally[0] / offsets[-1])
+    assert sum(shares) == pytest.approx(1.0)  # every byte of the shard read once over all slots
+    assert max(shares) < 0.3 and min(shares) > 0.08  # ~1/6 each
+    flat = [o for part in origins for o in part]
+    assert len(flat) == len(set(flat)) == 41  # disjoint and complete
+
+
+def test_old_shards_without_offsets_are_scanned_once(one_shard: ShardIndex, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(one_shard.root, old)
+    for side in old.rglob("*" + OFFSETS_SUFFIX):
+        side.unlink()
+    index = ShardIndex.load(old)
+    stream = ShardStream(index, lambda x: x, {m: 1.0 for m in index.modalities}, 8, 1,
+                         shuffle_buffer=0)
+    m = index.modalities.index("oct")
+    with pytest.warns(UserWarning, match="no .offsets.npy file .* midol shard"):
+        gen = stream._modality_stream(m, epoch=0, slot=1, slots=4)
+        got = [_image_of(next(gen))[1] for _ in range(4)]
+    whole = [_image_of(s)[1] for s in _read_shard(index.url(index.shards["oct"][0]))]
+    assert got == whole[1::4]
+    # a shard the index names by a pipe: URL cannot be sought: read in full, with a warning
+    data = json.loads((old / "index.json").read_text())
+    data["modalities"]["oct"]["shards"] = [f"pipe:cat {old / index.shards['oct'][0]}"]
+    (old / "index.json").write_text(json.dumps(data))
+    piped = ShardIndex.load(old)
+    stream = ShardStream(piped, lambda x: x, {m: 1.0 for m in piped.modalities}, 8, 1,
+                         shuffle_buffer=0)
+    with pytest.warns(UserWarning, match="not a local file: every data-loading worker reads it"):
+        gen = stream._modality_stream(m, epoch=0, slot=1, slots=4)
+        assert [_image_of(next(gen))[1] for _ in range(4)] == whole[1::4]
+    # offsets that do not fit the index: a clear error
+    np.save(old / (index.shards["oct"][0] + OFFSETS_SUFFIX), np.arange(5))
+    with pytest.raises(ValueError, match="shard changed after indexing"):
+        index.sample_offsets("oct", 0)

@@ -1,16 +1,72 @@
-"""The shard index (``index.json``): per modality, its shard files and their sample counts."""
+"""The shard index (``index.json``): per modality, its shard files and their sample counts;
+beside each shard, the byte offset of every sample (``<shard>.offsets.npy``)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from midol.io.atomic import atomic_write_text
+import numpy as np
+
+from midol.io.atomic import atomic_write_bytes, atomic_write_text
 
 INDEX_FORMAT = "midol-shards/1"
 INDEX_NAME = "index.json"
+OFFSETS_SUFFIX = ".offsets.npy"
+
+# webdataset's sample key of a member name (``webdataset.tariterators.base_plus_ext``):
+# everything before the first dot of the file name.
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member name as webdataset groups it; None: no key."""
+    match = _KEY.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def is_local(shard_url: str) -> bool:
+    """A plain file path (seekable), not a ``pipe:`` command or a URL."""
+    return "://" not in shard_url and not shard_url.startswith("pipe:")
+
+
+def offsets_path(shard_url: str) -> Path:
+    return Path(shard_url + OFFSETS_SUFFIX)
+
+
+def scan_sample_offsets(path: str | os.PathLike[str]) -> np.ndarray:
+    """Byte offsets of the samples of an uncompressed tar shard, read from its member headers
+    only (data is skipped by seeking): entry ``k`` is where sample ``k``'s first header starts
+    (extended headers included), the last entry is where the last sample's data ends."""
+    starts: list[int] = []
+    end, key = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                parts = member_key(info.name)
+                if parts is None:
+                    continue
+                if parts[0] != key:
+                    starts.append(info.offset)
+                    key = parts[0]
+                end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                tar.members = []  # type: ignore[attr-defined]  # do not keep every header (as webdataset)
+    except tarfile.ReadError as err:
+        raise ValueError(f"{path}: not an uncompressed tar shard ({err})") from err
+    return np.asarray(starts + [end], dtype=np.int64)
+
+
+def save_offsets(shard_path: str | os.PathLike[str], offsets: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+    atomic_write_bytes(offsets_path(str(shard_path)), buf.getvalue())
 
 
 @dataclass
@@ -35,6 +91,27 @@ class ShardIndex:
         if "://" in shard or shard.startswith("pipe:") or os.path.isabs(shard):
             return shard
         return str(self.root / shard)
+
+    def sample_offsets(self, modality: str, i: int, scan: bool = True) -> np.ndarray | None:
+        """Byte offsets of shard ``i``'s samples (``count + 1`` entries), from the file
+        ``midol shard`` wrote beside it; without that file (shards written before it existed)
+        the tar headers are scanned when ``scan``. None for a shard that is not a local file."""
+        url = self.url(self.shards[modality][i])
+        if not is_local(url):
+            return None
+        side = offsets_path(url)
+        if side.is_file():
+            offsets = np.load(side, allow_pickle=False)
+        elif scan:
+            offsets = scan_sample_offsets(url)
+        else:
+            return None
+        n = self.counts[modality][i]
+        if offsets.ndim != 1 or len(offsets) != n + 1 or np.any(np.diff(offsets) <= 0):
+            raise ValueError(f"{url}: {len(offsets) - 1} sample offsets for {n} samples in the "
+                             "index: the shard changed after indexing; write the shards again "
+                             "(midol shard)")
+        return offsets
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ShardIndex:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midol.data.image_io import UnreadableImageError, UnreadableImageWarning, decode_image_bytes
-from midol.data.shards.index import ShardIndex
+from midol.data.shards.index import OFFSETS_SUFFIX, ShardIndex, is_local, member_key
 from midol.data.transforms.base import ViewTransform
 from midol.data.transforms.eval import EvalTransform
 from midol.utils.dist import rank, world_size
@@ -22,6 +24,45 @@ def _read_shard(url: str) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import tarfile_samples
 
     yield from tarfile_samples([{"url": url}])
+
+
+def _open_local(path: str) -> BinaryIO:
+    """Opens a local shard for seeking (a seam: tests count the bytes read through it)."""
+    return open(path, "rb")
+
+
+def _sample_from_bytes(data: bytes, url: str, k: int) -> dict[str, Any]:
+    """The sample whose tar members are exactly ``data`` (one sample's byte range), as
+    webdataset's ``tarfile_samples`` gives it: ``{"__key__", "__url__", "<ext>": bytes}``."""
+    sample: dict[str, Any] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                parts = member_key(info.name) if info.isreg() else None
+                if parts is None:
+                    continue
+                if sample and parts[0] != sample["__key__"]:
+                    raise tarfile.ReadError(f"two samples ({sample['__key__']}, {parts[0]})")
+                member = tar.extractfile(info)
+                assert member is not None  # a regular file
+                sample.setdefault("__key__", parts[0])
+                sample[parts[1].lower()] = member.read()
+    except tarfile.TarError as err:
+        raise ValueError(f"{url}: sample {k} is not where its offsets file says ({err}); "
+                         "write the shards again (midol shard)") from err
+    if not sample:
+        raise ValueError(f"{url}: sample {k} holds no file; write the shards again (midol shard)")
+    sample["__url__"] = url
+    return sample
+
+
+def _read_samples(url: str, offsets: np.ndarray, picks: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Samples ``picks`` (ascending) of a local shard, each read alone from its byte range."""
+    with _open_local(url) as f:
+        for k in picks:
+            start, stop = int(offsets[k]), int(offsets[k + 1])
+            f.seek(start)
+            yield _sample_from_bytes(f.read(stop - start), url, k)
 
 
 def _image_of(sample: dict[str, Any]) -> tuple[bytes, str]:
@@ -41,10 +82,14 @@ class ShardStream(IterableDataset):
     """Multi-crop views from shards, ``batches_per_epoch`` batches per rank and epoch.
 
     Deterministic given (seed, epoch, rank, worker layout): the data-loading slot
-    ``rank x workers + worker`` reads its own shards of each modality (every slot reads every
-    shard of a modality with fewer shards than slots, keeping one sample in ``slots``). Sample
-    ``k`` of the epoch draws its modality and its augmentation from (seed, epoch, k) alone.
-    ``skip`` leading batches are read but not decoded (resuming mid-epoch).
+    ``rank x workers + worker`` reads its own shards of each modality. A modality with fewer
+    shards than slots is split by sample: slot ``s`` of ``S`` takes the samples ``k`` with
+    ``k % S == s`` (numbered across the modality's shards) and reads only their bytes, seeking
+    to each through the shard's offsets (``<shard>.offsets.npy``; scanned from the tar
+    headers once per worker when absent). A shard that cannot be sought (a ``pipe:`` or HTTP
+    URL, a compressed tar) is read in full by every slot, which keeps its own samples, with a
+    warning. Sample ``k`` of the epoch draws its modality and its augmentation from
+    (seed, epoch, k) alone. ``skip`` leading batches are read but not decoded (resuming).
     """
 
     def __init__(
@@ -71,6 +116,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world = 0, 1
         self.epoch, self.skip = 0, 0
         self._local_iters = 0
+        self._offset_cache: dict[tuple[str, int], np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.batch_size
@@ -79,22 +125,31 @@ class ShardStream(IterableDataset):
         name = self.modalities[m]
         urls = [self.index.url(s) for s in self.index.shards[name]]
         counts = self.index.counts[name]
-        # (url, first sample number of the shard in its modality, keep every slots-th or None)
+        # (url, the samples this slot keeps or None for all, their byte offsets or None)
+        units: list[tuple[str, list[int] | None, np.ndarray | None]]
         if len(urls) >= slots:
-            units = [(u, 0, None) for u in urls[slot::slots]]
+            units = [(u, None, None) for u in urls[slot::slots]]
         else:
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-            # Fewer samples than slots: every slot reads everything (duplicates across slots).
-            keep: tuple[int, int] | None = (slot, slots) if sum(counts) >= slots else None
-            units = [(u, int(first), keep) for u, first in zip(urls, starts)]
+            units = []
+            for i, (url, first, n) in enumerate(zip(urls, starts, counts)):
+                # Fewer samples than slots: every slot reads everything (duplicates across slots).
+                picks = (list(range((slot - int(first)) % slots, n, slots))
+                         if sum(counts) >= slots else list(range(n)))
+                units.append((url, picks, self._offsets(name, i)))
         rng = _seed(self.seed, epoch, slot, m)
         buffer: list[Any] = []
         while True:  # endless: every pass reshuffles the shard order
             for u in rng.permutation(len(units)):
-                url, first, keep = units[int(u)]
-                for k, sample in enumerate(_read_shard(url)):
-                    if keep is not None and (first + k) % keep[1] != keep[0]:
-                        continue
+                url, picks, offsets = units[int(u)]
+                if picks is None:
+                    samples: Iterator[dict[str, Any]] = _read_shard(url)
+                elif offsets is not None:
+                    samples = _read_samples(url, offsets, picks)
+                else:  # not seekable: read it all, keep this slot's samples
+                    keep = set(picks)
+                    samples = (x for k, x in enumerate(_read_shard(url)) if k in keep)
+                for sample in samples:
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
                         continue
@@ -102,6 +157,27 @@ class ShardStream(IterableDataset):
                         j = int(rng.integers(len(buffer)))
                         sample, buffer[j] = buffer[j], sample
                     yield sample
+
+    def _offsets(self, modality: str, i: int) -> np.ndarray | None:
+        """Shard ``i``'s sample offsets, loaded (or scanned) once per worker process."""
+        cache = self._offset_cache
+        if (modality, i) not in cache:
+            url = self.index.url(self.index.shards[modality][i])
+            offsets = self.index.sample_offsets(modality, i, scan=False)
+            if offsets is None and is_local(url):
+                warnings.warn(f"{url} has no {OFFSETS_SUFFIX} file (shards written by an older "
+                              "midol shard): scanning its tar headers in every worker; write "
+                              "the shards again to skip that", stacklevel=2)
+                try:
+                    offsets = self.index.sample_offsets(modality, i, scan=True)
+                except ValueError as err:  # e.g. a compressed tar: no seeking into it
+                    warnings.warn(f"{err}: every worker reads it in full", stacklevel=2)
+            elif offsets is None:
+                warnings.warn(f"{url} is not a local file: every data-loading worker reads it in "
+                              "full and keeps its own samples; write at least GPUs x workers "
+                              f"shards of {modality!r} to avoid that", stacklevel=2)
+            cache[(modality, i)] = offsets
+        return cache[(modality, i)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

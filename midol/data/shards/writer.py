@@ -19,7 +19,7 @@ from midol.data.image_io import (
     decode_image_bytes,
 )
 from midol.data.readers import ImageList
-from midol.data.shards.index import INDEX_NAME, ShardIndex
+from midol.data.shards.index import INDEX_NAME, ShardIndex, save_offsets
 from midol.data.sources import DataSource, resolve_source
 
 
@@ -57,6 +57,13 @@ def _encoded_item(source: Any, i: int, max_side: int | None) -> tuple[str, bytes
     return "png", _png(image)
 
 
+def _close(writer: Any, starts: list[int], path: Path) -> None:
+    """Close a shard and write its sample offsets beside it (``<shard>.offsets.npy``)."""
+    end = writer.tarstream.offset  # the end of the last sample, before the end-of-archive blocks
+    writer.close()
+    save_offsets(path, np.asarray(starts + [end], dtype=np.int64))
+
+
 def write_shards(
     sources: Sequence[DataSource],
     out_dir: str | os.PathLike[str],
@@ -70,13 +77,16 @@ def write_shards(
         sources: as ``data.sources`` of a pre-training config; their ``weight`` is not stored
             (weights are chosen when reading, per modality).
         out_dir: created if needed; must not hold an ``index.json`` already.
-        shard_size: samples per shard. Write at least (GPUs x workers) shards per modality:
-            each data-loading worker then reads its own shards.
+        shard_size: samples per shard. With at least (GPUs x workers) shards per modality
+            each data-loading worker reads whole shards of its own (sequential reads); with
+            fewer, it seeks to its own samples in every shard (see ``ShardStream``).
         max_side: shrink larger images to this longest side (area interpolation, stored as
             PNG): decoding then costs less at every epoch. None keeps the files as they are.
         progress: show a progress bar.
 
-    Unreadable items are skipped with a warning and listed in the index (``skipped``).
+    Unreadable items are skipped with a warning and listed in the index (``skipped``). Beside
+    each shard, ``<shard>.offsets.npy`` holds the byte offset of every sample (and the end of
+    the last): a data-loading worker then reads only its own samples of a shard.
     """
     import webdataset as wds
 
@@ -99,6 +109,7 @@ def write_shards(
     total = sum(len(r) for _, r in resolved)
     bar = tqdm(total=total, desc="writing shards", unit="img", disable=not progress)
     writers: dict[str, Any] = {}
+    offsets: dict[str, list[int]] = {}
     try:
         for modality, source in resolved:
             (out / modality).mkdir(parents=True, exist_ok=True)
@@ -115,19 +126,25 @@ def write_shards(
                     continue
                 if not counts[modality] or counts[modality][-1] >= shard_size:
                     if modality in writers:
-                        writers[modality].close()
+                        _close(writers.pop(modality), offsets.pop(modality),
+                               out / shards[modality][-1])
                     name = f"{modality}/{modality}-{len(shards[modality]):06d}.tar"
                     writers[modality] = wds.TarWriter(str(out / name))
+                    offsets[modality] = []
                     shards[modality].append(name)
                     counts[modality].append(0)
                 key = f"{sum(counts[modality]):09d}"
                 origin = source.describe(i)
+                # where this sample's first tar header starts: a worker seeks there to read it
+                offsets[modality].append(writers[modality].tarstream.offset)
                 writers[modality].write(
                     {"__key__": key, ext: data, "json": {"modality": modality, "origin": origin}}
                 )
                 counts[modality][-1] += 1
+        for modality in list(writers):
+            _close(writers.pop(modality), offsets.pop(modality), out / shards[modality][-1])
     finally:
-        for writer in writers.values():
+        for writer in writers.values():  # an error left these open: no offsets for them
             writer.close()
         bar.close()
     empty = [m for m in shards if not counts[m]]
