@@ -115,7 +115,12 @@ class DEXLayer(nn.Module):
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("freq", torch.full((num_experts,), 1.0 / num_experts))
 
-        self.noise_std = 1.0
+        # sigma_t as a tensor too: a compiled forward reads it without specialising on its
+        # value (a float attribute that changes every step would recompile every step);
+        # non-persistent, so state dicts are unchanged.
+        self.register_buffer("noise_scale", torch.ones(()), persistent=False)
+        self._noise_std = 1.0
+        self._noisy = True  # what the forward branches on (a bool guard, not the float's value)
         self.director_momentum = 0.99
         self.update_director = True
         self.compute_director_out: bool | None = None
@@ -128,6 +133,17 @@ class DEXLayer(nn.Module):
         # still tracks their pre-update weights, as in the authors' code.
         self.defer_updates = False
         self._pending_omega: torch.Tensor | None = None
+
+    @property
+    def noise_std(self) -> float:
+        """sigma_t of the routing noise ``sigma_t (eps + f)`` (training only)."""
+        return self._noise_std
+
+    @noise_std.setter
+    def noise_std(self, value: float) -> None:
+        self._noise_std = float(value)
+        self._noisy = self._noise_std > 0
+        self.noise_scale.fill_(self._noise_std)  # in place: no host-to-device copy
 
     @property
     def mode(self) -> DEXMode:
@@ -150,9 +166,9 @@ class DEXLayer(nn.Module):
         # float32 even under bf16 autocast: k of E nearly equal probabilities must not tie
         with torch.autocast(device_type=r.device.type, enabled=False):
             logits = F.linear(r.float(), self.router.weight.float())
-            if self.training and self.noise_std > 0:
+            if self.training and self._noisy:
                 eps = torch.randn_like(logits)
-                logits = logits + self.noise_std * (eps + self.frequency_bias())
+                logits = logits + self.noise_scale.float() * (eps + self.frequency_bias())
             probs = F.softmax(logits / self.temperature, dim=-1)
             gates, indices = probs.topk(self.top_k, dim=-1)
             gates = gates / gates.sum(dim=-1, keepdim=True)

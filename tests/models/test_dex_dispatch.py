@@ -138,3 +138,38 @@ def test_dense_dex_vit_compiles_as_one_graph() -> None:
     set_dex_dispatch(vit, "loop")
     loop = torch._dynamo.explain(copy.deepcopy(vit))(x)
     assert loop.graph_break_count > 0
+
+
+def test_compiled_dense_vit_equals_eager_and_does_not_recompile_as_noise_decays() -> None:
+    """sigma_t changes every step (cosine schedule); it is read as a tensor, so one graph serves
+    every step, and the compiled steps (dynamo's eager backend: the same kernels) match eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=0)
+    inject_dex(vit, num_experts=3, top_k=2, dispatch="dense")
+    for layer in dex_layers(vit):
+        layer.defer_updates = True
+    eager = copy.deepcopy(vit).train()
+    compiled = copy.deepcopy(vit).train()
+    compiled.compile(dynamic=False, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    for step in range(4):
+        outs = []
+        for model in (eager, compiled):
+            for layer in dex_layers(model):
+                layer.noise_std = 1.0 - 0.2 * step
+            torch.manual_seed(step)
+            out = model(x)
+            out.sum().backward()
+            for layer in dex_layers(model):
+                assert layer.commit()
+            outs.append(out.detach())
+        assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(dex_layers(eager), dex_layers(compiled), strict=True):
+        assert_close(b.freq, a.freq)
+        assert_close(b.director.fc1.weight, a.director.fc1.weight)
