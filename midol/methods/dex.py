@@ -20,6 +20,7 @@ from torch import nn
 from midol.losses.dex import balance_loss, coherence_loss, layer_weights
 from midol.losses.mae import masked_mae_loss, patchify
 from midol.methods.base import BaseMethod, BaseMethodOptions
+from midol.methods.init_weights import DEFAULT_MIN_LOADED, load_init_weights, save_init_report
 from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models.backbone import build_backbone
@@ -43,6 +44,8 @@ class DEXOptions(BaseMethodOptions, Protocol):
     backbone_kwargs: dict[str, Any] | None
     img_size: int
     init_checkpoint: str | None
+    init_layout: str
+    min_loaded: float
     grad_checkpointing: bool
     use_dex: bool
     num_experts: int
@@ -79,7 +82,12 @@ class DEX(BaseMethod):
         backbone_kwargs: Overrides for ``timm.create_model`` (a tiny ViT for tests and demo).
         img_size: Input side the ViT is built for (its position embedding).
         init_checkpoint: Local plain-ViT weights to start from (their code: ImageNet MAE ViT-B);
-            the director and every expert are copied from each block's MLP.
+            the director and every expert are copied from each block's MLP. What loaded is
+            printed and saved as ``init_report.json`` in the run folder.
+        init_layout: Key layout of ``init_checkpoint``: ``auto`` (read from its keys),
+            ``timm``, ``mae`` (MAE, RETFound), ``dinov2``, ... (:mod:`midol.models.weight_maps`).
+        min_loaded: Refuse to start when less than this share of the ViT's tensors comes from
+            ``init_checkpoint`` (1.0: every tensor must).
         grad_checkpointing: Activation checkpointing over the ViT blocks.
         use_dex: False: the plain-MAE baseline (no DEX layers, no L_co, no L_bal).
         num_experts: E experts per DEX block (8).
@@ -130,6 +138,8 @@ class DEX(BaseMethod):
         backbone_kwargs: dict[str, Any] | None = None,
         img_size: int = 256,
         init_checkpoint: str | None = None,
+        init_layout: str = "auto",
+        min_loaded: float = DEFAULT_MIN_LOADED,
         grad_checkpointing: bool = False,
         use_dex: bool = True,
         num_experts: int = 8,
@@ -168,11 +178,13 @@ class DEX(BaseMethod):
         self._validate()
         overrides = {"img_size": img_size, **(backbone_kwargs or {})}
         try:
-            vit = build_backbone(backbone, overrides, init_checkpoint, grad_checkpointing)
+            vit = build_backbone(backbone, overrides, None, grad_checkpointing)
         except TypeError as err:  # e.g. a CNN does not take img_size
             raise ValueError(f"DEX needs a timm VisionTransformer; {backbone!r} with {overrides}: {err}") from err
         if not isinstance(vit, timm.models.vision_transformer.VisionTransformer):
             raise ValueError(f"DEX needs a timm VisionTransformer, {backbone!r} is {type(vit).__name__}")
+        # loaded before inject_dex, which copies each block's MLP into the director and experts
+        self.init_report = load_init_weights(vit, init_checkpoint, init_layout, min_loaded)
         self.vit = vit
         self.timm_overrides = overrides
         self.dex_layer_blocks: list[int] = []
@@ -220,6 +232,10 @@ class DEX(BaseMethod):
                              f"got {h.decoder_dim}")
 
     # ------------------------------------------------------------------ the base's hooks
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        save_init_report(self, self.init_report)  # the run folder records its start weights
+
     def trainable_modules(self) -> list[nn.Module]:
         return [self.vit, self.decoder]
 

@@ -18,6 +18,7 @@ from midol.losses import (
     teacher_routing_log_probs,
 )
 from midol.losses.routing import RouteForm
+from midol.methods.init_weights import DEFAULT_MIN_LOADED, load_init_weights, save_init_report
 from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.momentum import MomentumMethod, MomentumMethodOptions, frozen_copy
 from midol.methods.speed import resolve_checkpointing
@@ -51,6 +52,8 @@ class MIDoLOptions(MomentumMethodOptions, Protocol):
     backbone: str
     backbone_kwargs: dict[str, Any] | None
     init_checkpoint: str | None
+    init_layout: str
+    min_loaded: float
     grad_checkpointing: bool | Literal['auto']
     fused_attn: bool | None
     use_moe: bool
@@ -100,7 +103,13 @@ class MIDoL(MomentumMethod):
         backbone: timm model name (Swin-B in the paper).
         backbone_kwargs: Keyword overrides for ``timm.create_model`` (e.g. a tiny Swin).
         init_checkpoint: Local weights to start the student (and teacher) from; the authors
-            used ImageNet-22k Swin-B weights.
+            used ImageNet-22k Swin-B weights. What loaded is printed and saved as
+            ``init_report.json`` in the run folder (:mod:`midol.methods.init_weights`).
+        init_layout: Key layout of ``init_checkpoint``: ``auto`` (read from its keys),
+            ``timm``, ``swin_ms`` (Microsoft's Swin release), ``dinov2``, ``dinov3``, ``mae``
+            (:mod:`midol.models.weight_maps`).
+        min_loaded: Refuse to start when less than this share of the backbone's tensors
+            comes from ``init_checkpoint`` (1.0: every tensor must).
         grad_checkpointing: Activation checkpointing in the backbone (memory for ~1/3 compute).
             ``auto``: decided at the first training batch from its size and the device's
             memory (:mod:`midol.models.speed_switches`; off on CPU, on for a backbone without
@@ -181,6 +190,8 @@ class MIDoL(MomentumMethod):
         backbone: str = DEFAULT_BACKBONE,
         backbone_kwargs: dict[str, Any] | None = None,
         init_checkpoint: str | None = None,
+        init_layout: str = "auto",
+        min_loaded: float = DEFAULT_MIN_LOADED,
         grad_checkpointing: bool | Literal["auto"] = False,
         fused_attn: bool | None = None,
         use_moe: bool = True,
@@ -222,8 +233,8 @@ class MIDoL(MomentumMethod):
         super().__init__(**kwargs)
         self._validate()
         self.num_experts = num_experts if use_moe else 1
-        student_backbone = build_backbone(backbone, backbone_kwargs, init_checkpoint,
-                                          grad_checkpointing is True)
+        student_backbone = build_backbone(backbone, backbone_kwargs, None, grad_checkpointing is True)
+        self.init_report = load_init_weights(student_backbone, init_checkpoint, init_layout, min_loaded)
         if fused_attn is not None:
             set_fused_attention(student_backbone, fused_attn)
         projector = MoEProjector(
@@ -303,6 +314,10 @@ class MIDoL(MomentumMethod):
             )
 
     # ------------------------------------------------------------------ the base's hooks
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        save_init_report(self, self.init_report)  # the run folder records its start weights
+
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,12 @@ from torch import nn
 
 from midol.errors import UsageError
 from midol.io.weights import load_state_dict_file
+from midol.models.weight_maps import LoadReport, check_report, convert_state_dict
 
 DEFAULT_BACKBONE = "swin_base_patch4_window7_224"
 # timm's one prefix that reads a local model folder; every other prefix (hf-hub:, hf_hub:, any
 # case) or a bare repo id (timm/resnet18.a1_in1k) is, or looks like, a Hugging Face Hub download.
 _LOCAL_SOURCE = "local-dir"
-
-# Containers that checkpoints of DINO, solo-learn, Lightning and the Swin release nest weights in.
-_NESTED_KEYS = ("state_dict", "model", "teacher", "module")
-_PREFIXES = ("module.", "backbone.", "teacher.backbone.", "encoder.", "model.")
 
 
 class HubModelNameError(UsageError):
@@ -156,43 +152,22 @@ class CachedAttnMask:
         return mask
 
 
-def _unwrap(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    for key in _NESTED_KEYS:
-        if key in state and isinstance(state[key], dict):
-            return _unwrap(state[key])
-    return state
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+def load_backbone_weights(
+    model: nn.Module,
+    path: str | Path,
+    layout: str = "auto",
+    min_loaded: float = 1.0,
+) -> LoadReport:
     """Initialise ``model`` from a local checkpoint (safetensors, or a torch file loaded with
-    ``weights_only=True``). Classifier heads are dropped; timm's own conversion for the
-    architecture (e.g. the original Microsoft Swin release) is applied when it has one.
-    Raises when no tensor of the file matches the model."""
-    state = _strip_prefixes(_unwrap(load_state_dict_file(path)))
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, model)
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own and not k.startswith("head")}
-    mismatched = [k for k, v in state.items() if v.shape != own[k].shape]
-    if mismatched:
-        raise ValueError(
-            f"{path}: shapes differ from the model for {len(mismatched)} tensors, e.g. "
-            f"{mismatched[0]}: {tuple(state[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)}"
-        )
-    if not state:
-        raise ValueError(f"{path}: no tensor matches the backbone's parameter names")
-    missing = [k for k in own if k not in state and "relative_position_index" not in k]
-    if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} backbone tensors are missing from the checkpoint, "
-            f"e.g. {missing[:3]}"
-        )
+    ``weights_only=True``) written in ``layout`` (``auto``: read from the keys; see
+    :mod:`midol.models.weight_maps`). Classifier heads and pre-training-only tensors are
+    ignored; position embeddings and Swin relative-position tables of another size are
+    resampled (timm's helpers). Returns the :class:`~midol.models.weight_maps.LoadReport`.
+
+    Raises when a tensor's shape cannot be made to fit, when nothing matches, or when less
+    than ``min_loaded`` of the backbone's tensors come from the file (default 1.0: every
+    tensor must, the strict behaviour fine-tuning relies on)."""
+    state, report = convert_state_dict(load_state_dict_file(path), model, layout, str(path))
+    check_report(report, min_loaded)
     model.load_state_dict(state, strict=False)
+    return report

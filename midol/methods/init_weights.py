@@ -1,0 +1,36 @@
+"""Continued pre-training: a method's backbone started from released weights, with its report.
+
+The report (:class:`~midol.models.weight_maps.LoadReport`) is printed when the backbone is
+built and written as ``init_report.json`` into the run folder (``trainer.default_root_dir``)
+when ``fit`` starts, so a run records what it started from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from midol.models.backbone import load_backbone_weights
+from midol.models.weight_maps import LoadReport
+
+DEFAULT_MIN_LOADED = 0.95  # a whole ViT-B block is 12 of 152 tensors (8 %): refused
+
+
+def load_init_weights(model: nn.Module, path: str | Path | None, layout: str,
+                      min_loaded: float) -> LoadReport | None:
+    """Load ``path`` into ``model`` (see :func:`~midol.models.backbone.load_backbone_weights`)
+    and print the report's table (rank zero); None without a file."""
+    if path is None:
+        return None
+    report = load_backbone_weights(model, path, layout, min_loaded)
+    rank_zero_info(report.table())
+    return report
+
+
+def save_init_report(module: L.LightningModule, report: LoadReport | None) -> Path | None:
+    """Write ``report`` into the run folder of ``module``'s trainer (global rank zero only)."""
+    if report is None or not module.trainer.is_global_zero:
+        return None
+    return report.save(module.trainer.default_root_dir)
