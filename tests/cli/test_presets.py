@@ -112,6 +112,8 @@ ADDED_CALLBACKS = {  # callbacks presets gained since 0.1.0, with the settings t
     "midol.callbacks.PreemptionCheckpoint": {"dirpath": None, "filename": "last"},
     # the Swin-B / ViT-B presets end with the summary the demo has (issue 27 item 11)
     "midol.callbacks.PretrainSummary": {"output_dir": None, "progress": True, "max_images": 20000},
+    # ... and measure how long they wait for data (issue 30 item 3)
+    "midol.callbacks.DataWaitMonitor": {"window": 50, "warn_fraction": 0.1},
 }
 
 
