@@ -45,13 +45,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder (no index.json in it yet)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-side", type=int, default=None,
-                        help="shrink larger images to this longest side (stored as PNG)")
+                        help="shrink larger images to this longest side (stored as --encoding)")
+    parser.add_argument("--encoding", choices=("png", "jpg"), default="png",
+                        help="format of re-encoded images (--max-side, .npz rows): png "
+                        "(lossless, default) or jpg (lossy, faster to decode)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of --encoding jpg")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)
     if ns.shard_size < 1:
         parser.error(f"--shard-size must be >= 1, got {ns.shard_size}")
     if ns.max_side is not None and ns.max_side < 1:
         parser.error(f"--max-side must be >= 1, got {ns.max_side}")
+    if not 1 <= ns.quality <= 100:
+        parser.error(f"--quality must lie in [1, 100], got {ns.quality}")
     # imported after parsing: `midol shard --help` stays instant
     from midol.data.shards.writer import write_shards
     from midol.data.sources import DataSource
@@ -61,7 +67,8 @@ def main(argv: list[str]) -> int:
         sources += _sources_from_config(ns.from_config)
     if not sources:
         parser.error("give at least one --source PATH MODALITY or --from-config CONFIG")
-    index = write_shards(sources, ns.out, ns.shard_size, ns.max_side, progress=not ns.no_progress)
+    index = write_shards(sources, ns.out, ns.shard_size, ns.max_side, progress=not ns.no_progress,
+                         encoding=ns.encoding, quality=ns.quality)
     for modality in index.modalities:
         print(f"{modality}: {index.num_samples(modality)} images in "
               f"{len(index.shards[modality])} shard(s)")

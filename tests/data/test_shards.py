@@ -285,3 +285,38 @@ def test_old_shards_without_offsets_are_scanned_once(one_shard: ShardIndex, tmp_
     np.save(old / (index.shards["oct"][0] + OFFSETS_SUFFIX), np.arange(5))
     with pytest.raises(ValueError, match="shard changed after indexing"):
         index.sample_offsets("oct", 0)
+
+
+def test_max_side_shrinks_once_as_png_or_jpeg(tmp_path: Path, sample_data: Path) -> None:
+    """--max-side: the longest side becomes max_side (area interpolation), stored as a
+    lossless PNG (bit-exact) or, with --encoding jpg, a JPEG close to it."""
+    import cv2
+
+    files = sorted((sample_data / "oct").rglob("*.png"))[:3]
+    folder = tmp_path / "oct"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    decoded = {}
+    for enc in ("png", "jpg"):
+        assert shard_tool.main(["--source", str(folder), "oct", "--out", str(tmp_path / enc),
+                                "--max-side", "64", "--encoding", enc, "--quality", "90",
+                                "--no-progress"]) == 0
+        index = ShardIndex.load(tmp_path / enc)
+        samples = list(_read_shard(index.url(index.shards["oct"][0])))
+        assert all(enc in s for s in samples)
+        decoded[enc] = {_image_of(s)[1]: decode_image_bytes(*_image_of(s)) for s in samples}
+    for f in files:
+        image = load_image(folder / f.name)
+        h, w = image.shape[:2]
+        s = 64 / max(h, w)
+        expected = cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        png, jpg = decoded["png"][str(folder / f.name)], decoded["jpg"][str(folder / f.name)]
+        assert max(png.shape[:2]) == 64 and np.array_equal(png, expected)
+        err = np.abs(jpg.astype(int) - expected.astype(int)).mean()
+        assert jpg.shape == expected.shape and 0 < err < 3  # lossy, but close
+    with pytest.raises(ValueError, match="encoding must be one of png, jpg"):
+        write_shards([DataSource(str(folder), "oct")], tmp_path / "x", encoding="webp")
+    with pytest.raises(SystemExit):
+        shard_tool.main(["--source", str(folder), "oct", "--out", str(tmp_path / "q"),
+                         "--quality", "0"])
