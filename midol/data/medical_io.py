@@ -255,7 +255,7 @@ def read_dicom(path: str | os.PathLike[str], window: Window | None = None,
             raise MedicalReadError(f"a colour ({photometric}) image: stack / three windows need grey values")
         if photometric.startswith("YBR"):
             pixels = convert_color_space(pixels, photometric, "RGB")
-        if pixels.dtype != np.uint8:
+        if pixels.dtype != np.uint8 or opts.minmax:  # one range over the three channels
             pixels = apply_window(pixels, opts.windows[0] if opts.windows else None)[..., :3]
         return np.ascontiguousarray(pixels.astype(np.uint8))
     values = apply_modality_lut(pixels, ds).astype(np.float64)

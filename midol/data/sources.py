@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -219,9 +220,11 @@ def source_table(sources: list[DataSource], sizes: list[int], groups: list[int] 
 
 def _medical_headers(paths: list[str], name: str, need: bool) -> list[MedicalHeader | None]:
     """Per path its DICOM / NIfTI header (slices, series, patient), None for a raster file;
-    only read when ``need``. A header that cannot be read stops the scan, naming the file: its
-    slices cannot be listed."""
+    only read when ``need``. A header that cannot be read (a corrupt file) leaves the file one
+    item in a group of its own, as a broken PNG is: its load fails and is reported like any
+    unreadable image; the scan warns once with the count."""
     out: list[MedicalHeader | None] = []
+    broken: list[str] = []
     for p in paths:
         if not need or not is_medical_file(p):
             out.append(None)
@@ -229,7 +232,11 @@ def _medical_headers(paths: list[str], name: str, need: bool) -> list[MedicalHea
         try:
             out.append(read_header(p))
         except MedicalReadError as err:
-            raise ValueError(f"{name}: {p}: {err}") from err
+            broken.append(f"{p}: {err}")
+            out.append(MedicalHeader(1, p, p))
+    if broken:
+        warnings.warn(f"{name}: {len(broken)} DICOM / NIfTI header(s) could not be read; each such "
+                      f"file stays one item in a group of its own (e.g. {broken[0]})", stacklevel=3)
     return out
 
 

@@ -302,3 +302,40 @@ def test_the_options_parse_from_a_yaml_config() -> None:
     assert ct.slice_policy() == (None, 1) and ct.group_by == "series"
     assert mr.read_options().windows == ((300.0, 400.0),) and mr.slice_policy() == (2, 3)
     assert xr.read_options().minmax and xr.slice_policy() == (1, 1) and xr.group_by == "patient_id"
+
+
+def test_a_volume_whose_header_is_cut_stays_one_item_and_is_warned_about(volume_folder) -> None:
+    """A truncated copy of the real volume beside it: the scan warns and lists it once (its
+    load fails like any unreadable image), the intact volume is still sliced."""
+    from midol.errors import UnreadableImageError
+
+    folder, data = volume_folder
+    (folder / "cut.nii").write_bytes((folder / "anatomical.nii").read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"1 DICOM / NIfTI header\(s\) could not be read; .*cut.nii"):
+        items = resolve_source(DataSource(str(folder), "mr", slices="all", group_by="series"))
+    assert len(items) == data.shape[2] + 1
+    assert items.describe(0).endswith("anatomical.nii#slice=0") and items.describe(len(items) - 1).endswith("cut.nii")
+    assert len(set(items.group_keys() or [])) == 2
+    with pytest.raises(UnreadableImageError, match="cut.nii"):
+        items.load(len(items) - 1)
+
+
+def test_the_datamodule_prints_groups_and_samples_per_group(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from midol.data.pretrain import PretrainDataModule
+    from midol.data.transforms.single_view import SingleViewTransform
+
+    path = _patients_csv(tmp_path, {"A": 1, "B": 10, "C": 100})
+    oct_ = DataSource(str(SAMPLE_DATA / "oct"), "oct")
+    dm = PretrainDataModule(sources=[DataSource(str(path), "mixed", group_by="patient_id"), oct_],
+                            transform=SingleViewTransform(size=32), batch_size=4, num_workers=0)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        dm.setup("fit")
+    n_oct = len(resolve_source(oct_))
+    share = 3 / (3 + n_oct)
+    assert any(f"| mixed | csv | 111 | 1 | {share:.1%} | 3 (patient_id) |" in r.getMessage()
+               for r in caplog.records)
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, WeightedSourceSampler)
+    assert sampler.expected_shares() == pytest.approx([share, 1 - share])
