@@ -26,13 +26,16 @@ def _table(counts: ArrayLike) -> np.ndarray:
 
 
 def entropy(p: ArrayLike) -> float:
-    """Shannon entropy (nats) of a non-negative vector, normalised to sum 1 first; 0 log 0 = 0."""
+    """Shannon entropy (nats) of a non-negative vector, normalised to sum 1 first; 0 log 0 = 0
+    (``scipy.stats.entropy``)."""
+    from scipy.stats import entropy as scipy_entropy
+
     q = np.asarray(p.cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float64).ravel()
-    total = q.sum()
-    if total <= 0:
+    if (q < 0).any() or not np.isfinite(q).all():
+        raise ValueError("entropy needs finite values >= 0")
+    if q.sum() <= 0:
         raise ValueError("entropy of an all-zero vector is undefined")
-    q = q[q > 0] / total
-    return float(-(q * np.log(q)).sum())
+    return float(scipy_entropy(q))
 
 
 def normalized_entropy(p: ArrayLike) -> float:
@@ -41,36 +44,35 @@ def normalized_entropy(p: ArrayLike) -> float:
     return 1.0 if n <= 1 else entropy(p) / math.log(n)
 
 
-def mutual_information(counts: ArrayLike) -> float:
-    """I(expert; modality) in nats of the joint distribution ``counts / counts.sum()``."""
+def _nonempty(counts: ArrayLike) -> np.ndarray:
     table = _table(counts)
-    n = table.sum()
-    if n <= 0:
+    if table.sum() <= 0:
         raise ValueError("counts is empty (no image)")
-    joint = table / n
-    outer = joint.sum(axis=1, keepdims=True) @ joint.sum(axis=0, keepdims=True)
-    nz = joint > 0
-    return float(max((joint[nz] * np.log(joint[nz] / outer[nz])).sum(), 0.0))
+    return table
+
+
+def mutual_information(counts: ArrayLike) -> float:
+    """I(expert; modality) in nats of the joint distribution ``counts / counts.sum()``
+    (scikit-learn's ``mutual_info_score`` on the contingency table)."""
+    from sklearn.metrics import mutual_info_score
+
+    return float(max(mutual_info_score(None, None, contingency=_nonempty(counts)), 0.0))
 
 
 def normalized_mutual_info(counts: ArrayLike) -> float:
-    """NMI = I(E; M) / ((H(E) + H(M)) / 2), the arithmetic-mean normalisation (scikit-learn's
-    default ``normalized_mutual_info_score``), computed from the contingency table.
+    """NMI = I(E; M) / ((H(E) + H(M)) / 2): scikit-learn's ``normalized_mutual_info_score``
+    (arithmetic mean) of the (expert, modality) pair of every image the table counts, so its
+    conventions hold: experts/modalities with no image are ignored, a single expert and a
+    single modality agree (1), an MI of 0 gives 0. Equal to midol's former own code to 2e-15
+    and 1-6 ms for up to 31,700 images (``experiments/results/library_choices_2026-12-08.md``)."""
+    from sklearn.metrics import normalized_mutual_info_score
 
-    Conventions follow scikit-learn: experts/modalities with no image are ignored; when both
-    the routing and the modalities have a single (non-empty) value the two partitions agree
-    and the NMI is 1; otherwise an MI of 0 gives 0."""
-    table = _table(counts)
-    table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
-    if table.size == 0:
-        raise ValueError("counts is empty (no image)")
-    if table.shape[0] == table.shape[1] == 1:
-        return 1.0
-    mi = mutual_information(table)
-    if mi <= 0:
-        return 0.0
-    denom = (entropy(table.sum(axis=1)) + entropy(table.sum(axis=0))) / 2
-    return float(mi / denom)
+    table = _nonempty(counts)
+    if not np.array_equal(table, np.round(table)):
+        raise ValueError("counts must be whole numbers of images for the NMI")
+    experts, modalities = np.nonzero(table)
+    reps = table[experts, modalities].astype(np.int64)
+    return float(normalized_mutual_info_score(np.repeat(modalities, reps), np.repeat(experts, reps)))
 
 
 def purity(counts: ArrayLike) -> float:
