@@ -120,9 +120,15 @@ def markdown(results: Results, options: Options, provenance: dict[str, Any]) -> 
     lines += ["## Tasks", "", "| task | modality | type | train / val / test | patients | split rule |",
               "|---|---|---|---|---|---|"]
     for task, info in results.tasks.items():
-        sizes = " / ".join(str(info["sizes"].get(k, "—")) for k in ("train", "val", "test"))
+        group = info.get("label_level") == "group"
+        images = info.get("images", {})
+        # a group task is scored per group: its sizes are groups, with their images beside them
+        sizes = " / ".join(
+            (f"{info['sizes'][k]} ({images.get(k, '?')} img)" if group else str(info["sizes"][k]))
+            if k in info["sizes"] else "—" for k in ("train", "val", "test"))
         patients = ", ".join(f"{k} {v}" for k, v in info["patients"].items()) or "—"
-        lines.append(f"| {task} | {info['modality']} | {info['type']} | {sizes} | {patients} | "
+        kind = f"{info['type']}, one label per group" if group else info["type"]
+        lines.append(f"| {task} | {info['modality']} | {kind} | {sizes} | {patients} | "
                      f"{info['split_rule']} |")
     if results.notes:
         lines += ["", "## Notes", ""] + [f"* {n}" for n in results.notes]

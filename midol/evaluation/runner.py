@@ -11,6 +11,11 @@ Protocols (their settings are named in every table and ``runs.csv`` row):
   label fractions (``fraction=f``), ``seeds`` draws each; its C comes from inner CV on the
   draw itself (the validation split's labels would not exist in a few-label setting). Draws depend only on the labels,
   the patients and the seed, so every backbone is scored on the same draws.
+* ``mil``: group tasks only (``label_level: group``): gated attention-MIL trained on the frozen
+  image embeddings of each group with one fixed recipe (:mod:`midol.evaluation.group_probe`),
+  setting ``attention``. On a group task every protocol scores one prediction per group: kNN,
+  linear and few-shot read the mean of the group's image embeddings, draws and bootstrap
+  resamples are of groups. An image-level task has no ``mil`` setting.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from tqdm.auto import tqdm
 from midol.evaluation import stats
 from midol.evaluation.features import Embedder, LoadedBackbone
 from midol.evaluation.fewshot import Draw, draw_subset, skipped_shots
+from midol.evaluation.group_probe import attention_mil_scores, mean_pool
 from midol.evaluation.metrics import METRICS, metric_values
 from midol.evaluation.protocols import knn_scores, linear_scores
 from midol.evaluation.suite import Suite, TaskData, load_task
 
-PROTOCOLS = ("knn", "linear", "fewshot")
+PROTOCOLS = ("knn", "linear", "fewshot", "mil")
 
 
 class EvalWarning(UserWarning):
@@ -97,11 +103,16 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
+def targets_of(task: TaskData, split: str) -> np.ndarray:
+    """The labels a split is scored on: one per image, or one per group for a group task."""
+    return task.group_splits[split].targets if task.group_level else task.splits[split].targets
+
+
 def settings_for(task: TaskData, options: Options) -> tuple[list[tuple[Setting, list[Draw]]], list[str]]:
     """The protocol settings of a task with their draws (feature-independent), and what was
-    skipped (a k that a class cannot fill)."""
-    y = task.splits["train"].targets
-    groups = task.groups.get("train")
+    skipped (a k that a class cannot fill). A group task's draws are of groups."""
+    y = targets_of(task, "train")
+    groups = None if task.group_level else task.groups.get("train")  # a group is one sample
     full = Draw("full", None, 0, np.arange(len(y)))
     out: list[tuple[Setting, list[Draw]]] = []
     skipped: list[str] = []
@@ -124,12 +135,16 @@ def settings_for(task: TaskData, options: Options) -> tuple[list[tuple[Setting, 
             out.append((Setting("fewshot", f"fraction={f:g}", float(f)),
                         [draw_subset(y, task.type, fraction=f, seed=s, groups=groups)
                          for s in range(options.seeds)]))
+    if "mil" in options.protocols and task.group_level:
+        out.append((Setting("mil", "attention"), [full]))
     return out, skipped
 
 
 def _predict(setting: Setting, task: TaskData, feats: dict[str, np.ndarray], draw: Draw,
              options: Options, knn_k: int | None) -> np.ndarray:
-    y = task.splits["train"].targets[draw.indices]
+    """Test scores of one setting and draw; ``feats`` are per image, or per group (the mean of
+    its images) for a group task."""
+    y = targets_of(task, "train")[draw.indices]
     x = feats["train"][draw.indices]
     if setting.protocol == "knn":
         assert knn_k is not None
@@ -140,8 +155,21 @@ def _predict(setting: Setting, task: TaskData, feats: dict[str, np.ndarray], dra
     val = "val" in feats and setting.protocol == "linear"
     result = linear_scores(x, y, feats["test"], task.type, task.num_classes,
                            val_x=feats["val"] if val else None,
-                           val_y=task.splits["val"].targets if val else None, seed=draw.seed)
+                           val_y=targets_of(task, "val") if val else None, seed=draw.seed)
     return result.scores
+
+
+def _predict_mil(task: TaskData, instances: dict[str, np.ndarray], seed: int) -> tuple[np.ndarray, str]:
+    """Attention-MIL test scores of a group task from its image embeddings, and a note on how
+    the fixed recipe ran (epochs, validation groups)."""
+    g = task.group_splits
+    val = "val" in instances
+    result = attention_mil_scores(
+        instances["train"], g["train"].bag, g["train"].targets, instances["test"], g["test"].bag,
+        task.type, task.num_classes, val_x=instances["val"] if val else None,
+        val_bag=g["val"].bag if val else None, val_y=g["val"].targets if val else None, seed=seed)
+    return result.scores, (f"best epoch {result.best_epoch} of {result.epochs}, validation "
+                           f"{result.validation}, loss {result.val_loss:.4f}")
 
 
 def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
@@ -157,15 +185,22 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
         for message in skipped:
             warnings.warn(message, EvalWarning, stacklevel=2)
             results.notes.append(message)
+        if not plan:
+            message = (f"task {spec.name!r}: none of the protocols {options.protocols} applies "
+                       "(mil needs label_level: group)")
+            warnings.warn(message, EvalWarning, stacklevel=2)
+            results.notes.append(message)
         results.settings[spec.name] = [s for s, _ in plan]
-        y_test = task.splits["test"].targets
+        y_test = targets_of(task, "test")
         results.tasks[spec.name] = {
             "modality": spec.modality, "type": spec.type, "classes": task.class_names,
-            "split_rule": spec.split_rule,
-            "sizes": {k: len(v) for k, v in task.splits.items()},
+            "split_rule": spec.split_rule, "label_level": spec.label_level,
+            "sizes": {k: len(targets_of(task, k)) for k in task.splits},
+            "images": {k: len(v) for k, v in task.splits.items()},
             "patients": {k: int(len(set(g.tolist()))) for k, g in task.groups.items() if g is not None},
         }
         feats: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (label, readout) -> split -> N x D
+        instances: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # group task: per image
         for b in backbones:
             size = b.image_size
             if spec.image_size and int(spec.image_size) != size:
@@ -177,6 +212,11 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
                         for k, split in task.splits.items()}
             for readout in b.readouts:
                 feats[(b.ref.label, readout)] = {k: v[readout] for k, v in by_split.items()}
+                if task.group_level:  # one sample per group: the mean of its images' embeddings
+                    instances[(b.ref.label, readout)] = feats[(b.ref.label, readout)]
+                    feats[(b.ref.label, readout)] = {
+                        k: mean_pool(v, task.group_splits[k].bag, len(task.group_splits[k]))
+                        for k, v in instances[(b.ref.label, readout)].items()}
         strata = None if spec.type == "multilabel" else y_test
         weights = stats.bootstrap_weights(len(y_test), options.bootstrap, seed=0, strata=strata)
         seed_idx = {n: stats.seed_resamples(n, options.bootstrap) for n in {len(r.members) for r in rows}}
@@ -190,7 +230,12 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
                 for member in row.members:
                     per_draw = []
                     for draw in draws:
-                        s = _predict(setting, task, feats[(member, row.readout)], draw, options, knn_k)
+                        if setting.protocol == "mil":
+                            s, how = _predict_mil(task, instances[(member, row.readout)], draw.seed)
+                            results.notes.append(f"{spec.name} {setting.key} / {member} "
+                                                 f"[{row.readout}]: {how}")
+                        else:
+                            s = _predict(setting, task, feats[(member, row.readout)], draw, options, knn_k)
                         per_draw.append(s)
                         for metric, value in metric_values(y_test, s, spec.type).items():
                             results.runs.append({

@@ -19,6 +19,20 @@ A source is a :class:`~midol.data.labelled.LabelledSource` (class folders, CSV m
 MedMNIST ``.npz``). A split that is not given is carved from ``train`` with ``split_seed``
 (``val_fraction``, ``test_fraction``), stratified by class and, with ``group_column``, by
 patient: no patient is ever on two sides.
+
+A group task (``label_level: group``) labels groups of images (a patient's two eyes, a volume's
+slices), named by ``group_column``; it is scored with one prediction per group
+(:mod:`midol.evaluation.group_probe`). Its images come from a per-image CSV whose rows carry
+their group's label, or from a patient manifest with one row per group and its images in
+``image_columns`` (an empty cell is an absent image)::
+
+      - name: odir_patient_normal
+        type: binary
+        label_level: group
+        group_column: patient_id
+        image_columns: [left_image, right_image]
+        train: {path: fundus/odir_patients/patients.csv, split: train, label_columns: [N]}
+        test: {path: fundus/odir_patients/patients.csv, split: test, label_columns: [N]}
 """
 
 from __future__ import annotations
@@ -34,13 +48,16 @@ import numpy as np
 import yaml
 
 from midol.data.labelled import LabelledDataModule, LabelledSource, LabelledSplit
-from midol.data.readers import read_csv_rows
+from midol.data.patients import DEFAULT_SPLIT_NAMES, read_patient_table
+from midol.data.readers import ImageList, read_csv_rows
 from midol.data.splits import seeded_split
 from midol.errors import UsageError
+from midol.evaluation.group_probe import GroupSplit, group_split
 
 TaskType = Literal["binary", "multiclass", "ordinal", "multilabel"]
 TASK_TYPES: tuple[str, ...] = ("binary", "multiclass", "ordinal", "multilabel")
 SPLITS = ("train", "val", "test")
+LABEL_LEVELS: tuple[str, ...] = ("image", "group")
 
 
 class SuiteError(UsageError):
@@ -72,6 +89,12 @@ class TaskSpec:
         image_size: Input side for this task (default: the suite's; a backbone that records
             its own size is fed at that size, with a warning when they differ).
         uncertain_label: Multilabel cells -1/empty: ``error``, ``zero`` or ``one``.
+        label_level: ``image`` (one label and one prediction per image) or ``group`` (one per
+            ``group_column`` value: the group's images are pooled, every image of a group must
+            carry the group's label).
+        image_columns: A group task read from a patient manifest (one CSV row per group, the id
+            in ``group_column``): the columns holding the group's image paths; empty cells are
+            absent images (read by :func:`midol.data.patients.read_patient_table`).
     """
 
     name: str
@@ -89,6 +112,8 @@ class TaskSpec:
     group_regex: str | None = None
     image_size: int | None = None
     uncertain_label: str = "error"
+    label_level: str = "image"
+    image_columns: list[str] | None = None
 
 
 @dataclass
@@ -105,7 +130,8 @@ class Suite:
 
 @dataclass
 class TaskData:
-    """A task's images, targets and (optional) patient groups per split."""
+    """A task's images, targets and (optional) patient groups per split; a group task also
+    has its groups per split (``group_splits``: ids, each image's group, one label each)."""
 
     spec: TaskSpec
     splits: dict[str, LabelledSplit]
@@ -113,10 +139,15 @@ class TaskData:
     class_names: list[str]
     num_classes: int
     notes: list[str] = field(default_factory=list)
+    group_splits: dict[str, GroupSplit] = field(default_factory=dict)
 
     @property
     def type(self) -> str:
         return self.spec.type
+
+    @property
+    def group_level(self) -> bool:
+        return self.spec.label_level == "group"
 
 
 def load_suite(path: str | os.PathLike[str], data_root: str | None = None,
@@ -197,6 +228,21 @@ def _parse_task(value: Any, where: str) -> TaskSpec:
         raise SuiteError(f"{where}: give either a val source or val_fraction, not both")
     if spec.image_size is not None and int(spec.image_size) < 8:
         raise SuiteError(f"{where}: image_size must be >= 8, got {spec.image_size}")
+    if spec.label_level not in LABEL_LEVELS:
+        raise SuiteError(f"{where}: label_level must be one of {', '.join(LABEL_LEVELS)}, "
+                         f"got {spec.label_level!r}")
+    if spec.label_level == "group" and not spec.group_column:
+        raise SuiteError(f"{where}: label_level group needs group_column (the column naming each "
+                         "image's group)")
+    if spec.image_columns is not None:
+        if spec.label_level != "group":
+            raise SuiteError(f"{where}: image_columns (one manifest row per group) needs "
+                             "label_level: group")
+        if (not isinstance(spec.image_columns, list) or not spec.image_columns
+                or not all(isinstance(c, str) and c for c in spec.image_columns)):
+            raise SuiteError(f"{where}: image_columns must be a non-empty list of column names")
+        if spec.group_regex is not None:
+            raise SuiteError(f"{where}: group_regex applies to per-image CSVs, not to image_columns")
     if spec.group_regex is not None:
         try:
             if re.compile(spec.group_regex).groups < 1:
@@ -240,21 +286,86 @@ def _groups(spec: TaskSpec, src: LabelledSource, n: int) -> np.ndarray | None:
     return np.asarray(ids, dtype=object)
 
 
+def _load_manifest(spec: TaskSpec, sources: dict[str, LabelledSource]
+                   ) -> tuple[dict[str, LabelledSplit], dict[str, np.ndarray | None], list[str], int]:
+    """A group task's images from a patient manifest (one row per group, ``image_columns``):
+    every present image is an item carrying its group's id and label."""
+    where = f"task {spec.name!r}"
+    assert spec.image_columns is not None and spec.group_column is not None
+    train = sources["train"]
+    if {s.path for s in sources.values()} != {train.path} or any(
+            s.label_columns != train.label_columns or s.split_column != train.split_column
+            for s in sources.values()):
+        raise SuiteError(f"{where}: with image_columns every split reads the same manifest "
+                         "(path, label_columns, split_column); they differ")
+    if train.resolved_kind() != "csv":
+        raise SuiteError(f"{where}: image_columns needs a CSV manifest, {train.path} is not one")
+    with_split = any(s.split is not None for s in sources.values())
+    task = "multilabel" if spec.type == "multilabel" else "multiclass"
+    inputs = [{"name": c, "kind": "image", "column": c, "modality": "image"} for c in spec.image_columns]
+    try:
+        if with_split:  # a missing split column must not fall back to read_patient_table's carve
+            read_csv_rows(train.path, [train.split_column])
+        table = read_patient_table(train.path, inputs, train.label_columns, task,
+                                   id_column=spec.group_column,
+                                   split_column=train.split_column if with_split else None,
+                                   root=train.root)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        raise SuiteError(f"{where}: {err}") from None
+    targets, class_names = table.targets, list(table.label_names)
+    if task == "multiclass" and spec.classes is not None:
+        index = {c: i for i, c in enumerate(spec.classes)}
+        unknown = sorted(set(class_names) - set(index))
+        if unknown:
+            raise SuiteError(f"{where}: label(s) {unknown} are not among classes {spec.classes}")
+        targets = np.array([index[class_names[t]] for t in targets], dtype=np.int64)
+        class_names = list(spec.classes)
+    files = {c: table.image_files(c) for c in spec.image_columns}
+    splits: dict[str, LabelledSplit] = {}
+    groups: dict[str, np.ndarray | None] = {}
+    for k, src in sources.items():
+        if src.split is None:
+            rows = np.arange(len(table))
+        elif src.split in DEFAULT_SPLIT_NAMES:
+            rows = table.rows(DEFAULT_SPLIT_NAMES[src.split])
+        else:
+            raise SuiteError(f"{where}: {k} split {src.split!r} is not one of "
+                             f"{', '.join(sorted(DEFAULT_SPLIT_NAMES))}")
+        paths, items, ids = [], [], []
+        for r in rows:
+            for c in spec.image_columns:
+                path = files[c][r]
+                if path is not None:
+                    paths.append(path)
+                    items.append(r)
+                    ids.append(table.patient_ids[r])
+        if not paths:
+            raise SuiteError(f"{where}: the {k} split ({src.split_column} = {src.split!r}) has no image")
+        splits[k] = LabelledSplit(ImageList(train.path, paths=paths), targets[np.asarray(items)])
+        groups[k] = np.asarray(ids, dtype=object)
+    num_classes = len(class_names)
+    return splits, groups, class_names, num_classes
+
+
 def load_task(spec: TaskSpec, data_root: str) -> TaskData:
     """Read a task's splits (carving those not given) with a one-line error on bad input."""
     where = f"task {spec.name!r}"
     sources = {k: _source(getattr(spec, k), data_root) for k in SPLITS if getattr(spec, k) is not None}
     task: Literal["multiclass", "multilabel"] = "multilabel" if spec.type == "multilabel" else "multiclass"
-    dm = LabelledDataModule(train=sources["train"], val=sources.get("val"), test=sources.get("test"),
-                            task=task, classes=spec.classes, image_size=spec.image_size or 224,
-                            train_augment=False, uncertain_label=spec.uncertain_label,  # type: ignore[arg-type]
-                            val_fraction=0.0, test_fraction=0.0, split_seed=spec.split_seed)
-    try:
-        dm.setup("fit")
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise SuiteError(f"{where}: {err}") from None
-    splits = dict(dm.splits)
-    groups = {k: _groups(spec, sources[k], len(splits[k])) for k in sources}
+    if spec.image_columns:
+        splits, groups, class_names, num_classes = _load_manifest(spec, sources)
+    else:
+        dm = LabelledDataModule(train=sources["train"], val=sources.get("val"), test=sources.get("test"),
+                                task=task, classes=spec.classes, image_size=spec.image_size or 224,
+                                train_augment=False, uncertain_label=spec.uncertain_label,  # type: ignore[arg-type]
+                                val_fraction=0.0, test_fraction=0.0, split_seed=spec.split_seed)
+        try:
+            dm.setup("fit")
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise SuiteError(f"{where}: {err}") from None
+        splits = dict(dm.splits)
+        groups = {k: _groups(spec, sources[k], len(splits[k])) for k in sources}
+        class_names, num_classes = list(dm.classes or []), dm.num_classes
     fractions = {"val": 0.0 if "val" in splits else spec.val_fraction,
                  "test": 0.0 if "test" in splits else spec.test_fraction}
     if fractions["val"] or fractions["test"]:
@@ -271,13 +382,21 @@ def load_task(spec: TaskSpec, data_root: str) -> TaskData:
         if shared:
             raise SuiteError(f"{where}: {len(shared)} patient(s) in both train and test, e.g. "
                              f"{sorted(shared)[:3]}")
-    num_classes = dm.num_classes
     if spec.type == "binary" and num_classes != 2:
         raise SuiteError(f"{where}: type binary needs 2 classes, the data have {num_classes} "
-                         f"({dm.classes}); use multiclass")
+                         f"({class_names}); use multiclass")
     if spec.type in ("multiclass", "ordinal") and num_classes < 2:
         raise SuiteError(f"{where}: needs at least 2 classes, got {num_classes}")
-    return TaskData(spec, splits, groups, list(dm.classes or []), num_classes)
+    group_splits: dict[str, GroupSplit] = {}
+    if spec.label_level == "group":
+        for k, split in splits.items():
+            ids = groups.get(k)
+            assert ids is not None  # label_level group requires group_column (checked on parse)
+            try:
+                group_splits[k] = group_split(ids, split.targets, f"{where}: {k} split")
+            except ValueError as err:
+                raise SuiteError(str(err)) from None
+    return TaskData(spec, splits, groups, class_names, num_classes, group_splits=group_splits)
 
 
 def _carve(train: LabelledSplit, groups: np.ndarray | None, spec: TaskSpec,

@@ -1,5 +1,6 @@
 """``midol eval --suite SUITE.yaml --backbones A [B ...] --out DIR``: the evaluation report card
-of frozen backbones — kNN, linear and few-shot probes on every task of a suite, bootstrap 95 %
+of frozen backbones — kNN, linear and few-shot probes on every task of a suite (one prediction per
+group for a group task, plus attention-MIL over the group's images), bootstrap 95 %
 CIs, paired comparisons against the random init of each architecture and a baseline, with one
 verdict per pair from a rule stated before any number.
 
@@ -37,8 +38,9 @@ def build_parser() -> ArgumentParser:
                         help="backbones as [LABEL=]SPEC: a midol .ckpt[:part], an export .safetensors "
                              "or folder, local-dir:DIR, timm:NAME[,k=v]@WEIGHTS, random:NAME[,k=v]")
     parser.add_argument("--out", type=str, required=True, help="output folder of the report")
-    parser.add_argument("--protocols", type=str, default="knn,linear,fewshot",
-                        help="comma-separated protocols: knn, linear, fewshot (finetune: see the README)")
+    parser.add_argument("--protocols", type=str, default="knn,linear,fewshot,mil",
+                        help="comma-separated protocols: knn, linear, fewshot, mil (attention-MIL: "
+                             "tasks with label_level: group only; finetune: see the README)")
     parser.add_argument("--shots", type=str, default="1,5,10,25",
                         help="few-shot: labelled examples per class, comma-separated")
     parser.add_argument("--fractions", type=str, default="0.01,0.1,1.0",
