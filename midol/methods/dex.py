@@ -24,14 +24,22 @@ from midol.methods.init_weights import DEFAULT_MIN_LOADED, load_init_weights, sa
 from midol.methods.interfaces import BackboneExport, ExpertChoice, Routing, StepOutput
 from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite, raise_on_failed
 from midol.models.backbone import build_backbone
-from midol.models.dex import DEXLayer, director_state_dict, inject_dex, set_dex_mode
-from midol.models.mae import MAEDecoder, encode_visible, random_masking
+from midol.models.dex import (
+    DISPATCHES,
+    DEXDispatch,
+    DEXLayer,
+    director_state_dict,
+    inject_dex,
+    set_dex_mode,
+)
+from midol.models.mae import MAEDecoder, Masking, encode_visible, random_masking
 from midol.optim.schedules import cosine_schedule
 from midol.utils.deferred import DeferredUpdate
 
 CoForm = Literal["ce", "cosine"]
 BalSchedule = Literal["constant", "cosine"]
 DEXMode = Literal["experts", "director"]
+CompileScope = Literal["auto", "model", "decoder"]
 
 
 
@@ -54,6 +62,7 @@ class DEXOptions(BaseMethodOptions, Protocol):
     routing_temperature: float
     freq_momentum: float
     token_routing: bool
+    dex_dispatch: DEXDispatch
     noise_start: float
     noise_end: float
     director_momentum_start: float
@@ -69,6 +78,53 @@ class DEXOptions(BaseMethodOptions, Protocol):
     co_expert_temp: float
     bal_weight: float
     bal_schedule: BalSchedule
+    compile_scope: CompileScope
+
+
+class DEXStepModule(nn.Module):
+    """The differentiable part of a DEX (or plain-MAE) training step as one module: the MAE
+    encoder with its DEX layers, the decoder, L_MAE and the DEX terms (L_co weighted by
+    ``alpha``, DEX Eq. 7-8; L_bal), each block's director-expert alignment and top-1 choices.
+    ``compile_scope: model`` compiles this, so with ``dense`` dispatch the whole forward is one
+    graph (issue 30). Holds the DEX's own ViT and decoder, no parameters of its own."""
+
+    def __init__(self, vit: nn.Module, decoder: MAEDecoder, blocks: list[int], patch_size: int,
+                 norm_pix_loss: bool, co_form: CoForm, co_director_temp: float,
+                 co_expert_temp: float) -> None:
+        super().__init__()
+        self.vit, self.decoder, self.blocks = vit, decoder, list(blocks)
+        self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
+        self.co_form, self.co_director_temp, self.co_expert_temp = co_form, co_director_temp, co_expert_temp
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor, restore: torch.Tensor,
+                mask: torch.Tensor, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``l_mae``; with DEX layers also ``l_co``, ``l_bal``, ``alignment`` (blocks) and
+        ``top1`` (blocks x rows, each row's first choice)."""
+        masking = Masking(keep, restore, mask)
+        pred = self.decoder(encode_visible(self.vit, images, masking), masking)  # type: ignore[arg-type]
+        out = {"l_mae": masked_mae_loss(pred.float(), patchify(images, self.patch_size), mask,
+                                        self.norm_pix_loss)}
+        if not self.blocks:
+            return out
+        co, bal, align, top1 = [], [], [], []
+        for block in self.blocks:
+            layer = self.vit.blocks[block].mlp  # type: ignore[index]
+            last = layer.last
+            if last is None or last.director_out is None:
+                raise RuntimeError(f"DEX block {block} kept no routing state this step")
+            expert_out, director_out = last.expert_out.float(), last.director_out.float()
+            co.append(coherence_loss(expert_out, director_out, self.co_form,
+                                     self.co_director_temp, self.co_expert_temp))
+            bal.append(balance_loss(last.probs))
+            with torch.no_grad():
+                align.append(torch.nn.functional.cosine_similarity(expert_out, director_out, dim=-1).mean())
+            top1.append(last.indices[:, 0])
+            layer.last = None  # frees the block's activations with the graph
+        out["l_co"] = (alpha * torch.stack(co)).sum() / len(co)
+        out["l_bal"] = torch.stack(bal).mean()
+        out["alignment"] = torch.stack(align)
+        out["top1"] = torch.stack(top1)
+        return out
 
 
 class DEX(BaseMethod):
@@ -97,6 +153,10 @@ class DEX(BaseMethod):
         freq_momentum: Momentum of the running gate-mass share behind the frequency bias (0.99).
         token_routing: Route every token on its own instead of every image by its class token
             (off in DEX; a switch for comparison).
+        dex_dispatch: How rows reach their experts (:class:`~midol.models.dex.DEXLayer`):
+            ``loop`` (one device-to-host read per expert and block), ``sorted`` (one per
+            block), ``dense`` (none, static shapes, E / top_k times the experts' FLOPs). Same
+            loss and gradients (tested).
         noise_start: sigma_t at step 0 of the routing noise ``sigma_t (eps + f)`` (1.0) ...
         noise_end: ... and at the end, cosine in between (0.0).
         director_momentum_start: m of the director's group EMA at step 0 (0.99) ...
@@ -114,6 +174,11 @@ class DEX(BaseMethod):
         co_expert_temp: Temperature of the experts' log-softmax in ``ce`` (1.0).
         bal_weight: lambda_bal at step 0 (code: 0.01 constant; supplement: 0.001, cosine decay).
         bal_schedule: ``constant`` (code, default) or ``cosine`` decay to 0 (supplement).
+        compile_scope: What ``compile`` compiles: ``model``: the whole differentiable step
+            (encoder with DEX layers, decoder, L_MAE, L_co, L_bal; one graph with ``dense``
+            dispatch or without DEX); ``decoder``: the decoder only; ``auto``: ``model`` with
+            ``dense`` dispatch or ``use_dex: false``, else ``decoder`` (the loop's
+            data-dependent shapes would recompile at every new split).
         base_lr: Learning rate per ``lr_batch_size`` (512) images (DEX code: 1e-4).
         lr_batch_size: Batch size ``base_lr`` refers to (512, as MAE).
         min_lr: End of the cosine schedule (0).
@@ -148,6 +213,7 @@ class DEX(BaseMethod):
         routing_temperature: float = 0.5,
         freq_momentum: float = 0.99,
         token_routing: bool = False,
+        dex_dispatch: DEXDispatch = "loop",
         noise_start: float = 1.0,
         noise_end: float = 0.0,
         director_momentum_start: float = 0.99,
@@ -163,6 +229,7 @@ class DEX(BaseMethod):
         co_expert_temp: float = 1.0,
         bal_weight: float = 0.01,
         bal_schedule: BalSchedule = "constant",
+        compile_scope: CompileScope = "auto",
         base_lr: float = 1e-4,
         lr_batch_size: int = 512,
         min_lr: float = 0.0,
@@ -194,7 +261,7 @@ class DEX(BaseMethod):
                 raise ValueError(f"dex_blocks must be distinct indices in [0, {len(vit.blocks)}), got {dex_blocks}")
             inject_dex(vit, sorted(blocks), num_experts=num_experts, top_k=top_k,
                        temperature=routing_temperature, freq_momentum=freq_momentum,
-                       token_routing=token_routing)
+                       token_routing=token_routing, dispatch=dex_dispatch)
             self.dex_layer_blocks = sorted(blocks)
             for layer in self.dex_layers():
                 layer.defer_updates = True  # committed by BaseMethod after backward (checkpoint-safe)
@@ -204,6 +271,13 @@ class DEX(BaseMethod):
                                   dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
                                   num_prefix_tokens=vit.num_prefix_tokens)
         self.num_experts = num_experts if use_dex else 1
+        # alpha_l of L_co on the module's device, so no step copies it from the host
+        self.register_buffer("block_alpha", self.block_weights(), persistent=False)
+        # Outside the module tree (object.__setattr__): its parameters are the ViT's and the
+        # decoder's, so state dicts keep their keys; what compile_scope 'model' compiles.
+        object.__setattr__(self, "step_module", DEXStepModule(
+            vit, self.decoder, self.dex_layer_blocks, patch, norm_pix_loss, co_form,
+            co_director_temp, co_expert_temp))
 
     def _validate(self) -> None:
         h = self.hparams
@@ -213,6 +287,10 @@ class DEX(BaseMethod):
             raise ValueError(f"top_k must lie in [1, num_experts={h.num_experts}], got {h.top_k}")
         if h.co_form not in ("ce", "cosine"):
             raise ValueError(f"co_form must be 'ce' or 'cosine', got {h.co_form!r}")
+        if h.dex_dispatch not in DISPATCHES:
+            raise ValueError(f"dex_dispatch must be one of {DISPATCHES}, got {h.dex_dispatch!r}")
+        if h.compile_scope not in ("auto", "model", "decoder"):
+            raise ValueError(f"compile_scope must be 'auto', 'model' or 'decoder', got {h.compile_scope!r}")
         if h.bal_schedule not in ("constant", "cosine"):
             raise ValueError(f"bal_schedule must be 'constant' or 'cosine', got {h.bal_schedule!r}")
         checks = [(name, h[name] >= 1, ">= 1") for name in ("img_size", "decoder_dim", "decoder_heads")]
@@ -239,8 +317,15 @@ class DEX(BaseMethod):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.vit, self.decoder]
 
+    def resolved_compile_scope(self) -> Literal["model", "decoder"]:
+        """``compile_scope`` with ``auto`` resolved (``model`` where the step is one graph)."""
+        h = self.hparams
+        if h.compile_scope != "auto":
+            return h.compile_scope
+        return "model" if not self.dex_layer_blocks or h.dex_dispatch == "dense" else "decoder"
+
     def compile_targets(self) -> list[nn.Module]:
-        return [self.decoder]  # DEX layers route with data-dependent shapes
+        return [self.step_module if self.resolved_compile_scope() == "model" else self.decoder]
 
     def dex_layers(self) -> list[DEXLayer]:
         return [self.vit.blocks[b].mlp for b in self.dex_layer_blocks]
@@ -283,33 +368,22 @@ class DEX(BaseMethod):
         images = self.normalizer(batch["views"][0])
         num_patches = self.decoder.pos_embed.shape[1] - self.vit.num_prefix_tokens
         masking = random_masking(images.shape[0], num_patches, h.mask_ratio, images.device)
-        pred = self.decoder(encode_visible(self.vit, images, masking), masking)
-        l_mae = masked_mae_loss(pred.float(), patchify(images, self.patch_size), masking.mask, h.norm_pix_loss)
+        out = self.step_module(images, masking.keep, masking.restore, masking.mask, self.block_alpha)
+        l_mae = out["l_mae"]
         terms: dict[str, torch.Tensor] = {"l_mae": l_mae}
         logs: dict[str, Any] = {}
         routing: dict[str, ExpertChoice] = {}
         loss = l_mae
         layers = self.dex_layers()
         if layers:
-            co, bal = [], []
-            for block, layer in zip(self.dex_layer_blocks, layers, strict=True):
-                last = layer.last
-                if last is None or last.director_out is None:
-                    raise RuntimeError(f"DEX block {block} kept no routing state this step")
-                co.append(coherence_loss(last.expert_out.float(), last.director_out.float(), h.co_form,
-                                         h.co_director_temp, h.co_expert_temp))
-                bal.append(balance_loss(last.probs))
-                with torch.no_grad():  # director-expert alignment, what L_co drives up
-                    logs[f"dex/alignment_block{block:02d}"] = torch.nn.functional.cosine_similarity(
-                        last.expert_out.float(), last.director_out.float(), dim=-1).mean()
+            for i, (block, layer) in enumerate(zip(self.dex_layer_blocks, layers, strict=True)):
+                # director-expert alignment, what L_co drives up
+                logs[f"dex/alignment_block{block:02d}"] = out["alignment"][i]
                 if not layer.token_routing:
                     routing[f"route_block{block:02d}"] = ExpertChoice(
-                        last.indices[:, 0], layer.num_experts, collapse_check=True, idle_check=True,
+                        out["top1"][i], layer.num_experts, collapse_check=True, idle_check=True,
                         label=f"block {block} top-1 expert (training images)")
-                layer.last = None  # frees the block's activations with the graph
-            alpha = self.block_weights().to(l_mae.device)
-            l_co = (alpha * torch.stack(co)).sum() / len(co)
-            l_bal = torch.stack(bal).mean()
+            l_co, l_bal = out["l_co"], out["l_bal"]
             bal_weight = self.bal_weight_at(self.global_step)
             loss = l_mae + h.co_weight * l_co + bal_weight * l_bal
             terms.update(l_co=l_co, l_bal=l_bal)
