@@ -4,8 +4,10 @@ drawn with per-modality weights, split over ranks and workers, resumed mid-epoch
 from __future__ import annotations
 
 import collections
+import io
 import json
 import shutil
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from midol.data.shards import (  # noqa: E402
 )
 from midol.data.shards import stream as stream_module  # noqa: E402
 from midol.data.shards.index import OFFSETS_SUFFIX, offsets_path, scan_sample_offsets  # noqa: E402
-from midol.data.shards.stream import _image_of, _read_samples, _read_shard  # noqa: E402
+from midol.data.shards.stream import _image_of, _read_samples, _read_shard, _tar_files  # noqa: E402
 from midol.tools import cmd_shard as shard_tool  # noqa: E402
 from tests.helpers.tiny import tiny_module  # noqa: E402
 
@@ -320,3 +322,29 @@ def test_max_side_shrinks_once_as_png_or_jpeg(tmp_path: Path, sample_data: Path)
     with pytest.raises(SystemExit):
         shard_tool.main(["--source", str(folder), "oct", "--out", str(tmp_path / "q"),
                          "--quality", "0"])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(fmt: int, sample_data: Path) -> None:
+    """midol's tar member reader against Python's tarfile: long names (ustar prefix, GNU
+    long-name and pax path records), empty and multi-block members, a directory entry."""
+    files = {"a/" + "d" * 120 + "/000001.png": (sample_data / "oct").rglob("*.png").__next__()
+             .read_bytes(), "000001.json": b'{"x": 1}', "000002.cls": b"", "x.txt": b"y" * 512}
+    if fmt == tarfile.USTAR_FORMAT:  # ustar: a long name only as prefix/name (<= 155 + 100)
+        files = {k.replace("d" * 120, "d" * 90): v for k, v in files.items()}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("adir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # not a sample: skipped
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert list(_tar_files(buf.getvalue())) == expected == list(files.items())
+    broken = bytearray(buf.getvalue())
+    broken[600] ^= 1  # a header byte: its checksum no longer matches
+    with pytest.raises(ValueError, match="checksum"):
+        list(_tar_files(bytes(broken)))
