@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.benchmarks import dex_rows
 from experiments.benchmarks.gpu_machine import machine_meta, nvidia_smi
 from experiments.benchmarks.gpu_measure import FLOP_BATCH, Suite, flop_scaling_check
 from experiments.benchmarks.gpu_report import markdown
@@ -67,7 +68,9 @@ def _run_section(args: argparse.Namespace, name: str, title: str, plan: list[Row
         compile_backend=args.compile_backend, flops_counted_at_batch=FLOP_BATCH,
         timing="CUDA events" if suite.device.type == "cuda" else "host clock",
     )
-    if args.check_flop_scaling:
+    if all(dex_rows.is_dex_row(row) for row in plan):  # section D: the DEX model's line
+        meta.update(dex_rows.section_meta(suite))
+    if args.check_flop_scaling and not dex_rows.is_dex_row(plan[0]):
         meta["flop_scaling_check"] = flop_scaling_check(suite, plan[0])
     rows: list[dict[str, Any]] = []
     data = {"section": name, "meta": meta, "rows": rows, "finished": False}
@@ -108,7 +111,11 @@ def _run_section(args: argparse.Namespace, name: str, title: str, plan: list[Row
             rec["status"] = "running"
             save()
             try:
-                rec.update(suite.audit_row(row, batch) if row.audit else suite.time_row(row, batch))
+                if dex_rows.is_dex_row(row):  # section D: DEX's own step (dex_rows.py)
+                    rec.update(dex_rows.audit_row(suite, row, batch) if row.audit
+                               else dex_rows.time_row(suite, row, batch))
+                else:
+                    rec.update(suite.audit_row(row, batch) if row.audit else suite.time_row(row, batch))
             except SectionTimeout:
                 rec["status"] = "killed: section timeout"
                 rec["wall_s"] = round(time.monotonic() - start, 1)

@@ -8,6 +8,7 @@ its own process under its own ``timeout``:
     gpu_suite.py section A --out DIR   # the eager table at batch 64 + the host-sync audit
     gpu_suite.py section B --out DIR   # compile / activation checkpointing / fused attention
     gpu_suite.py section C --out DIR   # what B leaves for a third call (optional)
+    gpu_suite.py section D --out DIR   # DEX dispatch (loop/sorted/dense), plain MAE, compile
 
 Every section writes ``DIR/gpu_<section>.json`` (rewritten after every row, so a killed section
 keeps its finished rows) and ``DIR/gpu_<section>.md``. ``--device cpu --micro`` runs the same
