@@ -41,6 +41,7 @@ from midol.data.readers import (
 
 SourceKind = Literal["auto", "folder", "csv", "npz"]
 SLICE_KEYS = ("stride", "stack")
+VOLUME = "<volume file>"  # the default group of a volume's slices: its file
 
 
 @dataclass
@@ -79,7 +80,9 @@ class DataSource:
             file alone), ``patient`` (DICOM PatientID) or a column of the CSV (read before the
             two names). The sampler weights each item by ``weight / (items in its group)``:
             each group of the source is drawn equally often whatever its slice count.
-            Default: each item is its own group.
+            ``item``: each item is its own group. Default: ``item``, except that a volume
+            expanded by ``slices`` (``all``, ``stride``, ``stack``) is one group: a 300-slice
+            CT is one draw unit, as a 2-D image is, not 300.
     """
 
     path: str
@@ -203,7 +206,8 @@ def source_table(sources: list[DataSource], sizes: list[int], groups: list[int] 
     lines = ["| source | modality | kind | images | weight | share of draws | groups |",
              "|---|---|---|---:|---:|---:|---:|"]
     for s, n, d, g in zip(sources, sizes, draws, groups, strict=True):
-        unit = f" ({s.group_by})" if s.group_by else ""
+        by = s.group_by or ("volume" if s.kind != "npz" and s.slice_policy()[0] is not None else None)
+        unit = f" ({by})" if by and by != "item" else ""
         lines.append(f"| {s.path} | {s.modality} | {s.resolved_kind()} | {n} | {s.weight:g} | "
                      f"{d / total:.1%} | {g}{unit} |")
     per: dict[str, list[float]] = {}
@@ -240,9 +244,12 @@ def _medical_headers(paths: list[str], name: str, need: bool) -> list[MedicalHea
     return out
 
 
-def _group_key(source: DataSource, path: str, header: MedicalHeader | None, cell: str | None) -> str:
-    """The group of one file (see ``DataSource.group_by``)."""
-    name, by = source.describe(), source.group_by
+def _group_key(source: DataSource, by: str, path: str, header: MedicalHeader | None,
+               cell: str | None) -> str:
+    """The group of one file under ``by`` (see ``DataSource.group_by``)."""
+    name = source.describe()
+    if by == VOLUME:
+        return path
     if cell is not None:
         if not cell.strip():
             raise ValueError(f"{name}: {path} has an empty {by!r} cell (group_by)")
@@ -272,7 +279,11 @@ def _file_list(source: DataSource, paths: list[str], cells: list[str] | None) ->
             raise ValueError(f"{name}: window applies to DICOM / NIfTI values, but {raster} is a "
                              "raster image (exclude such files, or drop window)")
     by = source.group_by
-    if by is not None and cells is None and by not in ("series", "patient"):
+    if by == "item" and cells is None:
+        by = None
+    elif by is None and stride is not None:
+        by = VOLUME  # an expanded volume is one draw unit unless the user says otherwise
+    if by is not None and by != VOLUME and cells is None and by not in ("series", "patient"):
         raise ValueError(f"{name}: group_by must be series, patient or a column of a CSV source, got {by!r}")
     headers = _medical_headers(paths, name, stride is not None or (cells is None and by is not None))
     files: list[str] = []
@@ -284,7 +295,7 @@ def _file_list(source: DataSource, paths: list[str], cells: list[str] | None) ->
         files += [p] * len(picks)
         frames += picks
         if by is not None:
-            keys += [_group_key(source, p, header, None if cells is None else cells[k])] * len(picks)
+            keys += [_group_key(source, by, p, header, None if cells is None else cells[k])] * len(picks)
     return ImageList(source.path, paths=files, frames=frames if stride is not None else None,
                      groups=keys if by is not None else None, options=options)
 

@@ -339,3 +339,26 @@ def test_the_datamodule_prints_groups_and_samples_per_group(tmp_path: Path, capl
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, WeightedSourceSampler)
     assert sampler.expected_shares() == pytest.approx([share, 1 - share])
+
+
+def test_an_expanded_volume_is_one_draw_unit_unless_told_otherwise(volume_folder, tmp_path) -> None:
+    """Two real volumes (the MR and a copy) and one 2-D image: with ``slices: all`` each volume is
+    one group by default, so each of the three files gets a third of the draws; ``group_by: item``
+    makes every slice its own draw unit again."""
+    folder, data = volume_folder
+    n = data.shape[2]
+    shutil.copy(folder / "anatomical.nii", folder / "copy.nii")
+    png = next(p for p in sorted(Path(SAMPLE_DATA).rglob("*.png")))
+    shutil.copy(png, folder / "flat.png")
+    grouped = Corpus([DataSource(str(folder), "mr", slices="all")])
+    assert len(grouped) == 2 * n + 1 and grouped.group_counts == [3]
+    counts = Counter(grouped.group_ids.tolist())
+    assert sorted(counts.values()) == [1, n, n]
+    draws = torch.tensor(list(WeightedSourceSampler(grouped.source_ids, [1.0], num_samples=30000,
+                                                    seed=0, group_ids=grouped.group_ids)))
+    shares = np.bincount(grouped.group_ids[draws].numpy(), minlength=3) / len(draws)
+    assert np.all(np.abs(shares - 1 / 3) < 4 * math.sqrt(2 / 9 / len(draws)))
+    table = source_table([DataSource(str(folder), "mr", slices="all")], [len(grouped)], grouped.group_counts)
+    assert f"| {2 * n + 1} | 1 | 100.0% | 3 (volume) |" in table
+    items = Corpus([DataSource(str(folder), "mr", slices="all", group_by="item")])
+    assert items.group_counts == [2 * n + 1]
