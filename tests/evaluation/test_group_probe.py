@@ -215,3 +215,19 @@ def test_per_image_manifest_gives_the_same_groups_and_disagreeing_eyes_are_refus
         load_suite(_suite(tmp_path, manifest, {"group_column": "patient_id",
                                                "image_columns": ["left_image"]}))
     assert os.path.isfile(manifest)
+
+
+def test_shipped_odir_patients_suite_loads_one_sample_per_patient() -> None:
+    if not (ODIR / "patients.csv").is_file():
+        pytest.skip(f"{ODIR} not found (needs the project's shared data folder ../shared/data)")
+    suite = load_suite(Path(__file__).resolve().parents[2] / "configs" / "eval" / "odir_patients.yaml")
+    normal, diseases = (load_task(spec, suite.data_root) for spec in suite.tasks)
+    with open(ODIR / "patients.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for k in ("train", "val", "test"):
+        mine = [r for r in rows if r["split"] == k]
+        assert len(normal.group_splits[k]) == len(diseases.group_splits[k]) == len(mine)
+        assert len(normal.splits[k]) == sum(bool(r[c]) for r in mine for c in ("left_image", "right_image"))
+        assert normal.group_splits[k].targets.sum() == sum(int(r["N"]) for r in mine)
+    assert {k: len(g) for k, g in normal.group_splits.items()} == {"train": 1120, "val": 160, "test": 320}
+    assert diseases.group_splits["test"].targets.shape == (320, 8) and diseases.class_names == list("NDGCAHMO")

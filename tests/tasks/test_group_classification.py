@@ -172,3 +172,11 @@ def test_options_protocol_names_the_init_arguments() -> None:
     for klass in reversed(GroupClassificationModuleOptions.__mro__):
         fields.update({k: str(v) for k, v in klass.__dict__.get("__annotations__", {}).items()})
     assert fields == init
+
+
+def test_the_preset_reads_every_odir_patient(odir) -> None:
+    dm = BagDataModule(str(ODIR / "patients.csv"), label_columns=["N"],
+                       image_columns=["left_image", "right_image"], image_size=SIZE, num_workers=0)
+    dm.setup("fit")  # configs/finetune/odir_patients_group.yaml's data (the dataset's split column)
+    assert dm.split_sizes() == {"train": 1120, "val": 160, "test": 320}
+    assert sum(len(b) for b in dm.datasets["train"].bags) == 2091  # type: ignore[attr-defined]
