@@ -155,8 +155,9 @@ class DEX(BaseMethod):
             (off in DEX; a switch for comparison).
         dex_dispatch: How rows reach their experts (:class:`~midol.models.dex.DEXLayer`):
             ``loop`` (one device-to-host read per expert and block), ``sorted`` (one per
-            block), ``dense`` (none, static shapes, E / top_k times the experts' FLOPs). Same
-            loss and gradients (tested).
+            block), ``dense`` (none, static shapes, E / top_k times the experts' FLOPs),
+            ``grouped`` (none, static shapes, the loop's FLOPs through ``torch._grouped_mm``;
+            compiles in bf16 only). Same loss and gradients (tested).
         noise_start: sigma_t at step 0 of the routing noise ``sigma_t (eps + f)`` (1.0) ...
         noise_end: ... and at the end, cosine in between (0.0).
         director_momentum_start: m of the director's group EMA at step 0 (0.99) ...
@@ -176,9 +177,9 @@ class DEX(BaseMethod):
         bal_schedule: ``constant`` (code, default) or ``cosine`` decay to 0 (supplement).
         compile_scope: What ``compile`` compiles: ``model``: the whole differentiable step
             (encoder with DEX layers, decoder, L_MAE, L_co, L_bal; one graph with ``dense``
-            dispatch or without DEX); ``decoder``: the decoder only; ``auto``: ``model`` with
-            ``dense`` dispatch or ``use_dex: false``, else ``decoder`` (the loop's
-            data-dependent shapes would recompile at every new split).
+            or ``grouped`` (bf16) dispatch or without DEX); ``decoder``: the decoder only;
+            ``auto``: ``model`` with ``dense``/``grouped`` dispatch or ``use_dex: false``, else
+            ``decoder`` (the loop's data-dependent shapes would recompile at every new split).
         base_lr: Learning rate per ``lr_batch_size`` (512) images (DEX code: 1e-4).
         lr_batch_size: Batch size ``base_lr`` refers to (512, as MAE).
         min_lr: End of the cosine schedule (0).
@@ -322,7 +323,8 @@ class DEX(BaseMethod):
         h = self.hparams
         if h.compile_scope != "auto":
             return h.compile_scope
-        return "model" if not self.dex_layer_blocks or h.dex_dispatch == "dense" else "decoder"
+        static = h.dex_dispatch in ("dense", "grouped")  # no data-dependent shapes
+        return "model" if not self.dex_layer_blocks or static else "decoder"
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.step_module if self.resolved_compile_scope() == "model" else self.decoder]

@@ -24,8 +24,8 @@ from midol.utils.dist import all_reduce_sum
 
 DEXMode = Literal["experts", "director"]
 _MODES = ("experts", "director")
-DEXDispatch = Literal["loop", "sorted", "dense"]
-DISPATCHES = ("loop", "sorted", "dense")
+DEXDispatch = Literal["loop", "sorted", "dense", "grouped"]
+DISPATCHES = ("loop", "sorted", "dense", "grouped")
 
 
 @dataclass
@@ -70,6 +70,11 @@ class DEXLayer(nn.Module):
       read-back and static shapes (compiles as one graph), at E / k times the experts' FLOPs. An
       expert no row chose gets a zero gradient where ``loop``/``sorted`` leave it ``None``
       (AdamW then still moves it by its moments; the loss and gradients are the same).
+    * ``grouped``: the rows sorted by expert and each MLP layer run as one grouped GEMM whose
+      segment offsets stay on the device (``torch._grouped_mm``, as MoE training code such as
+      torchtitan uses): no read-back, static shapes, the loop's FLOPs; the zero-gradient note
+      of ``dense`` applies. Needs ``dim`` and ``hidden_dim`` divisible by 8 (the GEMM's 16-byte
+      alignment); whole-graph compile only in bf16 (torch's shape rule for the op).
     """
 
     def __init__(
@@ -88,8 +93,7 @@ class DEXLayer(nn.Module):
         dispatch: DEXDispatch = "loop",
     ):
         super().__init__()
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"unknown DEX dispatch {dispatch!r}; expected one of {DISPATCHES}")
+        _check_dispatch(dispatch, dim, hidden_dim)
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= top_k <= num_experts:
@@ -105,6 +109,7 @@ class DEXLayer(nn.Module):
         self.token_routing = token_routing
         self.num_prefix_tokens = num_prefix_tokens
         self.dispatch: DEXDispatch = dispatch
+        self.dim, self.hidden_dim = dim, hidden_dim
 
         def mlp() -> Mlp:
             return Mlp(dim, hidden_dim, act_layer=act_layer, bias=bias, drop=drop)
@@ -189,6 +194,8 @@ class DEXLayer(nn.Module):
             out = self._mix_dense(units, gates, indices)
         elif self.dispatch == "sorted":
             out = self._mix_sorted(units, gates, indices)
+        elif self.dispatch == "grouped":
+            out = self._mix_grouped(units, gates, indices)
         else:
             out = self._mix_loop(units, gates, indices)
         return out.reshape(b, n, -1)
@@ -219,6 +226,41 @@ class DEXLayer(nn.Module):
         segments = units[rows].split(sizes)
         ys = [expert(seg) for expert, seg, size in zip(self.experts, segments, sizes, strict=True) if size]
         y = torch.cat(ys)
+        out = y.new_zeros(units.shape[:-1] + y.shape[-1:])
+        return out.index_add(0, rows, y * weight.to(y.dtype)[:, None, None])
+
+    def _mix_grouped(self, units: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The choices sorted by expert (as ``sorted``), then fc1 and fc2 of all experts as one
+        grouped GEMM each over the per-expert segments; the segment ends are computed on the
+        device (a comparison sum, not ``bincount``), so nothing is read back."""
+        n_rows, k = indices.shape
+        tokens, d = units.shape[1], units.shape[2]
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = torch.div(order, k, rounding_mode="floor")
+        weight = gates.reshape(-1)[order]
+        experts = torch.arange(self.num_experts, device=flat.device)
+        ends = ((flat[:, None] == experts).sum(dim=0).cumsum(0) * tokens).to(torch.int32)
+        token_expert = flat[order].repeat_interleave(tokens)  # an int count: no read-back
+        first = self.experts[0]
+        dtype = (torch.get_autocast_dtype(units.device.type)
+                 if torch.is_autocast_enabled(units.device.type) else units.dtype)
+
+        def layer(x: torch.Tensor, name: str) -> torch.Tensor:
+            # E x in x out weights (a stack: the experts keep their own parameters and keys)
+            w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
+            y = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+            if getattr(first, name).bias is not None:
+                b = torch.stack([getattr(e, name).bias for e in self.experts]).to(dtype)
+                y = y + b[token_expert]
+            return y
+
+        # autocast does not cover the op: cast to its dtype as nn.Linear would run
+        with torch.autocast(device_type=units.device.type, enabled=False):
+            h = layer(units[rows].reshape(-1, d).to(dtype), "fc1")
+            h = first.drop1(first.act(h))  # every expert's act/dropout are copies of one
+            y = first.drop2(layer(first.norm(h), "fc2"))
+        y = y.reshape(n_rows * k, tokens, -1)
         out = y.new_zeros(units.shape[:-1] + y.shape[-1:])
         return out.index_add(0, rows, y * weight.to(y.dtype)[:, None, None])
 
@@ -377,9 +419,24 @@ def set_dex_mode(model: nn.Module, mode: DEXMode) -> None:
         layer.mode = mode
 
 
-def set_dex_dispatch(model: nn.Module, dispatch: DEXDispatch) -> None:
-    """Set the ``dispatch`` (``loop``, ``sorted`` or ``dense``) of every DEXLayer of ``model``."""
+def _check_dispatch(dispatch: str, dim: int, hidden_dim: int) -> None:
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown DEX dispatch {dispatch!r}; expected one of {DISPATCHES}")
-    for layer in dex_layers(model):
+    if dispatch == "grouped":
+        if not hasattr(torch, "_grouped_mm"):
+            raise ValueError(f"DEX dispatch 'grouped' needs torch._grouped_mm (torch {torch.__version__} lacks it)")
+        if dim % 8 or hidden_dim % 8:
+            raise ValueError(f"DEX dispatch 'grouped' needs dim and hidden_dim divisible by 8, "
+                             f"got {dim} and {hidden_dim}")
+
+
+def set_dex_dispatch(model: nn.Module, dispatch: DEXDispatch) -> None:
+    """Set the ``dispatch`` (``loop``, ``sorted``, ``dense`` or ``grouped``) of every
+    DEXLayer of ``model``."""
+    layers = dex_layers(model)
+    for layer in layers:
+        _check_dispatch(dispatch, layer.dim, layer.hidden_dim)
+    if dispatch not in DISPATCHES:  # a model without DEX layers: still a clear error
+        raise ValueError(f"unknown DEX dispatch {dispatch!r}; expected one of {DISPATCHES}")
+    for layer in layers:
         layer.dispatch = dispatch

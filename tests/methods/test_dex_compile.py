@@ -38,12 +38,13 @@ def step(model, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out["loss"].detach(), grads
 
 
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
 @pytest.mark.parametrize("token_routing", [False, True])
-def test_dense_step_equals_loop_step(token_routing: bool) -> None:
+def test_dense_step_equals_loop_step(token_routing: bool, dispatch: str) -> None:
     torch.manual_seed(0)
     loop = tiny_dex(token_routing=token_routing)
     torch.manual_seed(0)
-    dense = tiny_dex(token_routing=token_routing, dex_dispatch="dense")
+    dense = tiny_dex(token_routing=token_routing, dex_dispatch=dispatch)
     for s in range(2):  # the second step after the first's director and frequency updates
         l_loop, g_loop = step(loop, s)
         l_dense, g_dense = step(dense, s)
@@ -78,6 +79,7 @@ def test_loop_breaks_the_graph_and_compiles_the_decoder_by_default() -> None:
     assert _explain(model).graph_break_count > 0
     assert model.resolved_compile_scope() == "decoder"
     assert model.compile_targets() == [model.decoder]
+    assert tiny_dex(dex_dispatch="grouped").resolved_compile_scope() == "model"
     forced = tiny_dex(compile_scope="model")
     assert forced.compile_targets() == [forced.step_module]
 

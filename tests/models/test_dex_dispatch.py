@@ -1,7 +1,7 @@
-"""DEXLayer's three dispatches (issue 30): ``sorted`` and ``dense`` give the ``loop``'s output
+"""DEXLayer's dispatches (issue 30): ``sorted``, ``dense`` and ``grouped`` give the ``loop``'s output
 and gradients (several seeds, top-1 and top-2, image and token routing, routing noise on), the
 host read-backs each makes per block (the sync audit the GPU suite uses), and that a dense DEX
-ViT compiles as one graph."""
+ViT (a grouped one in bf16) compiles as one graph."""
 
 from __future__ import annotations
 
@@ -53,14 +53,14 @@ def test_sorted_and_dense_equal_loop_output_and_gradients(seed: int, top_k: int,
     x = torch.randn(6, 4, D, generator=torch.Generator().manual_seed(100 + seed))
     ref_out, ref_grads = run(base, x, seed)
     ref_probs = base.last.probs if base.last else None
-    for dispatch in ("sorted", "dense"):
+    for dispatch in ("sorted", "dense", "grouped"):
         layer = make_layer(seed, top_k=top_k, token_routing=token_routing, dispatch=dispatch).train()
         layer.noise_std = 0.7
         out, grads = run(layer, x, seed)
         assert layer.last is not None and ref_probs is not None
         assert_close(layer.last.probs, ref_probs, rtol=0, atol=0)  # same routing
         assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
-        # dense: zero gradients where no row chose an expert (loop: None)
+        # dense, grouped: zero gradients where no row chose an expert (loop: None)
         assert set(grads) >= set(ref_grads)
         for name, g in grads.items():
             expected = ref_grads.get(name, torch.zeros_like(g))
@@ -100,10 +100,12 @@ def test_dense_gives_an_unchosen_expert_zero_gradient_where_loop_gives_none() ->
             assert_close(g_dense, g_loop)
 
 
-@pytest.mark.parametrize(("dispatch", "per_block"), [("loop", E), ("sorted", 1), ("dense", 0)])
+@pytest.mark.parametrize(("dispatch", "per_block"),
+                         [("loop", E), ("sorted", 1), ("dense", 0), ("grouped", 0)])
 def test_host_reads_per_forward(dispatch: str, per_block: int) -> None:
     """The audit's count of device-to-host reads in one forward + backward of a layer (update
-    deferred, as DEX runs it): loop one per expert (``nonzero``), sorted one, dense none."""
+    deferred, as DEX runs it): loop one per expert (``nonzero``), sorted one, dense and grouped
+    none."""
     layer = make_layer(0, top_k=2, dispatch=dispatch).train()
     layer.defer_updates = True
     x = torch.randn(8, 4, D, requires_grad=True)
@@ -173,3 +175,27 @@ def test_compiled_dense_vit_equals_eager_and_does_not_recompile_as_noise_decays(
     for a, b in zip(dex_layers(eager), dex_layers(compiled), strict=True):
         assert_close(b.freq, a.freq)
         assert_close(b.director.fc1.weight, a.director.fc1.weight)
+
+
+def test_grouped_under_bf16_autocast_matches_loop_and_traces_as_one_graph() -> None:
+    """Under bf16 autocast (how DEX trains on a GPU) the grouped GEMMs run in bf16 as the
+    loop's nn.Linear do: equal to bf16 rounding; and the layer traces without a break."""
+    x = torch.randn(6, 4, 32)
+    outs = {}
+    for dispatch in ("loop", "grouped"):
+        torch.manual_seed(0)
+        layer = DEXLayer(32, 64, num_experts=4, top_k=2, dispatch=dispatch).train()
+        layer.defer_updates = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            outs[dispatch] = layer(x)
+            assert outs[dispatch].dtype == torch.bfloat16
+            if dispatch == "grouped":
+                explained = torch._dynamo.explain(layer)(x)
+                assert explained.graph_break_count == 0, explained.break_reasons
+    assert_close(outs["grouped"].float(), outs["loop"].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_needs_aligned_sizes() -> None:
+    with pytest.raises(ValueError, match="divisible by 8, got 12 and 16"):
+        DEXLayer(12, 16, dispatch="grouped")
