@@ -140,12 +140,17 @@ def test_odir_patients_one_prediction_per_patient_equal_to_sklearn(tmp_path: Pat
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert main(["eval", "--suite", str(suite), "--backbones", f"v={MICRO_VIT}", "--out", str(out),
-                 "--cache_dir", str(cache), "--protocols", "linear,mil", "--bootstrap", "200",
-                 "--threads", "1", "--random_references", "false"]) == 0
+                 "--cache_dir", str(cache), "--protocols", "linear,mil,fewshot", "--bootstrap", "200",
+                 "--shots", "5", "--fractions", "1.0", "--seeds", "2", "--threads", "1",
+                 "--random_references", "false"]) == 0
     with open(out / "runs.csv", newline="") as fh:
         runs = [r for r in csv.DictReader(fh) if r["metric"] == "auc"]
-    assert {(r["protocol"], r["setting"]) for r in runs} == {("linear", "full"), ("mil", "attention")}
-    assert all(int(r["train_size"]) == 60 for r in runs)  # patients, not eyes
+    assert {(r["protocol"], r["setting"]) for r in runs} == {
+        ("linear", "full"), ("mil", "attention"), ("fewshot", "shots=5")}
+    # the unit is the patient: the full protocols train on 60 patients, 5 shots on 5 per class
+    assert {int(r["train_size"]) for r in runs if r["protocol"] != "fewshot"} == {60}
+    assert {int(r["train_size"]) for r in runs if r["protocol"] == "fewshot"} == {10}
+    runs = [r for r in runs if r["protocol"] != "fewshot"]
 
     # the same features, pooled by a plain loop over patients, probed and scored by scikit-learn
     backbone = load(parse_backbone(MICRO_VIT))
