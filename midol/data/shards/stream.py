@@ -321,7 +321,11 @@ class EvalStream(IterableDataset):
         for m, s in jobs[worker::workers]:
             name = names[m]
             first = int(offsets[m]) + sum(self.index.counts[name][:s])
-            for k, sample in enumerate(_read_shard(self.index.url(self.index.shards[name][s]))):
+            url = self.index.url(self.index.shards[name][s])
+            where = self.index.sample_offsets(name, s, scan=False)
+            samples = (_read_samples(url, where, range(self.index.counts[name][s]))
+                       if where is not None else _read_shard(url))
+            for k, sample in enumerate(samples):
                 try:
                     data, origin = _image_of(sample)
                     image = decode_image_bytes(data, origin)
