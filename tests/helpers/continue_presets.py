@@ -20,7 +20,7 @@ TINY_DINOV2: dict[str, Any] = dict(embed_dim=32, depth=2, num_heads=2)
 SOURCES = [{"path": str(SAMPLE_DATA / "xray"), "modality": "xray"},
            {"path": str(SAMPLE_DATA / "pathology"), "modality": "pathology"}]
 TRAINER = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true",
-           "max_epochs": 1, "limit_train_batches": 1, "enable_progress_bar": False}
+           "max_epochs": 1, "limit_train_batches": 2, "enable_progress_bar": False}
 MIDOL_HEADS = {"num_experts": 3, "expert_hidden_dim": 32, "bottleneck_dim": 16, "out_dim": 64,
                "compile": False, "grad_checkpointing": False}
 MAE_HEADS = {"img_size": 32, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
