@@ -243,3 +243,10 @@ def test_midol_run_prints_and_saves_the_report_and_teacher_equals_student(tmp_pa
     assert saved["counts"] == {"loaded": 67, "reshaped": 0, "random_init": 0, "ignored": 7}
     assert saved["layout"] == "swin_ms" and saved["source"] == str(path)
     assert saved["loaded"]["layers.3.downsample.reduction.weight"] == "layers.2.downsample.reduction.weight"
+
+
+def test_a_missing_file_says_to_fetch_it_by_hand(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"init_checkpoint weights/x.pth not found \(relative paths are "
+                       r"from .*\): midol never downloads; fetch the released file by hand"):
+        tiny_dex(init_checkpoint="weights/x.pth")

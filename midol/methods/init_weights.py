@@ -24,6 +24,10 @@ def load_init_weights(model: nn.Module, path: str | Path | None, layout: str,
     and print the report's table (rank zero); None without a file."""
     if path is None:
         return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"init_checkpoint {path} not found (relative paths are from {Path.cwd()}): midol never "
+            "downloads; fetch the released file by hand (a continue preset's comment names it)")
     report = load_backbone_weights(model, path, layout, min_loaded)
     rank_zero_info(report.table())
     return report
