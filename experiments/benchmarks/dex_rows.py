@@ -2,9 +2,12 @@
 Lightning ``Trainer`` as ``midol fit`` runs it (bf16 autocast on CUDA), one view per image.
 
 Implementations: ``mae`` (``use_dex: false``, the baseline DEX claims to beat), ``dex-loop``,
-``dex-sorted``, ``dex-dense`` (``dex_dispatch``, :class:`midol.models.dex.DEXLayer`). A row's
-``compile`` is ``compile: true`` with the method's ``compile_scope: auto``: the whole step for
-``mae`` and ``dex-dense``, the decoder only for ``loop``/``sorted``. Presets: ``vit_base``
+``dex-sorted``, ``dex-dense``, ``dex-grouped`` (``dex_dispatch``,
+:class:`midol.models.dex.DEXLayer`). A row's ``compile`` is ``compile: true`` with the method's
+``compile_scope: auto``: the whole step for ``mae``, ``dex-dense`` and ``dex-grouped``, the
+decoder only for ``loop``/``sorted``. Every row trains under bf16 autocast (``bf16-mixed``),
+on a CPU too: the dry run then takes the GPU's code path (the grouped GEMM compiles in bf16
+only). Presets: ``vit_base``
 (DEX's ViT-B/16, E = 8, top-2, decoder 512 x 8, at 224 px) and ``micro`` (the tests' tiny DEX,
 for the CPU dry run). Timing, FLOP counting and the host-sync audit are those of the other
 rows (``gpu_measure.py``), with this module's step in place of ``step_impls``'.
@@ -19,7 +22,7 @@ from typing import Any
 from experiments.benchmarks.gpu_measure import FLOP_BATCH, StepMarks, compile_backend
 from experiments.benchmarks.gpu_rows import Row
 
-IMPLS = ("mae", "dex-loop", "dex-sorted", "dex-dense")
+IMPLS = ("mae", "dex-loop", "dex-sorted", "dex-dense", "dex-grouped")
 VIEWS = "mae"  # one view per image, MAE's masking inside the step
 PRESETS: dict[str, dict[str, Any]] = {
     "vit_base": dict(backbone="vit_base_patch16_224", img_size=224, num_experts=8, top_k=2,
@@ -69,7 +72,7 @@ def run_dex(impl: str, compile: bool, ckpt: bool, preset: str, batches: list[dic
     module = dex_module(impl, compile, ckpt, preset)
     trainer = L.Trainer(
         accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=steps,
+        precision="bf16-mixed", max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=50,
         callbacks=[_StepHookCallback(on_step_end), *(callbacks or [])],
@@ -81,9 +84,34 @@ def run_dex(impl: str, compile: bool, ckpt: bool, preset: str, batches: list[dic
         trainer.fit(module, train_dataloaders=loader)
 
 
+def grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``torch._grouped_mm`` (torch's counter has no formula for it): every row of
+    the 2-D operand meets one group's matrix, so a grouped GEMM costs what one plain GEMM over
+    all rows costs; the backward's 2-D x 2-D form (per-group outer products) likewise."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (M, K) x (E, K, N)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (K, M) x (M, N) -> (E, K, N)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:  # (E, M, K) x (K, N) -> (M, N)
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # batched (E, M, K) x (E, K, N)
+
+
+def _register_grouped_mm_flops() -> None:
+    import torch
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is not None and not {op, op.default} & set(flop_counter.flop_registry):
+        flop_counter.register_flop_formula(op)(grouped_mm_flops)
+
+
 def flops_per_step(suite: Any, row: Row, batch: int) -> float:
-    """FLOPs of one eager step counted at FLOP_BATCH (``torch.utils.flop_counter``), scaled."""
+    """FLOPs of one eager step counted at FLOP_BATCH (``torch.utils.flop_counter``, with a
+    formula for the grouped GEMM), scaled."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    _register_grouped_mm_flops()
 
     preset = preset_name(suite)
     key = (row.impl, preset)

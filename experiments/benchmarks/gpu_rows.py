@@ -62,12 +62,13 @@ SECTIONS: dict[str, tuple[str, list[Row]]] = {
     ]),
     # DEX and its plain-MAE baseline (issue 30 items 4-5; dex_rows.py): the dispatch without
     # host reads (dense) against the loop, the whole step compiled, and the syncs per step.
-    "D": ("DEX dispatch and plain MAE (ViT-B/16, one view)", [
-        _r("dex-loop", "mae"), _r("dex-dense", "mae"), _r("mae", "mae"),
-        _r("dex-dense", "mae", compile=True), _r("dex-loop", "mae", audit=True),
-        _r("dex-dense", "mae", audit=True), _r("dex-sorted", "mae"),
-        _r("mae", "mae", compile=True), _r("dex-loop", "mae", compile=True),
-        _r("dex-sorted", "mae", audit=True),
+    "D": ("DEX dispatch and plain MAE (ViT-B/16, one view, bf16)", [
+        _r("dex-loop", "mae"), _r("dex-grouped", "mae"), _r("dex-dense", "mae"),
+        _r("mae", "mae"), _r("dex-grouped", "mae", compile=True),
+        _r("dex-loop", "mae", audit=True), _r("dex-grouped", "mae", audit=True),
+        _r("dex-dense", "mae", compile=True), _r("mae", "mae", compile=True),
+        _r("dex-sorted", "mae"), _r("dex-loop", "mae", compile=True),
+        _r("dex-dense", "mae", audit=True), _r("dex-sorted", "mae", audit=True),
     ]),
 }
 

@@ -45,13 +45,15 @@ def test_every_dex_row_runs(section_d: dict) -> None:
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     timed = [r for r in rows if r["kind"] != "audit"]
     assert {(r["impl"], r["compile"]) for r in timed} >= {
-        ("dex-loop", False), ("dex-dense", False), ("mae", False), ("dex-dense", True),
-        ("mae", True)}
+        ("dex-loop", False), ("dex-dense", False), ("dex-grouped", False), ("mae", False),
+        ("dex-dense", True), ("dex-grouped", True), ("mae", True)}
     for r in timed:
         assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and r["steps_timed"] == 2
     flops = {r["impl"]: r["flops_per_image"] for r in timed}
     # the dense dispatch runs every expert on every image: more FLOPs than the loop's top-k
     assert flops["dex-dense"] > flops["dex-loop"] == flops["dex-sorted"] > flops["mae"]
+    # grouped: the loop's GEMMs (dex_rows registers the grouped op's formula)
+    assert flops["dex-grouped"] == pytest.approx(flops["dex-loop"], rel=1e-3)
     meta = section_d["meta"]
     assert meta["preset"] == "dex:micro" and meta["views_px"] == [32, 32]
 
@@ -59,7 +61,7 @@ def test_every_dex_row_runs(section_d: dict) -> None:
 @pytest.mark.timeout(300)
 def test_audit_finds_the_dispatch_reads(section_d: dict) -> None:
     audits = {r["impl"]: r for r in section_d["rows"] if r["kind"] == "audit"}
-    assert set(audits) == {"dex-loop", "dex-dense", "dex-sorted"}
+    assert set(audits) == {"dex-loop", "dex-dense", "dex-sorted", "dex-grouped"}
 
     def reads(impl: str, site: str) -> float:
         return sum(float(line.split()[0]) for line in audits[impl]["sync_sites"] if site in line)
@@ -67,3 +69,4 @@ def test_audit_finds_the_dispatch_reads(section_d: dict) -> None:
     assert reads("dex-loop", "_mix_loop") == BLOCKS * EXPERTS
     assert reads("dex-sorted", "_mix_sorted") == BLOCKS
     assert reads("dex-dense", "models/dex.py") == 0
+    assert reads("dex-grouped", "models/dex.py") == 0
