@@ -250,3 +250,20 @@ def test_a_missing_file_says_to_fetch_it_by_hand(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"init_checkpoint weights/x.pth not found \(relative paths are "
                        r"from .*\): midol never downloads; fetch the released file by hand"):
         tiny_dex(init_checkpoint="weights/x.pth")
+
+
+@pytest.mark.slow  # two full-size Swin-B: ~15 s on the shared 2-core CPU
+def test_full_size_swin_b_release_layout_counts_as_the_readme_shows():
+    """The README's example report: a full-size Swin-B written in Microsoft's release layout
+    (random values; every key, buffer and the 21841-class head of the release)."""
+    from midol.models.weight_maps import convert_state_dict
+
+    source = build_backbone("swin_base_patch4_window7_224")
+    release = swin_ms_release(source, classes=21841)["model"]
+    del release["layers.0.blocks.1.attn_mask"]
+    shifted = [n for n, m in source.named_modules() if hasattr(m, "shift_size") and max(m.shift_size) > 0]
+    release.update({f"{n}.attn_mask": torch.zeros(1) for n in shifted})
+    _, report = convert_state_dict({"model": release}, build_backbone("swin_base_patch4_window7_224"))
+    assert len(shifted) == 11  # odd blocks of stages 1-3; stage 4 (7 x 7 patches) has no shift
+    assert report.counts() == {"loaded": 327, "reshaped": 0, "random_init": 0, "ignored": 2 + 24 + 11}
+    assert sum(k != v for k, v in report.loaded.items()) == 9
