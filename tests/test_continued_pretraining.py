@@ -267,3 +267,11 @@ def test_full_size_swin_b_release_layout_counts_as_the_readme_shows():
     assert len(shifted) == 11  # odd blocks of stages 1-3; stage 4 (7 x 7 patches) has no shift
     assert report.counts() == {"loaded": 327, "reshaped": 0, "random_init": 0, "ignored": 2 + 24 + 11}
     assert sum(k != v for k, v in report.loaded.items()) == 9
+
+
+def test_bad_layout_or_threshold_is_refused_without_a_file():
+    with pytest.raises(InitWeightsError, match="init_layout must be one of auto, timm, swin_ms, dinov2, dinov3, "
+                       "mae, got 'swin'"):
+        tiny_dex(init_layout="swin")
+    with pytest.raises(InitWeightsError, match=r"min_loaded must lie in \[0, 1\], got 95"):
+        tiny_module(min_loaded=95)

@@ -33,6 +33,7 @@ from midol.models.dex import (
     set_dex_mode,
 )
 from midol.models.mae import MAEDecoder, Masking, encode_visible, random_masking
+from midol.models.weight_maps import Layout
 from midol.optim.schedules import cosine_schedule
 from midol.utils.deferred import DeferredUpdate
 
@@ -52,7 +53,7 @@ class DEXOptions(BaseMethodOptions, Protocol):
     backbone_kwargs: dict[str, Any] | None
     img_size: int
     init_checkpoint: str | None
-    init_layout: str
+    init_layout: Layout
     min_loaded: float
     grad_checkpointing: bool
     use_dex: bool
@@ -204,7 +205,7 @@ class DEX(BaseMethod):
         backbone_kwargs: dict[str, Any] | None = None,
         img_size: int = 256,
         init_checkpoint: str | None = None,
-        init_layout: str = "auto",
+        init_layout: Layout = "auto",
         min_loaded: float = DEFAULT_MIN_LOADED,
         grad_checkpointing: bool = False,
         use_dex: bool = True,

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from midol.models.backbone import load_backbone_weights
-from midol.models.weight_maps import LoadReport
+from midol.models.weight_maps import LAYOUTS, InitWeightsError, LoadReport
 
 DEFAULT_MIN_LOADED = 0.95  # a whole ViT-B block is 12 of 152 tensors (8 %): refused
 
@@ -21,7 +21,12 @@ DEFAULT_MIN_LOADED = 0.95  # a whole ViT-B block is 12 of 152 tensors (8 %): ref
 def load_init_weights(model: nn.Module, path: str | Path | None, layout: str,
                       min_loaded: float) -> LoadReport | None:
     """Load ``path`` into ``model`` (see :func:`~midol.models.backbone.load_backbone_weights`)
-    and print the report's table (rank zero); None without a file."""
+    and print the report's table (rank zero); None without a file. ``layout`` and
+    ``min_loaded`` are checked even then (a typo should not wait for the day a file is set)."""
+    if layout not in LAYOUTS:
+        raise InitWeightsError(f"init_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not 0.0 <= min_loaded <= 1.0:
+        raise InitWeightsError(f"min_loaded must lie in [0, 1], got {min_loaded!r}")
     if path is None:
         return None
     if not Path(path).is_file():

@@ -26,6 +26,7 @@ from midol.methods.validation import MIN_TEMPERATURE, TEMPERATURE_RANGE, finite,
 from midol.models import DEFAULT_BACKBONE, MoEProjector, build_backbone
 from midol.models.moe import Projection
 from midol.models.speed_switches import set_fused_attention
+from midol.models.weight_maps import Layout
 from midol.optim.schedules import linear_warmup
 from midol.utils.cluster_metrics import distribution_stats, mean_pairwise_cosine
 from midol.utils.deferred import DeferredUpdate
@@ -52,7 +53,7 @@ class MIDoLOptions(MomentumMethodOptions, Protocol):
     backbone: str
     backbone_kwargs: dict[str, Any] | None
     init_checkpoint: str | None
-    init_layout: str
+    init_layout: Layout
     min_loaded: float
     grad_checkpointing: bool | Literal['auto']
     fused_attn: bool | None
@@ -190,7 +191,7 @@ class MIDoL(MomentumMethod):
         backbone: str = DEFAULT_BACKBONE,
         backbone_kwargs: dict[str, Any] | None = None,
         init_checkpoint: str | None = None,
-        init_layout: str = "auto",
+        init_layout: Layout = "auto",
         min_loaded: float = DEFAULT_MIN_LOADED,
         grad_checkpointing: bool | Literal["auto"] = False,
         fused_attn: bool | None = None,
