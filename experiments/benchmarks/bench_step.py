@@ -1,6 +1,10 @@
-"""Pre-training step benchmark (issue 6, items 1a and 1b): source images/s, achieved TFLOP/s,
-MFU and peak memory of one optimiser step, for midol, a restatement of the authors' loop and
-lightly's DINO components, on the same backbone and synthetic uint8 views.
+"""Pre-training step benchmark (issue 6, items 1a and 1b; issue 30, item 1): source images/s,
+achieved TFLOP/s, MFU, peak memory and host syncs of one optimiser step, for midol, the
+M-IDoL authors' loop as it runs and lightly's ImageNet DINO benchmark (``step_impls.py``), on
+the same backbone and synthetic uint8 views. ``midol-dinoce`` / ``authors`` and
+``midol-dino`` / ``lightly`` are the same math (``--same-math`` reports their step-0 losses
+from the same weights); ``authors-per-view`` and ``lightly-toy`` are the earlier per-view
+restatements, kept as labelled extra rows.
 
     # the GPU table (Swin-B, both view settings, batch 32 and 64, compile and checkpointing)
     python experiments/benchmarks/bench_step.py --device cuda --model swin_base \\
@@ -8,6 +12,10 @@ lightly's DINO components, on the same backbone and synthetic uint8 views.
     # CPU smoke run (a tiny Swin, seconds)
     python experiments/benchmarks/bench_step.py --device cpu --model micro --batch 4 \\
         --impl midol authors lightly --compile off --ckpt off --warmup 1 --iters 2 --repeats 1
+    # the same-math ratios on a CPU: interleaved rounds, syncs and step-0 losses
+    python experiments/benchmarks/bench_step.py --device cpu --model tiny --batch 8 \\
+        --views authors --impl midol-dinoce authors midol-dino lightly --compile off \\
+        --ckpt off --threads 1 --rounds 3 --sync-audit --same-math
 
 FLOPs are the model FLOPs of one step (forward + backward of every matmul, convolution and
 attention; ``torch.utils.flop_counter``), counted once per (implementation, views, batch)
@@ -27,6 +35,7 @@ import itertools
 import json
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -46,7 +55,21 @@ from common import (  # noqa: E402
     python_command,
     synchronize,
 )
-from step_impls import IMPLS, PRESETS, VIEW_SETTINGS, Case, make_batches, run_case  # noqa: E402
+from step_impls import (  # noqa: E402
+    AUTHORS_VIEWS_ONLY,
+    IMPLS,
+    PRESETS,
+    SAME_MATH,
+    VIEW_SETTINGS,
+    Case,
+    make_batches,
+    run_case,
+    same_math_losses,
+)
+
+BENCH_DIR = str(Path(__file__).resolve().parent) + "/"
+# The earlier per-view restatements: extra rows, not the code people run.
+PER_VIEW_ROWS = ("authors-per-view", "lightly-toy")
 
 
 @dataclass
@@ -66,8 +89,8 @@ class Result:
 def cases_from_args(args: argparse.Namespace) -> list[Case]:
     cases = []
     for impl, views, batch in itertools.product(args.impl, args.views, args.batch):
-        if impl == "authors" and views != "authors":
-            continue  # the restatement is defined with every view at the global size
+        if impl in AUTHORS_VIEWS_ONLY and views != "authors":
+            continue  # the authors' loop runs with every view at the global size
         if impl.startswith("midol"):
             for comp, ckpt in itertools.product(args.compile, args.ckpt):
                 cases.append(Case(impl, views, batch, comp == "on", ckpt == "on"))
@@ -145,27 +168,67 @@ def time_case(case: Case, args: argparse.Namespace, device: torch.device) -> Res
     return result
 
 
+def _in_optimizer_step_counter() -> bool:
+    """Whether the current op is torch.optim's ``_get_value`` of a step counter: a CPU tensor
+    for non-fused AdamW on CUDA too (fused AdamW reads none), so never a device read."""
+    return any(f.name == "_get_value" and "torch/optim/" in f.filename
+               for f in traceback.extract_stack(limit=12))
+
+
+def _step_audit_class() -> type:
+    from sync_audit import _ALWAYS_SYNC, _BOOL_INDEX, _INTERNAL, SyncAudit, _has_bool_index, aten
+
+    def site(code_roots: tuple[str, ...]) -> str:
+        """sync_audit's ``_site``, skipping this harness's own frames."""
+        stack = [f for f in traceback.extract_stack()
+                 if not f.filename.endswith(("bench_step.py", *_INTERNAL))]
+        for frame in reversed(stack):
+            root = next((r for r in code_roots if frame.filename.startswith(r)), None)
+            if root is not None:
+                return f"{frame.filename[len(root):]}:{frame.lineno} {frame.name}"
+        for frame in reversed(stack):
+            return f"[{frame.filename.split('site-packages/')[-1]}:{frame.lineno} {frame.name}]"
+        return "[unknown]"
+
+    class StepAudit(SyncAudit):
+        """``SyncAudit`` without the optimiser's step-counter reads (see above)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            counted = func in _ALWAYS_SYNC or (func in _BOOL_INDEX and _has_bool_index(args))
+            if counted and not (func is aten._local_scalar_dense.default
+                                and _in_optimizer_step_counter()):
+                name = str(func.overloadpacket.__name__)
+                if func in _BOOL_INDEX:
+                    name += "[bool mask]"
+                self.report.counts[(name, site(self.code_roots))] += 1
+            return func(*args, **(kwargs or {}))
+
+    return StepAudit
+
+
 def audit_syncs(case: Case, args: argparse.Namespace, device: torch.device) -> tuple[float, list[str]]:
-    """Host synchronisations per steady-state step of a midol case: CUDA's sync debug mode
-    on a GPU, the dispatch-level audit (``sync_audit.py``) on a CPU."""
-    from step_impls import run_midol
-    from sync_audit import SyncAuditCallback
+    """Host synchronisations per steady-state step (steps 2 and 3 of 4) of any implementation:
+    CUDA's sync debug mode on a GPU, the dispatch-level audit (``sync_audit.py``) on a CPU.
+    The audit starts at the end of step 1 (for Lightning runs: at the start of step 2, after
+    step 1's EMA) and ends after the last step."""
+    from sync_audit import _MIDOL_ROOT
+
+    _StepAudit = _step_audit_class()
 
     preset = PRESETS[args.model]
     batches = make_batches(preset, case.views, case.batch, device)
     steps = 4
     if device.type == "cuda":
-        marks: list[int] = []
-
         def hook(i: int) -> None:
             if i == 1:
                 torch.cuda.set_sync_debug_mode("warn")
-                marks.append(i)
+            elif i == steps - 1:
+                torch.cuda.set_sync_debug_mode("default")
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                run_midol(case, preset, batches, steps, hook, device)
+                run_case(case, preset, batches, steps, hook, device)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         sites = Counter(
@@ -174,10 +237,29 @@ def audit_syncs(case: Case, args: argparse.Namespace, device: torch.device) -> t
         )
         lines = [f"{n:5d}  {site}" for site, n in sites.most_common()]
         return sum(sites.values()) / (steps - 2), lines
-    callback = SyncAuditCallback(first_step=2)
-    run_midol(case, preset, batches, steps, lambda i: None, device, callbacks=[callback])
-    report, steps = callback.report, max(callback.steps, 1)
-    return report.on_gpu() / steps, report.lines(steps)
+    audit = _StepAudit(code_roots=(_MIDOL_ROOT, BENCH_DIR))
+
+    def cpu_hook(i: int) -> None:
+        if i == 1:
+            audit.__enter__()
+        elif i == steps - 1:
+            audit.__exit__(None, None, None)
+
+    run_case(case, preset, batches, steps, cpu_hook, device)
+    report = audit.report
+    # Their MultiCropWrapper reads a CPU tensor of view sizes (unique_consecutive, slicing by
+    # its values): no device read on a GPU either.
+    host_only = [k for k in report.counts if "_multi_crop" in k[1]]
+    lines = []
+    for line in report.lines(steps - 2):
+        if "step_impls.py" in line:  # sync_audit's notes describe midol's sites, not these
+            line = line.split("  <- ")[0]
+        if "_multi_crop" in line:
+            line += "  <- a CPU tensor in their code: no device read"
+        lines.append(line)
+    for key in host_only:
+        del report.counts[key]
+    return report.on_gpu() / (steps - 2), lines
 
 
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float, str, float]:
@@ -222,7 +304,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                 if timed.peak_mem_gib is not None:
                     result.peak_mem_gib = max(result.peak_mem_gib or 0.0, timed.peak_mem_gib)
                 result.flops_per_step = flops_cache[key]
-                if round_ == 0 and args.sync_audit and case.impl.startswith("midol"):
+                if round_ == 0 and args.sync_audit:
                     _free(device)
                     result.syncs_per_step, result.sync_sites = audit_syncs(case, args, device)
             except torch.OutOfMemoryError:
@@ -247,19 +329,25 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
         f"{measured:.3g} TFLOP/s",
         "* views: `dino` = 2 global + 6 local at the local size; `authors` = all 8 at the "
         "global size; the teacher sees the 2 global views in both",
+        "* same math: `midol-dinoce` and `authors` (the M-IDoL authors' loop as it runs: "
+        "grouped views, per-parameter clipping with its host reads, their Sinkhorn, fp16 on "
+        "CUDA); `midol-dino` and `lightly` (lightly's ImageNet DINO benchmark: grouped views, "
+        "16-mixed on CUDA). `authors-per-view` and `lightly-toy` are the earlier per-view "
+        "restatements: extra rows only (step_impls.py)",
         "",
     ]
     rows = []
     for r in results:
         c = r.case
+        impl = f"{c.impl} (old per-view restatement)" if c.impl in PER_VIEW_ROWS else c.impl
         if r.status != "ok":
-            rows.append([c.impl, c.views, c.batch, "on" if c.compile else "off",
+            rows.append([impl, c.views, c.batch, "on" if c.compile else "off",
                          "on" if c.ckpt else "off", r.status, "", "", "", "", ""])
             continue
         step_med = median_spread(r.step_s)[0]
         tflops = [r.flops_per_step / s / 1e12 for s in r.step_s]
         rows.append([
-            c.impl, c.views, c.batch, "on" if c.compile else "off", "on" if c.ckpt else "off",
+            impl, c.views, c.batch, "on" if c.compile else "off", "on" if c.ckpt else "off",
             fmt_spread(r.images_per_s(), 1),
             f"{step_med * 1e3:.1f}",
             f"{r.flops_per_step / c.batch / 1e9:.3g}",
@@ -275,8 +363,12 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
     audited = [r for r in results if r.syncs_per_step is not None]
     if audited:
         lines += ["", "## Host synchronisations per steady-state step", "",
-                  "Per step; on a CPU the count leaves out the sites that only a CPU run has. "
-                  "Cases with the same list are grouped.", ""]
+                  "Per step; on a CPU the count leaves out the optimiser's step-counter reads "
+                  "(a CPU tensor on CUDA as well) and cannot see explicit synchronisations "
+                  "or blocking copies: on CUDA the authors' loop adds one "
+                  "`torch.cuda.synchronize()` and one GradScaler read (`found_inf`) per step, "
+                  "lightly's 16-mixed one GradScaler read. Cases with the same list are "
+                  "grouped.", ""]
         groups: dict[tuple[str, ...], list[Result]] = {}
         for r in audited:
             groups.setdefault(tuple(r.sync_sites), []).append(r)
@@ -292,10 +384,13 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
 
 # (midol variant, reference, what the pair compares)
 _PAIRS = (
-    ("midol-dinoce", "authors", "same math (MoE + DINO cross-entropy)"),
+    ("midol-dinoce", "authors", "same math: the authors' code"),
     ("midol", "authors", "paper default (InfoNCE) vs the authors' loop"),
-    ("midol-dino", "lightly", "same math (plain DINO)"),
+    ("midol-dino", "lightly", "same math: plain DINO as lightly's benchmark"),
+    ("midol-dinoce", "authors-per-view", "old per-view restatement, top-1 MoE: not the same math"),
+    ("midol-dino", "lightly-toy", "old per-view restatement of lightly's toy example"),
 )
+assert {(a, b) for a, b, _ in _PAIRS} >= set(SAME_MATH)
 
 
 def ratio_lines(results: list[Result]) -> list[str]:
@@ -321,6 +416,22 @@ def ratio_lines(results: list[Result]) -> list[str]:
     return out or ["* (no pair to compare)"]
 
 
+def same_math_section(args: argparse.Namespace, device: torch.device) -> str:
+    """Markdown: the step-0 loss of each implementation from the same weights and batch."""
+    lines = ["", "## Same math: step-0 loss from the same weights and batch", "",
+             f"Preset `{args.model}`, batch {args.batch[0]}; gate noise and stochastic depth "
+             "off (their random draws differ between loops); `authors-grouped=False` is the "
+             "authors' loop with one backbone call per view.", ""]
+    for views in args.views:
+        losses = same_math_losses(args.model, args.batch[0], views, device)
+        rows = [[views, name, f"{value:.7f}"] for name, value in losses.items()]
+        for ours, ref in SAME_MATH:
+            diff = abs(losses[ours] - losses[ref]) / abs(losses[ref])
+            rows.append([views, f"{ours} vs {ref}", f"relative difference {diff:.1e}"])
+        lines += markdown_table(["views", "impl", "step-0 loss"], rows) + [""]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -340,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU peak")
     p.add_argument("--sync-audit", action="store_true",
                    help="also count host synchronisations per step of the midol cases")
+    p.add_argument("--same-math", action="store_true",
+                   help="also report the step-0 losses of the same-math pairs from the same "
+                   "weights and batch (gate noise and stochastic depth off), first --batch")
     p.add_argument("--flops-only", action="store_true",
                    help="only count FLOPs per view and per step (batch 1), no timing")
     p.add_argument("--out", type=Path, default=None, help="markdown report path")
@@ -347,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.warmup, args.iters, args.repeats, args.rounds) < 1:
         p.error("--warmup, --iters, --repeats and --rounds must be >= 1")
-    if "lightly" in args.impl:
+    if {"lightly", "lightly-toy"} & set(args.impl):
         try:
             import lightly  # noqa: F401
         except ImportError:
@@ -367,6 +481,8 @@ def main(argv: list[str] | None = None) -> str:
         peak = peak_tflops(args, device)
         results = run(args)
         text = report(results, args, peak)
+        if args.same_math:
+            text += same_math_section(args, device)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
