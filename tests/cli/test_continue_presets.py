@@ -12,7 +12,8 @@ from midol.cli import run_lightning
 from midol.config_compose import load_composed
 from tests.helpers.continue_presets import CONTINUE, TINY, preset_init_args, tiny_setup
 
-LAYOUT = {"continue_swin_base": "swin_ms", "continue_dino_vit": "dinov2", "continue_mae_vit_base": "mae",
+LAYOUT = {"continue_swin_base": "swin_ms", "continue_dino_vit": "dinov2", "continue_dinov3_vit": "dinov3",
+          "continue_mae_vit_base": "mae",
           "continue_dex_vit_base": "mae", "continue_retfound_vit_large": "mae"}
 
 

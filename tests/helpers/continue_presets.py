@@ -44,6 +44,10 @@ def _dinov2(name: str) -> dict[str, torch.Tensor]:
     return rw.dinov2_hub(rw.tiny_model(name, **TINY_DINOV2, img_size=42))  # 3 x 3 patches -> 2 x 2
 
 
+def _dinov3(name: str) -> dict[str, torch.Tensor]:
+    return rw.dinov3_release(rw.tiny_model(name, **TINY_DINOV2, img_size=32))
+
+
 def _mae(name: str) -> dict[str, torch.Tensor]:
     return rw.mae_pretrain(rw.tiny_model(name, **TINY_VIT, img_size=16))  # 2 x 2 patches -> 4 x 4
 
@@ -53,6 +57,9 @@ TINY: dict[str, tuple[Any, dict[str, Any], dict[str, Any], set[str]]] = {
     "continue_swin_base": (_swin, {"backbone_kwargs": TINY_SWIN, **MIDOL_HEADS}, multicrop(32, 16), set()),
     "continue_dino_vit": (_dinov2, {"backbone_kwargs": {**TINY_DINOV2, "img_size": 28}, **MIDOL_HEADS},
                           multicrop(28, 28), {"pos_embed"}),
+    "continue_dinov3_vit": (_dinov3, {"backbone_kwargs": {**TINY_DINOV2, "img_size": 32}, **MIDOL_HEADS},
+                           multicrop(32, 16), {"blocks.0.attn.q_bias", "blocks.0.attn.v_bias",
+                                               "blocks.1.attn.q_bias", "blocks.1.attn.v_bias"}),
     "continue_mae_vit_base": (_mae, {"backbone_kwargs": TINY_VIT, **MAE_HEADS}, single_view(32), {"pos_embed"}),
     "continue_dex_vit_base": (_mae, {"backbone_kwargs": TINY_VIT, **MAE_HEADS}, single_view(32), {"pos_embed"}),
     "continue_retfound_vit_large": (_mae, {"backbone_kwargs": TINY_VIT, **MAE_HEADS}, single_view(32),
