@@ -54,6 +54,10 @@ NEW_OPTIONS = {  # key suffix -> default that keeps the 0.1.0 behaviour
     "init_args.nonfinite_check": "every_step", "init_args.fused_attn": None,
     "init_args.route_backbone_grad": True, "init_args.max_images": None,
     "init_args.infonce_gather": "float32",
+    # continued pre-training (issue 29 item 1): the file's key layout and the share that must load
+    "init_args.init_layout": "auto", "init_args.min_loaded": 0.95,
+    # per-source intensity, windows, slices and draw units (issue 28 item 1; sources[i])
+    ".intensity": "auto", ".window": None, ".slices": "middle", ".group_by": None,
 }
 SWIN_B_SPEED = {
     "model.init_args.compile": "auto", "model.init_args.grad_checkpointing": "auto",
