@@ -10,7 +10,8 @@ Two manifest layouts:
 
 A batch is ``{"image": uint8 (B, M, 3, S, S), "mask": bool (B, M), "target": (B,) int64 or
 (B, L) float32, "index": (B,)}``: every bag is padded with zero images to M, the largest bag of
-the manifest, so the default collate stacks them; ``mask`` is True for real images (the task
+the manifest (or ``max_instances``, which subsamples longer bags), so the default collate stacks
+them; ``mask`` is True for real images (the task
 module encodes only those, :class:`~midol.tasks.group_classification.GroupClassificationModule`).
 """
 
@@ -42,26 +43,43 @@ class BagDataset(Dataset[dict[str, Any]]):
         bags: Per bag, the indices of its images in ``images``.
         targets: One label per bag.
         transform: uint8 ``H x W x 3`` -> uint8 ``3 x S x S`` tensor, per image.
-        max_size: The padded bag size M (>= the largest bag).
+        max_size: The padded bag size M: a larger bag keeps ``max_size`` of its images (see
+            ``sample``).
+        sample: How a bag larger than ``max_size`` is cut down: ``random`` (training: a fresh
+            subset each time, from torch's seeded global RNG, kept in bag order) or ``even``
+            (evaluation: evenly spaced images, the same every time, e.g. every k-th slice).
     """
 
     def __init__(self, images: ImageList, bags: list[np.ndarray], targets: np.ndarray,
-                 transform: Callable[[np.ndarray], torch.Tensor], max_size: int) -> None:
+                 transform: Callable[[np.ndarray], torch.Tensor], max_size: int,
+                 sample: Literal["random", "even"] = "even") -> None:
         if len(bags) != len(targets):
             raise ValueError(f"{len(bags)} bags but {len(targets)} targets")
         if any(len(b) == 0 for b in bags):
             raise ValueError("every bag needs at least one image")
-        if bags and max(len(b) for b in bags) > max_size:
-            raise ValueError(f"a bag holds {max(len(b) for b in bags)} images, more than max_size={max_size}")
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if sample not in ("random", "even"):
+            raise ValueError(f"sample must be 'random' or 'even', got {sample!r}")
         self.images, self.bags, self.targets = images, bags, targets
         self.transform = transform
         self.max_size = max_size
+        self.sample = sample
 
     def __len__(self) -> int:
         return len(self.bags)
 
+    def members(self, i: int) -> np.ndarray:
+        """The images of bag ``i`` that this draw uses (all of them when it fits)."""
+        bag = self.bags[i]
+        if len(bag) <= self.max_size:
+            return bag
+        if self.sample == "random":
+            return bag[np.sort(torch.randperm(len(bag))[: self.max_size].numpy())]
+        return bag[np.linspace(0, len(bag) - 1, self.max_size).round().astype(np.int64)]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        tensors = [self.transform(self.images.load(int(k))) for k in self.bags[i]]
+        tensors = [self.transform(self.images.load(int(k))) for k in self.members(i)]
         first = tensors[0]
         padded = first.new_zeros((self.max_size, *first.shape))
         padded[: len(tensors)] = torch.stack(tensors)
@@ -137,6 +155,9 @@ class BagDataModule(TaskDataModule):
         train_augment: Random-resized-crop and flips per training image (else the evaluation
             transform).
         crop_scale / hflip: The training augmentation's settings.
+        max_instances: At most this many images per bag (e.g. slices of a long volume): training
+            draws a random subset each epoch, evaluation takes evenly spaced ones; None keeps
+            every image (bags are padded to the largest).
         **kwargs: Splitting and loading settings of
             :class:`~midol.data.task_datamodule.TaskDataModule` (batch_size counts bags).
     """
@@ -155,9 +176,13 @@ class BagDataModule(TaskDataModule):
         train_augment: bool = False,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: float = 0.5,
+        max_instances: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1 (or null), got {max_instances}")
+        self.max_instances = max_instances
         if not label_columns:
             raise ValueError("label_columns must name at least one column")
         task = task or ("multilabel" if len(label_columns) > 1 else "multiclass")
@@ -229,6 +254,8 @@ class BagDataModule(TaskDataModule):
         starts = np.cumsum([0] + [len(g) for g in per_group])
         bags = [np.arange(starts[n], starts[n + 1]) for n in range(len(per_group))]
         max_size = max(len(b) for b in bags)
+        if self.max_instances is not None:
+            max_size = min(max_size, self.max_instances)
         for k in STAGES:
             rows = np.flatnonzero(np.asarray(splits) == k)
             if not len(rows):
@@ -236,7 +263,7 @@ class BagDataModule(TaskDataModule):
             self.group_ids[k] = [ids[n] for n in rows]
             self.datasets[k] = BagDataset(images, [bags[n] for n in rows], targets[rows],
                                           self.train_transform if k == "train" else self.eval_transform,
-                                          max_size)
+                                          max_size, "random" if k == "train" else "even")
         if "train" not in self.datasets:
             raise ValueError(f"{self.manifest}: the training split has no group")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from midol.data.bags import BagDataModule
+from midol.data.bags import BagDataModule, BagDataset
 from midol.tasks.group_classification import (
     GroupClassificationModule,
     GroupClassificationModuleOptions,
@@ -180,3 +180,29 @@ def test_the_preset_reads_every_odir_patient(odir) -> None:
     dm.setup("fit")  # configs/finetune/odir_patients_group.yaml's data (the dataset's split column)
     assert dm.split_sizes() == {"train": 1120, "val": 160, "test": 320}
     assert sum(len(b) for b in dm.datasets["train"].bags) == 2091  # type: ignore[attr-defined]
+
+
+def test_max_instances_subsamples_long_bags(odir) -> None:
+    manifest, rows = odir
+    dm = _datamodule(manifest, max_instances=1)
+    dm.setup("fit")
+    val = dm.datasets["val"]
+    item = val[0]
+    assert item["image"].shape == (1, 3, SIZE, SIZE) and item["mask"].tolist() == [True]
+    first = val.images.load(int(val.bags[0][0]))  # type: ignore[attr-defined]
+    torch.testing.assert_close(item["image"][0], dm.eval_transform(first))  # evaluation: the first eye
+    train = dm.datasets["train"]
+    two = next(i for i, b in enumerate(train.bags) if len(b) == 2)  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    drawn = [int(train.members(two)[0]) for _ in range(20)]  # type: ignore[attr-defined]
+    assert set(drawn) == set(train.bags[two].tolist())  # type: ignore[attr-defined]  # both eyes drawn over epochs
+    torch.manual_seed(0)
+    assert [int(train.members(two)[0]) for _ in range(20)] == drawn  # type: ignore[attr-defined]  # seeded
+    # a long bag (e.g. a volume's slices): evenly spaced in evaluation, a sorted random subset in training
+    long = BagDataset(val.images, [np.arange(10)], np.zeros(1, np.int64), dm.eval_transform, 4)  # type: ignore[attr-defined]
+    assert long.members(0).tolist() == [0, 3, 6, 9]
+    rand = BagDataset(val.images, [np.arange(10)], np.zeros(1, np.int64), dm.eval_transform, 4, "random")  # type: ignore[attr-defined]
+    picked = rand.members(0)
+    assert len(set(picked.tolist())) == 4 and picked.tolist() == sorted(picked.tolist())
+    with pytest.raises(ValueError, match="max_instances must be >= 1"):
+        _datamodule(manifest, max_instances=0)
