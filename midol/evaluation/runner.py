@@ -13,7 +13,7 @@ Protocols (their settings are named in every table and ``runs.csv`` row):
   the patients and the seed, so every backbone is scored on the same draws.
 * ``mil``: group tasks only (``label_level: group``): gated attention-MIL trained on the frozen
   image embeddings of each group with one fixed recipe (:mod:`midol.evaluation.group_probe`),
-  setting ``attention``. On a group task every protocol scores one prediction per group: kNN,
+  setting ``attention``, once per seed ``0..seeds-1`` (the initialisation and mini-batch order). On a group task every protocol scores one prediction per group: kNN,
   linear and few-shot read the mean of the group's image embeddings, draws and bootstrap
   resamples are of groups. An image-level task has no ``mil`` setting.
 """
@@ -136,7 +136,10 @@ def settings_for(task: TaskData, options: Options) -> tuple[list[tuple[Setting, 
                         [draw_subset(y, task.type, fraction=f, seed=s, groups=groups)
                          for s in range(options.seeds)]))
     if "mil" in options.protocols and task.group_level:
-        out.append((Setting("mil", "attention"), [full]))
+        # a trained pooling is stochastic: ``seeds`` initialisations (and validation carves), so
+        # its cell carries the spread between them as few-shot cells carry their draws'
+        out.append((Setting("mil", "attention"),
+                     [Draw("full", None, s, full.indices) for s in range(options.seeds)]))
     return out, skipped
 
 
@@ -233,7 +236,7 @@ def evaluate(suite: Suite, backbones: list[LoadedBackbone], embedder: Embedder,
                         if setting.protocol == "mil":
                             s, how = _predict_mil(task, instances[(member, row.readout)], draw.seed)
                             results.notes.append(f"{spec.name} {setting.key} / {member} "
-                                                 f"[{row.readout}]: {how}")
+                                                 f"[{row.readout}] seed {draw.seed}: {how}")
                         else:
                             s = _predict(setting, task, feats[(member, row.readout)], draw, options, knn_k)
                         per_draw.append(s)

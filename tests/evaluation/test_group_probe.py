@@ -169,7 +169,8 @@ def test_odir_patients_one_prediction_per_patient_equal_to_sklearn(tmp_path: Pat
     mil = attention_mil_scores(feats["train"], g["train"].bag, labels["train"], feats["test"],
                                g["test"].bag, "binary", 2, val_x=feats["val"], val_bag=g["val"].bag,
                                val_y=labels["val"])
-    mil_run = next(r for r in runs if r["protocol"] == "mil" and r["readout"] == "cls")
+    mil_run = next(r for r in runs if r["protocol"] == "mil" and r["readout"] == "cls" and r["seed"] == "0")
+    assert sorted(r["seed"] for r in runs if r["protocol"] == "mil" and r["readout"] == "cls") == ["0", "1"]
     assert float(mil_run["value"]) == pytest.approx(roc_auc_score(labels["test"], mil.scores[:, 1]), abs=1e-9)
 
     report = json.loads((out / "report.json").read_text())
@@ -178,7 +179,7 @@ def test_odir_patients_one_prediction_per_patient_equal_to_sklearn(tmp_path: Pat
     assert info["images"] == {k: len(task.splits[k]) for k in ("train", "val", "test")}
     text = (out / "report.md").read_text()
     assert "binary, one label per group" in text and f"60 ({len(task.splits['train'])} img)" in text
-    assert "mil: attention" in text and "odir_normal mil attention / v [cls]: best epoch" in text
+    assert "mil: attention" in text and "odir_normal mil attention / v [cls] seed 1: best epoch" in text
 
 
 def test_per_image_manifest_gives_the_same_groups_and_disagreeing_eyes_are_refused(tmp_path: Path) -> None:
