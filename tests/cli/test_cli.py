@@ -18,10 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 # Sweeps are checked in test_sweeps.py; downstream configs name a pre-training run's output, so
 # test_finetune_configs.py instantiates each of them with a real tiny checkpoint in its place;
 # fusion presets name pre-trained exports too (test_fusion_configs.py); eval suites are not
-# `midol fit` configs (tests/evaluation/test_shipped_suites.py).
+# `midol fit` configs (tests/evaluation/test_shipped_suites.py); continued pre-training presets
+# name released weight files under weights/ (tests/cli/test_continue_presets.py builds each from
+# a stand-in of that file).
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("[!_]*.yaml")
-    if not {"sweeps", "finetune", "fusion", "eval"} & set(p.parts)
+    if not {"sweeps", "finetune", "fusion", "eval", "continue"} & set(p.parts)
 )
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
 
