@@ -243,6 +243,9 @@ def _parse_task(value: Any, where: str) -> TaskSpec:
             raise SuiteError(f"{where}: image_columns must be a non-empty list of column names")
         if spec.group_regex is not None:
             raise SuiteError(f"{where}: group_regex applies to per-image CSVs, not to image_columns")
+        if spec.uncertain_label != "error":  # the patient-manifest reader takes 0/1 labels only
+            raise SuiteError(f"{where}: uncertain_label applies to per-image CSVs, not to "
+                             "image_columns (a patient manifest's labels are 0/1)")
     if spec.group_regex is not None:
         try:
             if re.compile(spec.group_regex).groups < 1:

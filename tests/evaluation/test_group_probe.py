@@ -220,6 +220,9 @@ def test_per_image_manifest_gives_the_same_groups_and_disagreeing_eyes_are_refus
     with pytest.raises(SuiteError, match="image_columns .* needs label_level: group"):
         load_suite(_suite(tmp_path, manifest, {"group_column": "patient_id",
                                                "image_columns": ["left_image"]}))
+    with pytest.raises(SuiteError, match="uncertain_label applies to per-image CSVs"):
+        load_suite(_suite(tmp_path, manifest, {"label_level": "group", "group_column": "patient_id",
+                                               "image_columns": ["left_image"], "uncertain_label": "zero"}))
     assert os.path.isfile(manifest)
 
 
