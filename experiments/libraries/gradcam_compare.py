@@ -121,9 +121,15 @@ def main() -> int:
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
     reshape = vit_reshape(vit.num_prefix_tokens, tuple(vit.patch_embed.grid_size))
     t_vit, cams = best_time(lambda: package_cam(vit, x224, vit.blocks[-1].norm1, reshape))
-    rows.append({"backbone": "vit_small_patch16_224, seeded random (package only: midol's code "
-                 "has no ViT path)", "input": list(x224.shape), "package_s": t_vit,
-                 "map_range": [float(cams.min()), float(cams.max())]})
+    from midol.analysis.gradcam import grad_cam
+
+    t_own_vit, own_vit = best_time(lambda: grad_cam(vit, x224, lambda f: f.norm(dim=-1)))
+    corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(own_vit, cams)]
+    rows.append({"backbone": "vit_small_patch16_224, seeded random (midol's ViT path, added after "
+                 "this comparison: block -1's norm1, the package's recipe)", "input": list(x224.shape),
+                 "pearson_min": min(corr), "pearson_mean": float(np.mean(corr)),
+                 "max_abs_diff": float(np.abs(own_vit - cams).max()),
+                 "own_s": t_own_vit, "package_s": t_vit})
     print(json.dumps({"load": load_average(), "rows": rows}, indent=1))
     return 0
 
