@@ -1,6 +1,7 @@
 """DEX expert dispatch (issue 30 item 4): CPU seconds per DEX block and per DEX training step
-for ``loop`` (one ``torch.where`` per expert), ``sorted`` (one read-back of E sizes per block)
-and ``dense`` (every expert on every row, no read-back), with the host reads each makes per
+for ``loop`` (one ``torch.where`` per expert), ``sorted`` (one read-back of E sizes per block),
+``dense`` (every expert on every row, no read-back) and ``grouped`` (one grouped GEMM per MLP
+layer, no read-back), with the host reads each makes per
 step (``sync_audit.py``'s count, the ops that would wait for a GPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/benchmarks/bench_dex_dispatch.py \
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         f"* command: `{command.strip()}`",
         f"* timing: 1 warm-up each, then {args.repeats} interleaved rounds; best (median) ms",
         "* host reads: `experiments/benchmarks/sync_audit.py` ops per call (what would make the "
-        "host wait for a GPU), counted on one call", "",
+        "host wait for a GPU), counted on one call",
+        f"* load average before (1/5/15 min): {[round(v, 2) for v in os.getloadavg()]}", "",
     ]
     for kind, names, make in (("block", args.blocks, block_runner), ("step", args.steps, step_runner)):
         for name in names:
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 if where:
                     lines += [f"{d} read sites (count, op, site):", "", "```", *where, "```", ""]
             print("\n".join(lines[-12:]), flush=True)
+    lines.append(f"* load average after (1/5/15 min): {[round(v, 2) for v in os.getloadavg()]}")
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text)
