@@ -119,3 +119,30 @@ def test_missing_monai_fails_when_the_metric_is_built(monkeypatch):
     monkeypatch.setitem(sys.modules, "monai.metrics", None)
     with pytest.raises(ImportError, match=r"pip install 'midol\[seg\]'"):
         segmentation_metrics(2, 255)
+
+
+def test_a_segmentation_validation_logs_hd95_equal_to_the_restatement(sample_data, tmp_path):
+    from midol.data import SegmentationDataModule, SegmentationSource
+    from midol.tasks import SegmentationModule
+    from tests.helpers.finetune import SIZE, quick_trainer, tiny_backbone_args
+    from tests.helpers.task_data import pathology_pairs
+
+    torch.manual_seed(0)
+    root = pathology_pairs(sample_data, tmp_path / "seg", n=6)
+    dm = SegmentationDataModule(train=SegmentationSource(str(root), mask_suffix="_mask"), val_fraction=0.5,
+                                image_size=SIZE, batch_size=3, num_workers=0)
+    module = SegmentationModule(num_classes=2, decoder_dim=8, **tiny_backbone_args())
+    results = quick_trainer(tmp_path, limit_val_batches=None).validate(module, dm, verbose=False)[0]
+    module.eval()
+    expected = []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            for p, t in zip(module(batch["image"]).argmax(1), batch["target"]):
+                valid = (t != 255).numpy()
+                a, b = (p == 1).numpy() & valid, (t == 1).numpy() & valid
+                if a.any() and b.any():
+                    expected.append(_plain_hd95(a, b))
+                elif a.any() or b.any():
+                    expected.append(math.hypot(*t.shape))
+    assert expected
+    assert results["val/hd95"] == pytest.approx(float(np.mean(expected)), abs=1e-3)
