@@ -287,9 +287,10 @@ def run(args: argparse.Namespace) -> list[Result]:
     results = {case: Result(case) for case in cases}
     flops_cache: dict[tuple[str, str, int], float] = {}
     # Rounds: every case once per round, so that a change of the machine's load during the run
-    # (a shared CPU) spreads over all cases instead of favouring the ones that ran when it was low.
+    # (a shared CPU) spreads over all cases instead of favouring the ones that ran when it was low;
+    # odd rounds run the list backwards, so a steady drift of the load cancels between cases.
     for round_ in range(args.rounds):
-        for case in cases:
+        for case in (cases if round_ % 2 == 0 else cases[::-1]):
             result = results[case]
             if result.status != "ok":
                 continue
@@ -379,7 +380,7 @@ def report(results: list[Result], args: argparse.Namespace, peak: tuple[float, s
             lines += ["```", ""]
     lines += ["", "Ratios (same views and batch; median images/s, and the best blocks' ratio; the "
               "best midol variant):", ""]
-    lines += ratio_lines(results)
+    lines += ratio_lines(results, args.repeats if args.rounds > 1 else None)
     return "\n".join(lines) + "\n"
 
 
@@ -394,10 +395,12 @@ _PAIRS = (
 assert {(a, b) for a, b, _ in _PAIRS} >= set(SAME_MATH)
 
 
-def ratio_lines(results: list[Result]) -> list[str]:
+def ratio_lines(results: list[Result], repeats: int | None = None) -> list[str]:
     """Per pair: the ratio of median images/s and, less sensitive to a shared machine's load
-    spikes, of the best block's (best-of)."""
-    best: dict[tuple[str, str, int], tuple[float, float, Case]] = {}
+    spikes, of the best block's (best-of). With ``repeats`` (blocks per case and round, every
+    round complete) also the paired ratio: per round, the two cases' median block (they ran
+    minutes apart at most), then the median and range of those ratios over rounds."""
+    best: dict[tuple[str, str, int], tuple[float, float, Result]] = {}
     for r in results:
         if r.status != "ok":
             continue
@@ -405,21 +408,30 @@ def ratio_lines(results: list[Result]) -> list[str]:
         med, top = median_spread(ips)[0], max(ips)
         key = (r.case.impl, r.case.views, r.case.batch)
         if key not in best or med > best[key][0]:
-            best[key] = (med, top, r.case)
+            best[key] = (med, top, r)
     out = []
 
-    def ratio(ours: tuple[float, float, Case], ref: tuple[float, float, Case]) -> str:
-        return f"{ours[0] / ref[0]:.2f}x (best-of {ours[1] / ref[1]:.2f}x)"
+    def per_round(r: Result) -> list[float]:
+        ips = r.images_per_s()
+        return [median_spread(ips[k:k + repeats])[0] for k in range(0, len(ips), repeats or 1)]
+
+    def ratio(ours: tuple[float, float, Result], ref: tuple[float, float, Result]) -> str:
+        text = f"{ours[0] / ref[0]:.2f}x (best-of {ours[1] / ref[1]:.2f}x"
+        a, b = (per_round(ours[2]), per_round(ref[2])) if repeats else ([], [])
+        if len(a) > 1 and len(a) == len(b):
+            paired = [x / y for x, y in zip(a, b)]
+            text += f"; paired by round {fmt_spread(paired, 2)}x over {len(paired)} rounds"
+        return text + ")"
 
     for (impl, views, batch), mine in sorted(best.items()):
         for ours, other, what in _PAIRS:
             ref = best.get((other, views, batch))
             if impl == ours and ref is not None:
-                out.append(f"* {mine[2].label} / {other} ({views} views, batch {batch}; {what}): "
-                           f"{ratio(mine, ref)}")
+                out.append(f"* {mine[2].case.label} / {other} ({views} views, batch {batch}; "
+                           f"{what}): {ratio(mine, ref)}")
         ref = best.get(("authors", "authors", batch))
         if impl == "midol" and views == "dino" and ref is not None:
-            out.append(f"* {mine[2].label} in the dino setting / authors' step in theirs "
+            out.append(f"* {mine[2].case.label} in the dino setting / authors' step in theirs "
                        f"(batch {batch}): {ratio(mine, ref)}")
     return out or ["* (no pair to compare)"]
 

@@ -168,3 +168,22 @@ def test_same_math_pairs_give_the_same_step0_loss(one_thread) -> None:
     # Different math gives a different number (the equalities are not vacuous): L_route and
     # L_cst over 64 outputs against plain DINO.
     assert abs(losses["authors"] - losses["lightly"]) > 1.0
+
+
+def test_ratio_lines_give_median_and_best_of_ratios() -> None:
+    from experiments.benchmarks import step_impls
+
+    ours = bench_step.Result(step_impls.Case("midol-dino", "dino", 8), step_s=[1.0, 0.5, 2.0])
+    ref = bench_step.Result(step_impls.Case("lightly", "dino", 8), step_s=[2.0, 1.0, 1.0])
+    old = bench_step.Result(step_impls.Case("lightly-toy", "dino", 8), step_s=[4.0, 4.0])
+    lines = bench_step.ratio_lines([ours, ref, old])
+    # images/s 8, 16, 4 against 4, 8, 8 and 2, 2: medians 8 / 8 / 2, best blocks 16 / 8 / 2
+    assert lines == [
+        "* midol-dino [eager] / lightly (dino views, batch 8; same math: plain DINO as lightly's "
+        "benchmark): 1.00x (best-of 2.00x)",
+        "* midol-dino [eager] / lightly-toy (dino views, batch 8; old per-view restatement of "
+        "lightly's toy example): 4.00x (best-of 8.00x)",
+    ]
+    # one block per round: rounds give 8/4, 16/8, 4/8
+    paired = bench_step.ratio_lines([ours, ref], repeats=1)
+    assert paired[0].endswith("1.00x (best-of 2.00x; paired by round 2.00 (0.50-2.00)x over 3 rounds)")
