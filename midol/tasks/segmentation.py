@@ -31,6 +31,35 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     return 1 - dice[1:].mean()
 
 
+class UPerNetHead(nn.Module):
+    """segmentation_models_pytorch's ``UPerNetDecoder`` (Xiao et al. 2018: PSP on the coarsest map,
+    FPN fusion) over 4 stage maps, then dropout, a 1x1 classifier and bilinear upsampling to the
+    input. smp expects 6 maps from 1/1 to 1/32 and uses the last 4: a hierarchical backbone has
+    only those 4, so the finest is passed in the two unused places. On frozen demo-teacher
+    features of PH2 its per-image Dice is level with midol's lighter ``fpn`` head (0.869 vs
+    0.878 over 3 seeds, within the seeds' spread; ``experiments/results/
+    library_choices_2026-12-08.md``) with 3.6x the parameters: an option for paper parity."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"decoder_type: upernet takes 4 stage maps (num_levels: 4), got {len(in_channels)}")
+        try:
+            from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+        except ImportError as err:
+            raise ImportError("decoder_type: upernet needs segmentation_models_pytorch: "
+                              "pip install 'midol[seg]'") from err
+        first = in_channels[0]
+        self.decoder = UPerNetDecoder([first, first, *in_channels], encoder_depth=5, decoder_channels=dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
+
+    def forward(self, features: list[torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
+        fused = self.decoder([features[0], features[0], *features])
+        logits = self.classifier(self.dropout(fused))
+        return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+
+
 class SegmentationModuleOptions(FinetuneModuleOptions, Protocol):
     """``self.hparams`` of :class:`SegmentationModule`: its ``__init__`` arguments, typed, so that a
     misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
@@ -43,7 +72,7 @@ class SegmentationModuleOptions(FinetuneModuleOptions, Protocol):
     dice_weight: float
     ignore_index: int
     select_metric: Literal['dice', 'dice_per_image']
-    decoder_type: Literal['fpn', 'unetr']
+    decoder_type: Literal['fpn', 'unetr', 'upernet']
 
 
 class SegmentationModule(FinetuneModule):
@@ -57,7 +86,9 @@ class SegmentationModule(FinetuneModule):
         decoder_type: ``fpn`` (the light multi-scale fusion, any backbone) or ``unetr`` (a
             UNETR-style decoder for plain ViTs, as DEX's supplement uses; ``decoder_dim`` is
             the width of its full-resolution stage and doubles per coarser stage, so use ~32
-            there, not the FPN's 256).
+            there, not the FPN's 256); or ``upernet``: segmentation_models_pytorch's
+            ``UPerNetDecoder`` (PSP + FPN, the head the M-IDoL paper used through mmsegmentation;
+            4 stage maps of a hierarchical backbone; ``pip install 'midol[seg]'``).
         ce_weight: weight of the cross-entropy term (loss = ce_weight * CE + dice_weight * (1 - soft Dice)).
         dice_weight: weight of the soft-Dice term.
         ignore_index: target value left out of loss and metrics (checked against the data).
@@ -86,7 +117,7 @@ class SegmentationModule(FinetuneModule):
         dice_weight: float = 1.0,
         ignore_index: int = 255,
         select_metric: Literal["dice", "dice_per_image"] = "dice",
-        decoder_type: Literal["fpn", "unetr"] = "fpn",
+        decoder_type: Literal["fpn", "unetr", "upernet"] = "fpn",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -110,8 +141,10 @@ class SegmentationModule(FinetuneModule):
                                                    decoder_dropout)
         elif decoder_type == "fpn":
             self.decoder = MultiScaleDecoder(channels, num_classes, decoder_dim, decoder_dropout)
+        elif decoder_type == "upernet":
+            self.decoder = UPerNetHead(channels, num_classes, decoder_dim, decoder_dropout)
         else:
-            raise ValueError(f"decoder_type must be 'fpn' or 'unetr', got {decoder_type!r}")
+            raise ValueError(f"decoder_type must be 'fpn', 'unetr' or 'upernet', got {decoder_type!r}")
         self.init_metrics(lambda: segmentation_metrics(num_classes, ignore_index))
 
     def heads(self) -> list[nn.Module]:
