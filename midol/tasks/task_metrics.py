@@ -90,7 +90,7 @@ class DicePerImage(Metric):
     (SIIM pneumothorax: ~80 %) this differs a lot from the pooled :class:`DicePerClass`.
 
     The per-image values are MONAI's ``compute_dice`` (``ignore_empty=False`` is that rule);
-    equal to midol's former own code on PH2 and DRIVE and 6x faster
+    equal to midol's former own code on PH2 and DRIVE and 6-9x faster
     (``experiments/results/library_choices_2026-12-08.md``). This class only sums them in
     torchmetrics states, so they are reduced across ranks."""
 
