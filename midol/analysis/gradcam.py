@@ -73,8 +73,9 @@ def grad_cam(backbone: nn.Module, images: torch.Tensor, score_fn: ScoreFn, stage
 
     Kept over the ``grad-cam`` package (measured, ``experiments/results/
     library_choices_2026-12-08.md``): the same maps up to the per-image scaling (Pearson 1.0000
-    on real images, Swin and ViT), 2-4x faster on CPU at 224 px because the gradient stops at the hooked
-    stage (the package back-propagates into every weight and zeroes the model's gradients)."""
+    on real images, Swin and ViT), 2-4x faster on CPU at 224 px because the gradient stops at
+    the hooked stage (the package back-propagates into every weight and zeroes the model's
+    gradients)."""
     target = stage_module(backbone, stage)
     captured: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda m, i, o: captured.append(o))
