@@ -16,13 +16,18 @@ from midol.methods.midol import MIDoL, MIDoLOptions
 from midol.methods.momentum import MomentumMethod, MomentumMethodOptions
 from midol.tasks.base import FinetuneModule, FinetuneModuleOptions
 from midol.tasks.classification import ClassificationModule, ClassificationModuleOptions
+from midol.tasks.group_classification import (
+    GroupClassificationModule,
+    GroupClassificationModuleOptions,
+)
 from midol.tasks.multilabel import MultiLabelModule, MultiLabelModuleOptions
 from midol.tasks.segmentation import SegmentationModule, SegmentationModuleOptions
 
 PAIRS = [(BaseMethod, BaseMethodOptions), (MomentumMethod, MomentumMethodOptions),
          (MIDoL, MIDoLOptions), (DEX, DEXOptions), (MedMIX, MedMIXOptions),
          (FinetuneModule, FinetuneModuleOptions), (ClassificationModule, ClassificationModuleOptions),
-         (MultiLabelModule, MultiLabelModuleOptions), (SegmentationModule, SegmentationModuleOptions)]
+         (MultiLabelModule, MultiLabelModuleOptions), (SegmentationModule, SegmentationModuleOptions),
+         (GroupClassificationModule, GroupClassificationModuleOptions)]
 
 
 def init_arguments(cls: type) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Data: one reader stack (folders, CSV, npz), pre-training corpora and datamodules, labelled
 and segmentation datamodules, view transforms and the declared batch types."""
 
+from midol.data.bags import BagDataModule
 from midol.data.batches import ImageBatch, LabelledBatch, ViewBatch
 from midol.data.corpus import Corpus, unique_modalities
 from midol.data.image_io import (
@@ -36,6 +37,7 @@ from midol.data.transforms import (
 )
 
 __all__ = [
+    "BagDataModule",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
