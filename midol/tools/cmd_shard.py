@@ -2,6 +2,7 @@
 
     midol shard --source sample_data/xray xray --source sample_data/oct oct --out shards/
     midol shard --from-config configs/pretrain/demo.yaml --out shards/ --shard-size 500
+    midol shard --add-offsets shards/   # offsets files for shards written without them
 
 Then train with ``data.class_path: midol.data.shards.ShardedPretrainDataModule`` and
 ``data.init_args.index: shards/index.json``.
@@ -42,7 +43,10 @@ def main(argv: list[str]) -> int:
                         metavar=("PATH", "MODALITY"), help="a folder, .csv or .npz and its modality")
     parser.add_argument("--from-config", default=None,
                         help="take the sources of a `midol fit` config (data.init_args.sources)")
-    parser.add_argument("--out", required=True, help="output folder (no index.json in it yet)")
+    parser.add_argument("--out", default=None, help="output folder (no index.json in it yet)")
+    parser.add_argument("--add-offsets", default=None, metavar="INDEX",
+                        help="only write the missing per-sample offsets files of existing shards "
+                        "(an index.json or its folder; shards written before midol stored them)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-side", type=int, default=None,
                         help="shrink larger images to this longest side (stored as --encoding)")
@@ -52,6 +56,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of --encoding jpg")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)
+    if ns.add_offsets is not None:
+        if ns.out or ns.source or ns.from_config:
+            parser.error("--add-offsets works on existing shards: give no --out/--source/--from-config")
+        from midol.data.shards.writer import add_offsets
+
+        done = add_offsets(ns.add_offsets)
+        print(f"offsets files: {done['written']} written, {done['present']} already there"
+              + (f", {done['remote']} remote shard(s) skipped" if done["remote"] else ""))
+        return 0
+    if ns.out is None:
+        parser.error("--out is required (or --add-offsets INDEX)")
     if ns.shard_size < 1:
         parser.error(f"--shard-size must be >= 1, got {ns.shard_size}")
     if ns.max_side is not None and ns.max_side < 1:

@@ -361,3 +361,20 @@ def test_routing_stream_gives_every_sample_once(shards: ShardIndex) -> None:
              for s in _read_shard(shards.url(sh))]
     assert [x["path"] for x in items] == whole
     assert all(x["image"].shape[-2:] == (16, 16) for x in items)
+
+
+def test_add_offsets_writes_what_the_writer_would(one_shard: ShardIndex, tmp_path: Path,
+                                                  capsys) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(one_shard.root, old)
+    sides = sorted(old.rglob("*" + OFFSETS_SUFFIX))
+    written = {p: p.read_bytes() for p in sides}
+    for side in sides:
+        side.unlink()
+    assert shard_tool.main(["--add-offsets", str(old)]) == 0
+    assert "2 written, 0 already there" in capsys.readouterr().out
+    assert all(np.array_equal(np.load(p), np.load(io.BytesIO(b))) for p, b in written.items())
+    assert shard_tool.main(["--add-offsets", str(old / "index.json")]) == 0
+    assert "0 written, 2 already there" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        shard_tool.main(["--add-offsets", str(old), "--out", str(tmp_path / "x")])

@@ -209,8 +209,8 @@ class ShardStream(IterableDataset):
             offsets = self.index.sample_offsets(modality, i, scan=False)
             if offsets is None and scan and is_local(url):
                 warnings.warn(f"{url} has no {OFFSETS_SUFFIX} file (shards written by an older "
-                              "midol shard): scanning its tar headers in every worker; write "
-                              "the shards again to skip that", stacklevel=2)
+                              "midol shard): scanning its tar headers in every worker; "
+                              "`midol shard --add-offsets INDEX` writes them once", stacklevel=2)
                 try:
                     offsets = self.index.sample_offsets(modality, i, scan=True)
                 except ValueError as err:  # e.g. a compressed tar: no seeking into it

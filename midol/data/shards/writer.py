@@ -19,7 +19,14 @@ from midol.data.image_io import (
     decode_image_bytes,
 )
 from midol.data.readers import ImageList
-from midol.data.shards.index import INDEX_NAME, ShardIndex, save_offsets
+from midol.data.shards.index import (
+    INDEX_NAME,
+    ShardIndex,
+    is_local,
+    offsets_path,
+    save_offsets,
+    scan_sample_offsets,
+)
 from midol.data.sources import DataSource, resolve_source
 
 ENCODINGS = ("png", "jpg")
@@ -170,3 +177,30 @@ def write_shards(
     index = ShardIndex(out, shards, counts, skipped)
     index.save(out / INDEX_NAME)
     return index
+
+
+def add_offsets(index_path: str | os.PathLike[str]) -> dict[str, int]:
+    """Write the missing ``<shard>.offsets.npy`` of shards written before midol stored them
+    (one scan of each shard's tar headers), so that workers stop scanning them.
+
+    Returns the numbers of shards ``written``, ``present`` (left as they were) and ``remote``
+    (``pipe:``/URL shards, which cannot be sought into).
+    """
+    index = ShardIndex.load(index_path)
+    done = {"written": 0, "present": 0, "remote": 0}
+    for modality in index.modalities:
+        for i, shard in enumerate(index.shards[modality]):
+            url = index.url(shard)
+            if not is_local(url):
+                done["remote"] += 1
+            elif offsets_path(url).is_file():
+                index.sample_offsets(modality, i)  # checks it against the index
+                done["present"] += 1
+            else:
+                offsets = scan_sample_offsets(url)
+                if len(offsets) != index.counts[modality][i] + 1:
+                    raise ValueError(f"{url}: {len(offsets) - 1} samples, the index says "
+                                     f"{index.counts[modality][i]}; write the shards again")
+                save_offsets(url, offsets)
+                done["written"] += 1
+    return done
