@@ -171,7 +171,8 @@ class MidolCLI(LightningCLI):
                 or str(ckpt_path).startswith("registry:"):
             return
         if ckpt_path == "last":
-            found = last_checkpoint(checkpoint_dirs(config.get("trainer")))
+            trainer = config.get("trainer")
+            found = last_checkpoint(checkpoint_dirs(trainer), trainer.get("default_root_dir") if trainer else None)
             if found is None:
                 return  # Lightning warns and starts from scratch (a first run of a requeued job)
             ckpt_path = found

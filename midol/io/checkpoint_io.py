@@ -35,6 +35,7 @@ from midol.io.weights import verify_archive
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LAST = re.compile(r"^last(-(\d+))?$")  # Lightning's names of save_last files (last, last-v1, ...)
+_HPC = re.compile(r"^hpc_ckpt_\d+$")  # Lightning's SLURM save before a requeue (default_root_dir)
 
 
 def _is_weights_only_refusal(err: BaseException) -> bool:
@@ -108,11 +109,14 @@ def read_checkpoint_file(path: str | Path, weights_only: bool | None = True) -> 
     return ckpt
 
 
-def last_checkpoint(folders: Sequence[str | Path]) -> Path | None:
+def last_checkpoint(folders: Sequence[str | Path], root: str | Path | None = None) -> Path | None:
     """What ``--ckpt_path last`` means: the newest ``last*.ckpt`` in ``folders`` (Lightning's
-    rule), or None."""
+    rule) or ``hpc_ckpt_N.ckpt`` in ``root`` (what Lightning's SLURM environment saves on the
+    signal of ``#SBATCH --signal=USR1@N`` before a requeue), or None."""
     found = [p for folder in folders if Path(folder).is_dir()
              for p in Path(folder).iterdir() if p.suffix == ".ckpt" and _LAST.match(p.stem)]
+    if root is not None and Path(root).is_dir():
+        found += [p for p in Path(root).iterdir() if p.suffix == ".ckpt" and _HPC.match(p.stem)]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 

@@ -655,3 +655,24 @@ def test_run_id_auto_with_ckpt_path_last_resumes_the_newest_run(tmp_path, monkey
     cli = run_lightning(["--config", "configs/pretrain/demo.yaml", "--run_id", "auto",
                          "--trainer.default_root_dir", str(runs)], run=False)
     assert cli.trainer.default_root_dir.startswith(str(runs))
+
+
+def test_ckpt_path_last_takes_the_newer_of_last_and_a_slurm_hpc_save(tmp_path: Path) -> None:
+    """Lightning's SLURM environment saves ``hpc_ckpt_N.ckpt`` in the run folder on the signal of
+    ``#SBATCH --signal=USR1@N``; ``--ckpt_path last`` must not resume from an older last.ckpt."""
+    root = tmp_path / "run"
+    ckpts = root / "checkpoints"
+    ckpts.mkdir(parents=True)
+    last = ckpts / "last.ckpt"
+    last.write_bytes(b"x")
+    hpc = root / "hpc_ckpt_3.ckpt"
+    hpc.write_bytes(b"y")
+    os.utime(last, (1_000, 1_000))
+    os.utime(hpc, (2_000, 2_000))
+    assert last_checkpoint([ckpts], root) == hpc
+    assert last_checkpoint([ckpts]) == last  # without the run folder: Lightning's own rule
+    os.utime(last, (3_000, 3_000))
+    assert last_checkpoint([ckpts], root) == last
+    (root / "hpc_ckpt_notes.ckpt").write_bytes(b"z")  # not Lightning's name: never picked
+    os.utime(root / "hpc_ckpt_notes.ckpt", (9_000, 9_000))
+    assert last_checkpoint([ckpts], root) == last
