@@ -378,3 +378,22 @@ def test_add_offsets_writes_what_the_writer_would(one_shard: ShardIndex, tmp_pat
     assert "0 written, 2 already there" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         shard_tool.main(["--add-offsets", str(old), "--out", str(tmp_path / "x")])
+
+
+def test_a_source_read_with_options_is_stored_as_it_is_read(tmp_path: Path, sample_data: Path) -> None:
+    """A 12-bit PNG source (``bits: 12``) is stored as the 8-bit image midol reads from it, not
+    as the file's bytes, which a shard reader would scale by the 16-bit rule (almost black)."""
+    import cv2
+
+    real = load_image(sorted((sample_data / "oct").rglob("*.png"))[0])[..., 0]
+    folder = tmp_path / "xray12"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), (real.astype(np.uint16) * 16))  # 0-4080 in 16-bit
+    source = DataSource(str(folder), "xray", bits=12)
+    index = write_shards([source], tmp_path / "out", progress=False)
+    (sample,) = list(_read_shard(index.url(index.shards["xray"][0])))
+    stored = decode_image_bytes(*_image_of(sample))
+    expected = resolve_source(source).load(0)
+    assert np.array_equal(stored, expected) and expected.max() > 200  # bright, as read
+    plain = decode_image_bytes((folder / "a.png").read_bytes(), "a.png")
+    assert plain.max() < 20  # the raw file under the default rule: what the shard held before

@@ -18,6 +18,7 @@ from midol.data.image_io import (
     UnreadableImageWarning,
     decode_image_bytes,
 )
+from midol.data.medical_io import ReadOptions
 from midol.data.readers import ImageList
 from midol.data.shards.index import (
     INDEX_NAME,
@@ -55,7 +56,9 @@ def _encoded_item(source: Any, i: int, max_side: int | None, encoding: str = "pn
                   quality: int = 95) -> tuple[str, bytes]:
     """(extension, bytes) of item ``i``; checks that it decodes."""
     path = source.path(i) if isinstance(source, ImageList) else None
-    if path is not None and max_side is None:
+    # the file's own bytes only when reading it needs nothing of the source (bits: 12, minmax):
+    # a shard reader decodes bytes with the default rules
+    if path is not None and max_side is None and source.options == ReadOptions():
         ext = os.path.splitext(path)[1].lower().lstrip(".")
         if path.lower().endswith(IMAGE_EXTENSIONS):
             try:
