@@ -13,6 +13,11 @@ L_MAE + L_co + L_bal) + backward + the layers' commits, outside Lightning, no op
 Timing: one warm-up each, then ``--repeats`` rounds in which every dispatch runs once
 (interleaved, so a load change on the shared machine hits all alike); the best round is
 reported with the median. Single thread.
+
+``--inductor NAME``: also the step of preset NAME with ``dense`` dispatch and ``compile: true``
+(``compile_scope: auto`` = the whole step, inductor, float32), against eager ``loop`` and
+``dense``: first-step seconds (the compile) and the graphs dynamo made. (``grouped`` compiles
+in bf16 only, so not on this float32 CPU run.)
 """
 
 from __future__ import annotations
@@ -76,12 +81,15 @@ def block_runner(name: str, dispatch: str) -> tuple[Callable[[], None], Callable
     return run, run
 
 
-def step_runner(name: str, dispatch: str) -> tuple[Callable[[], None], Callable[[], Any]]:
+def step_runner(name: str, dispatch: str, compile: bool = False
+                ) -> tuple[Callable[[], None], Callable[[], Any]]:
     options = dict(STEPS[name])
     batch = options.pop("batch")
     torch.manual_seed(0)
-    model = DEX(warmup_epochs=0, **options).train()
+    model = DEX(warmup_epochs=0, compile=compile, **options).train()
     model._total_steps = 1000
+    if compile:
+        model.configure_model()  # what the Trainer calls: compiles compile_targets()
     set_dex_dispatch(model.vit, dispatch)  # type: ignore[arg-type]
     for layer in model.dex_layers():
         layer.noise_std = 1.0
@@ -119,12 +127,40 @@ def syncs(audited: Callable[[], Any]) -> tuple[int, list[str]]:
     return audit.report.total, audit.report.lines()
 
 
+def inductor_lines(name: str, repeats: int) -> list[str]:
+    """The step of ``name``: eager loop and dense, and dense with the whole step compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    lines = [f"## step `{name}` compiled: `compile: true`, dense dispatch, whole step (inductor)", "",
+             "| step | first step s | best ms | median ms | vs eager loop (best) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    base = None
+    for label, dispatch, compiled in (("loop, eager", "loop", False), ("dense, eager", "dense", False),
+                                      ("dense, compiled whole step", "dense", True)):
+        run, _ = step_runner(name, dispatch, compiled)
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        times = measure({label: run}, repeats)[label]
+        base = base or min(times)
+        lines.append(f"| {label} | {first:.1f} | {min(times) * 1e3:.2f} | "
+                     f"{statistics.median(times) * 1e3:.2f} | {min(times) / base:.2f}x |")
+    lines += ["", f"dynamo graphs made for the compiled step: {counters['stats']['unique_graphs']} "
+              "(one graph: no break). Its routing noise comes from inductor's RNG, so its losses are "
+              "not bit-equal to eager's; the eager-backend test (tests/methods/test_dex_compile.py) "
+              "checks equality.", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--blocks", nargs="*", default=list(BLOCKS), choices=list(BLOCKS))
     p.add_argument("--steps", nargs="*", default=list(STEPS), choices=list(STEPS))
     p.add_argument("--dispatch", nargs="*", default=list(DISPATCHES), choices=list(DISPATCHES))
+    p.add_argument("--inductor", nargs="*", default=[], choices=list(STEPS))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -169,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                 if where:
                     lines += [f"{d} read sites (count, op, site):", "", "```", *where, "```", ""]
             print("\n".join(lines[-12:]), flush=True)
+    for name in args.inductor:
+        lines += inductor_lines(name, args.repeats)
+        print("\n".join(lines[-10:]), flush=True)
     lines.append(f"* load average after (1/5/15 min): {[round(v, 2) for v in os.getloadavg()]}")
     text = "\n".join(lines) + "\n"
     if args.out:
