@@ -241,7 +241,7 @@ class DEXLayer(nn.Module):
         weight = gates.reshape(-1)[order]
         experts = torch.arange(self.num_experts, device=flat.device)
         ends = ((flat[:, None] == experts).sum(dim=0).cumsum(0) * tokens).to(torch.int32)
-        token_expert = flat[order].repeat_interleave(tokens)  # an int count: no read-back
+        sorted_expert = flat[order]
         first = self.experts[0]
         dtype = (torch.get_autocast_dtype(units.device.type)
                  if torch.is_autocast_enabled(units.device.type) else units.dtype)
@@ -251,8 +251,9 @@ class DEXLayer(nn.Module):
             w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
             y = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
             if getattr(first, name).bias is not None:
+                # one bias row per chosen (row, expert), broadcast over its tokens
                 b = torch.stack([getattr(e, name).bias for e in self.experts]).to(dtype)
-                y = y + b[token_expert]
+                y = (y.view(-1, tokens, y.shape[-1]) + b[sorted_expert][:, None]).view(y.shape)
             return y
 
         # autocast does not cover the op: cast to its dtype as nn.Linear would run
