@@ -82,7 +82,7 @@ def test_output_is_the_gate_weighted_sum_of_the_chosen_experts() -> None:
             assert_close(out[b], want, rtol=1e-5, atol=1e-6)
 
 
-def test_dense_gives_an_unchosen_expert_zero_gradient_where_loop_gives_none() -> None:
+def test_dense_and_grouped_give_an_unchosen_expert_zero_gradient_where_loop_gives_none() -> None:
     x = torch.randn(1, 3, D)
     grads = {}
     for dispatch in DISPATCHES:
@@ -92,12 +92,13 @@ def test_dense_gives_an_unchosen_expert_zero_gradient_where_loop_gives_none() ->
     chosen = [g is not None for g in grads["loop"]]
     assert sum(chosen) == 1  # one image, top-1
     assert [g is not None for g in grads["sorted"]] == chosen
-    for g_loop, g_dense in zip(grads["loop"], grads["dense"], strict=True):
-        assert g_dense is not None
-        if g_loop is None:
-            assert torch.count_nonzero(g_dense) == 0
-        else:
-            assert_close(g_dense, g_loop)
+    for static in ("dense", "grouped"):  # no read-back: every expert is in the graph
+        for g_loop, g_static in zip(grads["loop"], grads[static], strict=True):
+            assert g_static is not None
+            if g_loop is None:
+                assert torch.count_nonzero(g_static) == 0
+            else:
+                assert_close(g_static, g_loop)
 
 
 @pytest.mark.parametrize(("dispatch", "per_block"),
