@@ -59,7 +59,7 @@ class DEXLayer(nn.Module):
     over ranks so every rank applies the same update (the authors' code uses each rank's local
     batch and lets copies drift).
 
-    ``dispatch`` (issue 30) picks how rows reach their experts; all three give the same output
+    ``dispatch`` (issue 30) picks how rows reach their experts; all four give the same output
     and gradients to float rounding (tested):
 
     * ``loop``: each expert runs on the rows that chose it, found by ``torch.where``: one
