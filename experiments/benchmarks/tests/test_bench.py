@@ -187,3 +187,35 @@ def test_ratio_lines_give_median_and_best_of_ratios() -> None:
     # one block per round: rounds give 8/4, 16/8, 4/8
     paired = bench_step.ratio_lines([ours, ref], repeats=1)
     assert paired[0].endswith("1.00x (best-of 2.00x; paired by round 2.00 (0.50-2.00)x over 3 rounds)")
+
+
+def test_multi_crop_calls_the_backbone_once_per_resolution() -> None:
+    """Their MultiCropWrapper: 2 global + 6 local views of two sizes -> two backbone calls on the
+    concatenated runs, the head once on all rows in view order; one size -> one call."""
+    import torch
+
+    from experiments.benchmarks import step_impls
+
+    calls: list[tuple[int, ...]] = []
+
+    class Backbone(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return x.mean(dim=(2, 3))  # B x 3, keeps each row's identity
+
+    model = torch.nn.ModuleDict({"backbone": Backbone(), "projector": torch.nn.Identity()})
+    views = [torch.full((2, 3, s, s), float(i)) for i, s in enumerate([8, 8] + [4] * 6)]
+    out = step_impls._multi_crop(model, views)
+    assert calls == [(4, 3, 8, 8), (12, 3, 4, 4)]
+    assert out[:, 0].tolist() == [float(i) for i in range(8) for _ in range(2)]
+    calls.clear()
+    step_impls._multi_crop(model, [torch.zeros(2, 3, 8, 8)] * 8)
+    assert calls == [(16, 3, 8, 8)]
+
+
+@pytest.mark.skipif(not HAS_LIGHTLY, reason="lightly is optional (pip install -e '.[bench]')")
+def test_lightly_benchmark_and_midol_dino_count_the_same_flops(one_thread) -> None:
+    args = bench_step.parse_args(ARGS + ["--impl", "midol-dino", "lightly"])
+    cpu = bench_step.torch.device("cpu")
+    count = lambda impl: bench_step.count_flops(bench_step.Case(impl, "dino", 2), args, cpu)  # noqa: E731
+    assert count("midol-dino") == pytest.approx(count("lightly"), rel=1e-3)
