@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash experiments/benchmarks/run_gpu.sh A      # preflight + section A (~5 min)
 #   OUT=/some/dir bash experiments/benchmarks/run_gpu.sh B      # preflight + section B (~5 min)
 #   OUT=/some/dir bash experiments/benchmarks/run_gpu.sh preflight   # seconds: is it all there?
-#   (also: C = the rest of the compile grid; "A B" or "all" in one command of up to ~9.5 min;
+#   (also: C = the rest of the compile grid, D = DEX dispatch and plain MAE (dex_rows.py);
+#   "A B" or "all" in one command of up to ~9.5 min;
 #   at most two sections a call: a GPU call returns at most 8 files from $OUT)
 #
 # Writes results only under $OUT (status.json, gpu_preflight.json, gpu_<section>.json/.md,
@@ -33,7 +34,7 @@ if [[ -z "${OUT:-}" ]]; then
     exit 2
 fi
 usage() {
-    echo "usage: OUT=DIR bash experiments/benchmarks/run_gpu.sh {preflight|A|B|C|all} ..." >&2
+    echo "usage: OUT=DIR bash experiments/benchmarks/run_gpu.sh {preflight|A|B|C|D|all} ..." >&2
     exit 2
 }
 (($# > 0)) || usage
@@ -41,7 +42,7 @@ SECTIONS=()
 for arg in "$@"; do
     case "$arg" in
         preflight) ;;
-        A | B | C) SECTIONS+=("$arg") ;;
+        A | B | C | D) SECTIONS+=("$arg") ;;
         all) SECTIONS+=(A B) ;;
         *) usage ;;
     esac
