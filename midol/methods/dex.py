@@ -192,7 +192,6 @@ class DEX(BaseMethod):
             ``nonfinite``, ``compile``, ``grad_norm_every``, ...).
     """
 
-    gradcam_supported = False  # a ViT has no stage feature map for midol's Grad-CAM
 
     if TYPE_CHECKING:
 

@@ -5,7 +5,7 @@ plus ``analysis.json`` (paper Figs. 3a, 5, 6, 7, 8):
   with NMI and purity;
 * ``embedding.png``: t-SNE (or UMAP/PCA) of the pooled teacher features by modality and expert;
 * ``loss_curves.png``: L_route and L_cst from the run's CSVLogger ``metrics.csv``;
-* ``gradcam.png``: Grad-CAM of the teacher backbone for a few images per modality;
+* ``gradcam.png``: Grad-CAM of the first exported backbone (M-IDoL: the teacher; DEX: the director) for a few images per modality;
 * ``pca_maps.png``: the first 3 principal components of the backbone's last-stage patch
   features as RGB over a few images, background thresholded away (DINOv2's demo);
 * ``confusion_matrix.png`` (+ ``gradcam_classifier.png``): with ``--classifier-config`` and
@@ -122,11 +122,12 @@ def pretrained_gradcam(module: Any, corpus: Corpus, routed: RoutedImages, ns: ar
     router = getattr(module, "pooled_router", lambda: None)()
     use_router = ns.gradcam_score == "router" and router is not None
     score = top_logit_score(router) if use_router else feature_norm_score
-    backbone = next(iter(module.export_modules().values())).module
+    part, export = next(iter(module.export_modules().items()))
+    backbone = export.module
     cams = grad_cam(backbone, module.normalize(images.to(module.device)), score, ns.gradcam_stage)
     titles = [f"{routed.modalities[routed.modality[i]]}\nexpert {routed.expert[i]}" for i in picks]
     what = "top routed expert's logit" if use_router else "pooled-feature norm"
-    save_figure(gradcam_figure(images.numpy(), cams, titles, f"Grad-CAM of the teacher ({what})"),
+    save_figure(gradcam_figure(images.numpy(), cams, titles, f"Grad-CAM of the {part.replace('_', ' ')} ({what})"),
                 out / "gradcam.png")
     return {"file": "gradcam.png", "score": what, "stage": ns.gradcam_stage,
             "images": [routed.paths[i] for i in picks]}
