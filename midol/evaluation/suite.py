@@ -81,6 +81,14 @@ class TaskSpec:
         test_fraction: Share of ``train`` carved off as test when ``test`` is absent.
         split_seed: Seed of the carving (fixed per task, never per backbone or draw).
         split_rule: The dataset's split rule in words (written into the report).
+        split_method: How a task with a ``group_column`` is carved: ``patients`` (default:
+            ``seeded_split`` over the unique groups, a group's stratum the class of its first
+            image) or ``stratified_group_kfold`` (scikit-learn's ``StratifiedGroupKFold``, one
+            fold of ``round(1 / fraction)`` as each carved part: image shares and class shares
+            much closer to the fraction when groups differ in size, measured in
+            experiments/results/library_choices_2026-12-08.md). The default stays until the
+            eval study is re-run with the new one (its committed numbers were carved by
+            ``patients``).
         classes: Class names in id order (default: sorted folder names / label values).
         group_column: CSV column naming each image's patient (or other group): carving and
             few-shot draws never put one group on two sides.
@@ -107,6 +115,7 @@ class TaskSpec:
     test_fraction: float = 0.0
     split_seed: int = 0
     split_rule: str = ""
+    split_method: str = "patients"
     classes: list[str] | None = None
     group_column: str | None = None
     group_regex: str | None = None
@@ -216,6 +225,9 @@ def _parse_task(value: Any, where: str) -> TaskSpec:
         bad = sorted(set(src) - source_keys)
         if bad:
             raise SuiteError(f"{where}: unknown {split} key(s) {bad}; allowed: {sorted(source_keys)}")
+    if spec.split_method not in ("patients", "stratified_group_kfold"):
+        raise SuiteError(f"{where}: split_method must be patients or stratified_group_kfold, "
+                         f"got {spec.split_method!r}")
     for name in ("val_fraction", "test_fraction"):
         frac = float(getattr(spec, name))
         if not 0.0 <= frac < 1.0:
@@ -411,6 +423,8 @@ def _carve(train: LabelledSplit, groups: np.ndarray | None, spec: TaskSpec,
         rest, val, test = seeded_split(len(train), [fractions["val"], fractions["test"]],
                                        spec.split_seed, strata)
         return {"train": rest, "val": val, "test": test} if fractions["val"] else {"train": rest, "test": test}
+    if spec.split_method == "stratified_group_kfold":
+        return _carve_group_kfold(strata, groups, spec, fractions)
     unique, first, inverse = np.unique(groups.astype(str), return_index=True, return_inverse=True)
     group_strata = strata[first] if strata is not None else None
     g_rest, g_val, g_test = seeded_split(len(unique), [fractions["val"], fractions["test"]],
@@ -420,3 +434,30 @@ def _carve(train: LabelledSplit, groups: np.ndarray | None, spec: TaskSpec,
     if fractions["val"]:
         out["val"] = np.flatnonzero(np.isin(inverse, g_val))
     return out
+
+
+def _carve_group_kfold(strata: np.ndarray | None, groups: np.ndarray, spec: TaskSpec,
+                       fractions: dict[str, float]) -> dict[str, np.ndarray]:
+    """Test (then validation from the rest) as one fold of scikit-learn's
+    ``StratifiedGroupKFold`` with ``round(1 / fraction)`` folds, seeded by ``split_seed``."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    keys = groups.astype(str)
+    y = np.asarray(strata) if strata is not None else np.zeros(len(keys), dtype=np.int64)
+
+    def one_fold(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        folds = max(2, round(1 / fraction))
+        present = len(np.unique(keys[rows]))
+        if present < folds:
+            raise SuiteError(f"task {spec.name!r}: {present} groups cannot make {folds} folds "
+                             "(split_method: stratified_group_kfold)")
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        keep, take = next(splitter.split(rows, y[rows], keys[rows]))
+        return rows[keep], rows[take]
+
+    rest, test = one_fold(np.arange(len(keys)), fractions["test"], spec.split_seed)
+    if not fractions["val"]:
+        return {"train": rest, "test": test}
+    share = fractions["val"] / (1 - fractions["test"])  # of what the test part left
+    rest, val = one_fold(rest, share, spec.split_seed + 1)
+    return {"train": rest, "val": val, "test": test}
