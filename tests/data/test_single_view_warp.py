@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from midol.data import load_image
-from midol.data.transforms.single_view import SingleViewTransform, ViewParams, draw_params, render_view
+from midol.data.transforms.single_view import (
+    SingleViewTransform,
+    ViewParams,
+    draw_params,
+    render_view,
+)
 from tests.helpers.paths import SAMPLE_DATA
 
 
