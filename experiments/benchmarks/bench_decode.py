@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, markdown_table, python_command  # noqa: E402
+from common import header, markdown_table, publish, python_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -322,11 +322,7 @@ def main() -> None:
                              "source MP/s", "+DEX view img/s",
                              f"cores for {args.target:.0f}/s"], table)
     lines += [""] + gpu_lines(sets, args.rounds)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

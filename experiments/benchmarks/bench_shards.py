@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, markdown_table, python_command  # noqa: E402
+from common import header, markdown_table, publish, python_command  # noqa: E402
 
 from midol.data import DataSource  # noqa: E402
 from midol.data.pretrain_datasets import PretrainDataset  # noqa: E402
@@ -209,11 +209,7 @@ def main() -> None:
                              "before: CPU ms per kept sample", "now: CPU ms per kept sample",
                              "saved", "before: MiB read per slot", "now: MiB read per slot"],
                             rows_b)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,18 @@ def fmt_spread(values: Sequence[float], digits: int = 1) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
+def publish(lines: Sequence[str], out: str | os.PathLike[str] | None) -> str:
+    """The report as text: printed, and written to ``out`` (folders made) when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -29,6 +29,31 @@ class LinearHead(nn.Module):
         return self.linear(self.dropout(self.norm(features)))
 
 
+class NamedClasses:
+    """Class names of a classifier's outputs (metrics, prediction files): the datamodule's when
+    none were given, its class count checked. Shared by the image and the group classifier."""
+
+    num_classes: int
+    class_names: list[str] | None
+
+    def check_classes(self, datamodule: Any) -> None:
+        n = getattr(datamodule, "num_classes", None)
+        if n is not None and n != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the data have {n} classes")
+        if self.class_names is None and getattr(datamodule, "classes", None):
+            self.class_names = list(datamodule.classes)
+
+    def metric_names(self, name: str) -> list[str] | None:
+        return self.class_names
+
+    def output_names(self) -> list[str] | None:
+        return self.class_names
+
+    def set_output_names(self, names: list[str]) -> None:
+        if len(names) == self.num_classes:
+            self.class_names = list(names)
+
+
 class ClassificationModuleOptions(FinetuneModuleOptions, Protocol):
     """``self.hparams`` of :class:`ClassificationModule`: its ``__init__`` arguments, typed, so that a
     misspelt option name is a type error (``tests/test_options_typed.py`` keeps them equal)."""
@@ -45,7 +70,7 @@ class ClassificationModuleOptions(FinetuneModuleOptions, Protocol):
     class_names: list[str] | None
 
 
-class ClassificationModule(FinetuneModule):
+class ClassificationModule(NamedClasses, FinetuneModule):
     """Multi-class classification on pooled backbone features.
 
     Args:
@@ -115,21 +140,7 @@ class ClassificationModule(FinetuneModule):
         return self.head(features)
 
     def check_datamodule(self, datamodule: Any) -> None:
-        n = getattr(datamodule, "num_classes", None)
-        if n is not None and n != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data have {n} classes")
-        if self.class_names is None and getattr(datamodule, "classes", None):
-            self.class_names = list(datamodule.classes)
-
-    def metric_names(self, name: str) -> list[str] | None:
-        return self.class_names
-
-    def output_names(self) -> list[str] | None:
-        return self.class_names
-
-    def set_output_names(self, names: list[str]) -> None:
-        if len(names) == self.num_classes:
-            self.class_names = list(names)
+        self.check_classes(datamodule)
 
     def augment(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if self.mixup is None:

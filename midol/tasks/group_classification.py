@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 
 from midol.models.mil import AttentionMIL, MeanPool
 from midol.tasks.base import FinetuneModule, FinetuneModuleOptions
-from midol.tasks.classification import LinearHead
+from midol.tasks.classification import LinearHead, NamedClasses
 from midol.tasks.task_metrics import classification_metrics, multilabel_metrics
 
 Pooling = Literal["mean", "attention"]
@@ -38,7 +38,7 @@ class GroupClassificationModuleOptions(FinetuneModuleOptions, Protocol):
     class_names: list[str] | None
 
 
-class GroupClassificationModule(FinetuneModule):
+class GroupClassificationModule(NamedClasses, FinetuneModule):
     """One prediction per bag of images.
 
     Args:
@@ -142,21 +142,7 @@ class GroupClassificationModule(FinetuneModule):
         task = getattr(datamodule, "task", None)
         if task is not None and task != self.task:
             raise ValueError(f"model.task={self.task!r} but the datamodule's task is {task!r}")
-        n = getattr(datamodule, "num_classes", None)
-        if n is not None and n != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data have {n}")
-        if self.class_names is None and getattr(datamodule, "classes", None):
-            self.class_names = list(datamodule.classes)
-
-    def metric_names(self, name: str) -> list[str] | None:
-        return self.class_names
-
-    def output_names(self) -> list[str] | None:
-        return self.class_names
-
-    def set_output_names(self, names: list[str]) -> None:
-        if len(names) == self.num_classes:
-            self.class_names = list(names)
+        self.check_classes(datamodule)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, train: bool) -> torch.Tensor:
         if self.task == "multilabel":
